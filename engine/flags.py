@@ -1,0 +1,293 @@
+"""The one flags module: every entry script builds its parser here, then validates once.
+
+Flags keep the published names and meanings (CLIP4Clip / MemBridge command lines run unchanged with only the
+launcher replaced). ``--batch_size`` is the *global* batch over all ranks. Published integer codes
+(``--slice_framepos 2``, ``--train_frame_order 0``) stay accepted and are normalised to strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dataloaders.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIP_MODULES = REPO_ROOT / "CLIP-modules"
+
+SLICE_FRAMEPOS = {"0": "head", "1": "tail", "2": "uniform"}
+FRAME_ORDER = {"0": "keep", "1": "reverse", "2": "shuffle"}
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "fp16")
+SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
+DEFAULT_CLIP_CONFIG = "ViT-B-16.json"
+
+# Task names -> which flag groups the entry script exposes.
+TASKS = ("clip", "fusion", "retrieval", "caption", "qa")
+
+
+def _coded_choice(mapping: dict[str, str], name: str):
+    """An argparse type accepting either the published integer code or the string name."""
+    names = set(mapping.values())
+
+    def parse(value: str) -> str:
+        if value in mapping:
+            return mapping[value]
+        if value in names:
+            return value
+        raise argparse.ArgumentTypeError(
+            f"{name}: expected one of {sorted(names)} or the published codes {sorted(mapping)}, got {value!r}"
+        )
+
+    return parse
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--datatype", default="msrvtt", help="dataset of the evaluation / downstream set (registry key)")
+    g.add_argument("--train_csv", default=None, help="training annotation file (pre-training: the WebVid caption JSON)")
+    g.add_argument("--val_csv", default=None, help="evaluation annotation file (MSR-VTT: MSRVTT_JSFUSION_test.csv)")
+    g.add_argument("--data_path", default=None, help="annotation json or folder (MSRVTT_data.json, MSVD folder, ...)")
+    g.add_argument("--features_path", default=None, help="folder of video files of the evaluation/downstream set")
+    g.add_argument(
+        "--webvid_tfrecord",
+        default="WebVid_TFRecord",
+        help="folder holding the WebVid shards and path.index (or the index file itself)",
+    )
+    g.add_argument("--webvid_video_dir", default=None, help="pre-train from a folder of WebVid videos instead of shards")
+    g.add_argument(
+        "--webvid_train_json", default=None, help="WebVid caption JSON (frozen_train_labels.json) where a task uses it"
+    )
+    g.add_argument("--max_words", type=int, default=32, help="text length L in tokens, SOT and EOT included")
+    g.add_argument("--max_frames", type=int, default=12, help="frames T per video")
+    g.add_argument("--feature_framerate", type=float, default=1.0, help="frames sampled per second of video")
+    g.add_argument(
+        "--slice_framepos",
+        type=_coded_choice(SLICE_FRAMEPOS, "--slice_framepos"),
+        default="uniform",
+        help="which frames to keep when a video has more than max_frames: head|tail|uniform (0|1|2)",
+    )
+    g.add_argument(
+        "--train_frame_order",
+        type=_coded_choice(FRAME_ORDER, "--train_frame_order"),
+        default="keep",
+        help="frame order in training: keep|reverse|shuffle (0|1|2)",
+    )
+    g.add_argument(
+        "--eval_frame_order",
+        type=_coded_choice(FRAME_ORDER, "--eval_frame_order"),
+        default="keep",
+        help="frame order in evaluation: keep|reverse|shuffle (0|1|2)",
+    )
+    g.add_argument(
+        "--pad_frames",
+        choices=("repeat", "zero"),
+        default="repeat",
+        help="short videos: repeat frames so all T are valid (MemBridge) or pad zero frames with mask 0 (CLIP4Clip)",
+    )
+    g.add_argument(
+        "--expand_msrvtt_sentences", action="store_true", help="MSR-VTT training: one sample per caption"
+    )
+    g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader worker processes per rank")
+    g.add_argument(
+        "--allow_missing_eval_videos",
+        action="store_true",
+        help="evaluate without test videos that are missing or unreadable, and report exactly which were dropped",
+    )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--visual_pretrain_path",
+        default=None,
+        help="OpenAI CLIP weights (ViT-B-16.pt TorchScript archive, state dict or safetensors); sizes are inferred",
+    )
+    g.add_argument(
+        "--clip_config",
+        default=None,
+        help=f"CLIP config JSON used when no --visual_pretrain_path is given (default CLIP-modules/{DEFAULT_CLIP_CONFIG})",
+    )
+    g.add_argument(
+        "--cross_config_path",
+        default=str(CLIP_MODULES),
+        help="folder (or JSON file) with the fusion configuration fusion.json",
+    )
+    g.add_argument("--init_model", default=None, help="weights of a previous stage (ours or the published key layout)")
+    g.add_argument("--joint_layers", type=int, default=2, help="last ViT blocks that attend jointly over all frames")
+    g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
+    g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
+    g.add_argument("--loose_type", action="store_true", help="dual-encoder (cosine) similarity path")
+    g.add_argument(
+        "--freeze_layer_num",
+        type=int,
+        default=0,
+        help="freeze CLIP embeddings and resblocks below N; -1 freezes nothing",
+    )
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--do_train", action="store_true", help="train")
+    g.add_argument("--do_eval", action="store_true", help="evaluate (alone: evaluate --init_model / --resume)")
+    g.add_argument("--epochs", type=int, default=5, help="training epochs")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    g.add_argument("--batch_size", type=int, default=32, help="GLOBAL training batch over all ranks")
+    g.add_argument("--batch_size_val", type=int, default=32, help="GLOBAL evaluation batch over all ranks")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate of the non-CLIP parameters")
+    g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
+    g.add_argument("--warmup_proportion", type=float, default=0.1, help="share of steps in linear warm-up")
+    g.add_argument("--weight_decay", type=float, default=0.2, help="decoupled weight decay (not on bias/LayerNorm)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument(
+        "--optimizer",
+        choices=("bertadam", "adamw"),
+        default="bertadam",
+        help="bertadam: the published optimizer (no bias correction); adamw: torch AdamW + warmup-cosine",
+    )
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="numeric precision")
+    g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
+    g.add_argument("--save_steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--eval_every_epoch", action="store_true", help="evaluate after every epoch, not only at the end")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue a killed run exactly: a checkpoint dir, or no value for the latest in --output_dir",
+    )
+    g.add_argument(
+        "--max_bad_steps",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)",
+    )
+    g.add_argument("--output_dir", required=True, help="where config, logs, metrics and checkpoints go")
+    g.add_argument("--log_tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard")
+
+
+def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fusion (stage 2 and downstream)")
+    g.add_argument("--fusion_lr", type=float, default=1e-5, help="learning rate of the fusion parameters")
+    g.add_argument("--fusion_layers", type=int, default=None, help="fusion blocks (default: from fusion.json, 6)")
+    g.add_argument("--num_bridge_tokens", type=int, default=None, help="bridge tokens K (default: fusion.json, 8)")
+    g.add_argument("--memory_size", type=int, default=None, help="memory slots S (default: fusion.json, 8192)")
+    g.add_argument(
+        "--bridge_source",
+        choices=("memory", "learned", "none"),
+        default=None,
+        help="bridge tokens read from the memory (default), K static learned tokens, or none (ablations)",
+    )
+    g.add_argument(
+        "--official_quirks",
+        action="store_true",
+        help="reproduce the three defects of the published stage-2 code (DESIGN 2.6b) for published checkpoints",
+    )
+    g.add_argument("--rerank_topk", type=int, default=32, help="re-rank the top-k candidates with VTM (0: off)")
+
+
+def _add_pretrain_fusion_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stage-2 objectives")
+    g.add_argument("--w_vtm", type=float, default=1.0, help="weight of video-text matching")
+    g.add_argument("--w_mlm", type=float, default=1.0, help="weight of masked language modelling")
+    g.add_argument("--w_plm", type=float, default=1.0, help="weight of prefix language modelling")
+    g.add_argument(
+        "--cache_visual_features",
+        action="store_true",
+        help="CLIP is frozen in stage 2: compute per-video frame features once (needs deterministic sampling)",
+    )
+
+
+def _add_qa_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("video QA (published names; MSVD-QA reuses them)")
+    g.add_argument("--msrvtt_train_csv", default=None, help="MSR-VTT train video list (MSRVTT_train.9k.csv)")
+    g.add_argument("--msrvtt_val_csv", default=None, help="MSR-VTT test list (MSRVTT_JSFUSION_test.csv)")
+    g.add_argument("--msrvtt_train_json", default=None, help="MSRVTT_data.json (captions for the auxiliary loss)")
+    g.add_argument("--msrvtt_qa_train_json", default=None, help="QA training questions (train.jsonl)")
+    g.add_argument("--msrvtt_qa_val_json", default=None, help="QA validation questions (val.jsonl)")
+    g.add_argument("--msrvtt_qa_test_json", default=None, help="QA test questions (test.jsonl)")
+    g.add_argument("--msrvtt_qa_anslabel_json", default=None, help="answer vocabulary (train_ans2label.json)")
+    g.add_argument("--msrvtt_features_path", default=None, help="folder of the QA videos")
+
+
+def build_parser(task: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one entry script. ``task`` is one of :data:`TASKS`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_flags(p)
+    _add_model_flags(p)
+    _add_train_flags(p)
+    if task != "clip":
+        _add_fusion_flags(p)
+    if task == "fusion":
+        _add_pretrain_fusion_flags(p)
+    if task == "qa":
+        _add_qa_flags(p)
+    return p
+
+
+def resolve_clip_config(args: argparse.Namespace) -> str | None:
+    """The CLIP config JSON to build from, or None when the sizes come from --visual_pretrain_path."""
+    if args.visual_pretrain_path:
+        return None
+    return args.clip_config or str(CLIP_MODULES / DEFAULT_CLIP_CONFIG)
+
+
+def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
+    """Check the flags once; every problem is reported with what to do. Returns ``args`` unchanged."""
+    errors: list[str] = []
+    if not args.do_train and not args.do_eval:
+        errors.append("nothing to do: pass --do_train and/or --do_eval")
+    for name in ("batch_size", "batch_size_val", "max_frames", "epochs", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.max_words < 3:
+        errors.append(f"--max_words must be >= 3 to hold SOT, one word and EOT (got {args.max_words})")
+    per_step = world_size * args.gradient_accumulation_steps
+    if args.do_train and args.batch_size % per_step:
+        errors.append(
+            f"--batch_size {args.batch_size} is the global batch and must be divisible by world size {world_size} x "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}"
+        )
+    if args.batch_size_val % world_size and args.batch_size_val >= world_size:
+        errors.append(f"--batch_size_val {args.batch_size_val} must be divisible by world size {world_size}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        errors.append(f"--warmup_proportion must be in [0, 1) (got {args.warmup_proportion})")
+    if args.feature_framerate <= 0:
+        errors.append(f"--feature_framerate must be > 0 (got {args.feature_framerate})")
+    if args.joint_layers < 0:
+        errors.append(f"--joint_layers must be >= 0 (got {args.joint_layers})")
+    if args.precision == "fp16" and args.do_train and args.optimizer == "adamw":
+        errors.append("--precision fp16 trains half-precision weights: use it with --optimizer bertadam or use amp_fp16")
+    if args.visual_pretrain_path and not Path(args.visual_pretrain_path).is_file():
+        errors.append(
+            f"--visual_pretrain_path {args.visual_pretrain_path} does not exist: download OpenAI's ViT-B-16.pt into "
+            "CLIP-modules/ (see CLIP-modules/README.md) or drop the flag to build from --clip_config"
+        )
+    cfg = resolve_clip_config(args)
+    if cfg is not None:
+        if not Path(cfg).is_file():
+            errors.append(f"--clip_config {cfg} does not exist")
+        else:
+            context = json.loads(Path(cfg).read_text()).get("context_length")
+            if context is not None and args.max_words > context:
+                errors.append(
+                    f"--max_words {args.max_words} is longer than the text positional table ({context} positions in "
+                    f"{cfg}): use --max_words <= {context}"
+                )
+    if getattr(args, "rerank_topk", 0) < 0:
+        errors.append(f"--rerank_topk must be >= 0 (got {args.rerank_topk})")
+    if getattr(args, "cache_visual_features", False) and args.train_frame_order == "shuffle":
+        errors.append("--cache_visual_features needs deterministic frames: drop --train_frame_order shuffle")
+    if errors:
+        raise ConfigError("invalid flags:\n  - " + "\n  - ".join(errors))
+    return args
+
+
+def parse_flags(task: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (None: sys.argv) for ``task``; validation needs the world size and is done by the engine."""
+    return build_parser(task, description).parse_args(argv)
