@@ -54,7 +54,9 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
         default="WebVid_TFRecord",
         help="folder holding the WebVid shards and path.index (or the index file itself)",
     )
-    g.add_argument("--webvid_video_dir", default=None, help="pre-train from a folder of WebVid videos instead of shards")
+    g.add_argument(
+        "--webvid_video_dir", default=None, help="pre-train from a folder of WebVid videos instead of shards"
+    )
     g.add_argument(
         "--webvid_train_json", default=None, help="WebVid caption JSON (frozen_train_labels.json) where a task uses it"
     )
@@ -85,9 +87,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
         default="repeat",
         help="short videos: repeat frames so all T are valid (MemBridge) or pad zero frames with mask 0 (CLIP4Clip)",
     )
-    g.add_argument(
-        "--expand_msrvtt_sentences", action="store_true", help="MSR-VTT training: one sample per caption"
-    )
+    g.add_argument("--expand_msrvtt_sentences", action="store_true", help="MSR-VTT training: one sample per caption")
     g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader worker processes per rank")
     g.add_argument(
         "--allow_missing_eval_videos",
@@ -106,7 +106,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--clip_config",
         default=None,
-        help=f"CLIP config JSON used when no --visual_pretrain_path is given (default CLIP-modules/{DEFAULT_CLIP_CONFIG})",
+        help=f"CLIP config JSON used without --visual_pretrain_path (default CLIP-modules/{DEFAULT_CLIP_CONFIG})",
     )
     g.add_argument(
         "--cross_config_path",
@@ -262,7 +262,9 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
     if args.joint_layers < 0:
         errors.append(f"--joint_layers must be >= 0 (got {args.joint_layers})")
     if args.precision == "fp16" and args.do_train and args.optimizer == "adamw":
-        errors.append("--precision fp16 trains half-precision weights: use it with --optimizer bertadam or use amp_fp16")
+        errors.append(
+            "--precision fp16 trains half-precision weights: use it with --optimizer bertadam or use amp_fp16"
+        )
     if args.visual_pretrain_path and not Path(args.visual_pretrain_path).is_file():
         errors.append(
             f"--visual_pretrain_path {args.visual_pretrain_path} does not exist: download OpenAI's ViT-B-16.pt into "

@@ -65,7 +65,9 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(hidden, width))])
+            OrderedDict(
+                [("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(hidden, width))]
+            )
         )
         self.ln_2 = LayerNorm(width)
 
