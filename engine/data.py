@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from engine.distributed import shard_indices
 
 # Offset mixing the epoch into the loader's generator seed (its draws never touch the global RNG, so a resumed
 # run consumes the global RNG exactly as an uninterrupted one).
@@ -95,17 +96,11 @@ def batches_per_epoch(dataset_len: int, micro_batch: int, world_size: int) -> in
     return (dataset_len // world_size) // micro_batch
 
 
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """Contiguous shard of ``range(n)`` for sharded evaluation: no duplicates, no padding."""
-    per = math.ceil(n / world_size) if n else 0
-    return range(min(n, rank * per), min(n, (rank + 1) * per))
-
-
 def build_eval_loader(
     dataset: Dataset, batch_size: int, num_workers: int, rank: int, world_size: int, collate_fn=None
 ) -> tuple[DataLoader, range]:
     """This rank's contiguous shard of an evaluation set, and the indices it covers."""
-    indices = shard_range(len(dataset), rank, world_size)  # type: ignore[arg-type]
+    indices = shard_indices(len(dataset), rank, world_size)  # type: ignore[arg-type]
     loader = DataLoader(
         Subset(dataset, list(indices)),
         batch_size=max(1, batch_size),

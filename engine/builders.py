@@ -1,0 +1,141 @@
+"""Build the pieces every entry script needs from the flags: tokenizer, video sources, transform, datasets, the
+video/text encoder (optionally with the fusion) and ``--init_model`` weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataloaders.datasets import DATASETS, DataPaths
+from dataloaders.errors import ConfigError
+from dataloaders.tfrecord_io import ShardVideoSource
+from dataloaders.tokenizer import ClipTokenizer
+from dataloaders.transforms import ClipTransform
+from dataloaders.video_io import FileVideoSource
+from engine.checkpoint import load_weights
+from engine.flags import resolve_clip_config
+from modules.clip_blocks import MultiheadSelfAttention
+from modules.clip_model import load_clip
+from modules.video_clip import VideoCLIP
+
+logger = logging.getLogger(__name__)
+
+SHARD_INDEX_NAME = "path.index"
+
+
+def shard_index_path(webvid_tfrecord: str) -> Path:
+    """``--webvid_tfrecord`` may name the index file or the folder holding ``path.index``."""
+    path = Path(webvid_tfrecord)
+    if path.is_dir():
+        path = path / SHARD_INDEX_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"no shard index at {path}: build the shards with `python frozen_tfrecord.py --video_dir VIDEOS "
+            f"--output_dir {webvid_tfrecord}` or point --webvid_tfrecord at the folder holding {SHARD_INDEX_NAME}"
+        )
+    return path
+
+
+def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) -> FileVideoSource:
+    if not video_dir:
+        raise ConfigError("--features_path (the folder of video files) is required for this dataset")
+    return FileVideoSource(
+        video_dir,
+        max_frames=args.max_frames,
+        feature_framerate=args.feature_framerate,
+        slice_framepos=args.slice_framepos,
+        frame_order=args.train_frame_order if train else args.eval_frame_order,
+        pad_mode=args.pad_frames,
+    )
+
+
+def webvid_source(args: argparse.Namespace):
+    """Pre-training videos: the shards at ``--webvid_tfrecord`` or a folder ``--webvid_video_dir``."""
+    if args.webvid_video_dir:
+        return file_source(args, args.webvid_video_dir, train=True)
+    return ShardVideoSource(
+        shard_index_path(args.webvid_tfrecord),
+        max_frames=args.max_frames,
+        slice_framepos=args.slice_framepos,
+        frame_order=args.train_frame_order,
+        pad_mode=args.pad_frames,
+    )
+
+
+def build_dataset(
+    args: argparse.Namespace,
+    datatype: str,
+    split: str,
+    image_size: int,
+    source=None,
+    paths: DataPaths | None = None,
+    tokenizer: ClipTokenizer | None = None,
+):
+    """One dataset (or retrieval eval set) of the registry, with its video source built from the flags."""
+    if datatype not in DATASETS:
+        raise ConfigError(f"--datatype {datatype!r} is unknown; choose one of {sorted(DATASETS)}")
+    paths = paths or DataPaths.from_namespace(args)
+    if source is None:
+        source = file_source(args, paths.features_path, train=split == "train")
+    return DATASETS[datatype](
+        split,
+        paths,
+        source,
+        ClipTransform(image_size),
+        tokenizer or ClipTokenizer(),
+        args.max_words,
+        expand_sentences=args.expand_msrvtt_sentences,
+        rng_seed=args.seed,
+    )
+
+
+def build_video_clip(args: argparse.Namespace) -> VideoCLIP:
+    """The CLIP video/text dual encoder: OpenAI weights from --visual_pretrain_path or a config JSON."""
+    clip = load_clip(path=args.visual_pretrain_path, config=resolve_clip_config(args))
+    return VideoCLIP(
+        clip,
+        joint_layers=args.joint_layers,
+        linear_patch=args.linear_patch,
+        sim_header=args.sim_header,
+        max_frames=args.max_frames,
+    )
+
+
+def load_init_model(args: argparse.Namespace, model, key_map=None) -> None:
+    """``--init_model``: weights only, with a report of missing / unexpected keys (shape mismatches are errors)."""
+    if not args.init_model:
+        return
+    report = load_weights(args.init_model, model, key_map=key_map)
+    logger.info(
+        "--init_model %s: %d missing, %d unexpected keys", args.init_model, len(report.missing), len(report.unexpected)
+    )
+
+
+def convert_weights_fp16(model) -> None:
+    """``--precision fp16``: OpenAI's ``convert_weights``: linear/conv/attention weights and the two projections in
+    half precision; LayerNorm, embeddings and the memory stay fp32 (our LayerNorm computes in fp32 anyway)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+            module.weight.data = module.weight.data.half()
+            if module.bias is not None:
+                module.bias.data = module.bias.data.half()
+        if isinstance(module, MultiheadSelfAttention):
+            module.in_proj_weight.data = module.in_proj_weight.data.half()
+            module.in_proj_bias.data = module.in_proj_bias.data.half()
+        for name in ("text_projection", "proj"):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                param.data = param.data.to(torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every rank uses the same seed so models start identical)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,248 @@
+"""Text-video retrieval: the contrastive task (stage 1 and downstream fine-tuning) and the sharded evaluation.
+
+Evaluation encodes each video once and each caption once, every rank taking a contiguous shard, gathers the
+features on every rank, builds the dual-encoder similarity in chunks (never an Nt x Nv x T tensor) and, when a
+fusion is present and ``rerank_topk > 0``, re-ranks the top-k candidates of every query in both directions with
+the VTM match probability (DESIGN 2.7), the candidate pairs sharded across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from dataloaders.datasets import RetrievalEvalSet
+from dataloaders.errors import DataError
+from engine.data import build_eval_loader
+from engine.distributed import DistInfo, all_gather_object, all_gather_with_grad, gather_eval_rows
+from engine.metrics import retrieval_metrics
+from modules.losses import contrastive_loss
+from modules.membridge import MemBridgeModel
+
+logger = logging.getLogger(__name__)
+
+TEXT_CHUNK = 256  # caption rows per similarity chunk (tightTransf runs a cross encoder per pair)
+
+
+class ContrastiveTask(nn.Module):
+    """Symmetric InfoNCE on the global batch; ``vtm_weight > 0`` adds the fusion's matching loss (fine-tuning with
+    re-ranking). ``model`` holds the weights that checkpoints save."""
+
+    def __init__(self, model: MemBridgeModel, vtm_weight: float = 0.0):
+        super().__init__()
+        if vtm_weight > 0 and model.fusion is None:
+            raise ValueError("vtm_weight > 0 needs a model with a fusion encoder")
+        self.model = model
+        self.vtm_weight = vtm_weight
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        encoder = self.model.encoder
+        frames = encoder.encode_video(batch["video"], batch["video_mask"])  # [b, T, D]
+        text = encoder.text_features(batch["text_ids"])  # [b, D]
+        if encoder.loose_type:
+            video_emb = all_gather_with_grad(encoder.video_embedding(frames, batch["video_mask"]))
+            text_emb = all_gather_with_grad(F.normalize(text, dim=-1))
+            sim = encoder.similarity(text_emb, video_emb)
+        else:
+            sim = encoder.tight_similarity(
+                all_gather_with_grad(text), all_gather_with_grad(frames), all_gather_with_grad(batch["video_mask"])
+            )
+        out = {"contrastive": contrastive_loss(sim)}
+        loss = out["contrastive"]
+        if self.vtm_weight > 0:
+            vtm = self.model.vtm_finetune_loss(batch, sim.detach())
+            out.update({"vtm": vtm["vtm"], "vtm_acc": vtm["vtm_acc"]})
+            loss = loss + self.vtm_weight * vtm["vtm"]
+        out["loss"] = loss
+        return out
+
+    def after_optimizer_step(self) -> None:
+        self.model.encoder.clamp_logit_scale_()
+
+
+class _TolerantVideos(Dataset):
+    """Wraps an eval video dataset: an unreadable video yields ``ok = 0`` instead of raising (only used with
+    ``--allow_missing_eval_videos``; the dropped videos are reported)."""
+
+    def __init__(self, dataset: Dataset, template: dict):
+        self.dataset = dataset
+        self.template = template
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            item = dict(self.dataset[index])
+            item["ok"] = torch.tensor(1)
+        except DataError as exc:
+            logger.warning("evaluation video %d dropped: %s", index, exc)
+            item = {k: torch.zeros_like(v) for k, v in self.template.items()}
+            item["video_index"] = torch.tensor(index)
+            item["ok"] = torch.tensor(0)
+        return item
+
+
+@dataclass
+class EncodedEvalSet:
+    """Features of a retrieval eval set, on every rank."""
+
+    frame_feats: torch.Tensor  # [Nv, T, D]
+    video_mask: torch.Tensor  # [Nv, T]
+    text_tokens: torch.Tensor  # [Nt, L, D] per-position text features
+    text_feats: torch.Tensor  # [Nt, D] EOT-pooled text features
+    text_ids: torch.Tensor  # [Nt, L]
+    text_mask: torch.Tensor  # [Nt, L]
+    video_ok: torch.Tensor  # [Nv] 1 = decoded
+
+
+def _first_readable(dataset: Dataset) -> dict:
+    for i in range(len(dataset)):
+        try:
+            return dataset[i]
+        except DataError:
+            continue
+    raise DataError("no evaluation video could be read: check --features_path")
+
+
+@torch.no_grad()
+def encode_eval_set(
+    model: MemBridgeModel, eval_set: RetrievalEvalSet, batch_size: int, num_workers: int, dist: DistInfo,
+    allow_missing: bool = False,
+) -> EncodedEvalSet:  # fmt: skip
+    """Encode this rank's shard of videos and captions and gather everything on every rank."""
+    encoder = model.encoder
+    device = dist.device
+    per_rank = max(1, batch_size // dist.world_size)
+    videos = eval_set.video_dataset()
+    if allow_missing:
+        videos = _TolerantVideos(videos, _first_readable(videos))
+    loader, indices = build_eval_loader(videos, per_rank, num_workers, dist.rank, dist.world_size)
+    frames, masks, oks = [], [], []
+    for batch in tqdm(loader, desc="encode videos", disable=dist.rank != 0, leave=False):
+        video, mask = batch["video"].to(device), batch["video_mask"].to(device)
+        frames.append(encoder.encode_video(video, mask).float())
+        masks.append(mask)
+        oks.append(batch["ok"].to(device) if "ok" in batch else torch.ones(len(mask), dtype=torch.long, device=device))
+    n_v = len(videos)
+    if frames:
+        frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
+    else:
+        t, d = eval_set_shapes(model, eval_set)
+        frame_rows = torch.zeros(0, t, d, device=device)
+        mask_rows = torch.zeros(0, t, dtype=torch.long, device=device)
+        ok_rows = torch.zeros(0, dtype=torch.long, device=device)
+    frame_feats = gather_eval_rows(frame_rows, indices, n_v)
+    video_mask = gather_eval_rows(mask_rows, indices, n_v)
+    video_ok = gather_eval_rows(ok_rows, indices, n_v)
+
+    texts = eval_set.text_dataset()
+    loader, indices = build_eval_loader(texts, per_rank, num_workers, dist.rank, dist.world_size)
+    tokens, ids, tmask = [], [], []
+    for batch in tqdm(loader, desc="encode texts", disable=dist.rank != 0, leave=False):
+        text_ids = batch["text_ids"].to(device)
+        tokens.append(encoder.clip.encode_text_tokens(text_ids).float())
+        ids.append(text_ids)
+        tmask.append(batch["text_mask"].to(device))
+    n_t = len(texts)
+    L = eval_set_text_len(eval_set)
+    d = model.encoder.clip.config.embed_dim
+    token_rows = torch.cat(tokens) if tokens else torch.zeros(0, L, d, device=device)
+    id_rows = torch.cat(ids) if ids else torch.zeros(0, L, dtype=torch.long, device=device)
+    mask_rows = torch.cat(tmask) if tmask else torch.zeros(0, L, dtype=torch.long, device=device)
+    text_tokens = gather_eval_rows(token_rows, indices, n_t)
+    text_ids = gather_eval_rows(id_rows, indices, n_t)
+    text_mask = gather_eval_rows(mask_rows, indices, n_t)
+    text_feats = text_tokens[torch.arange(n_t, device=device), text_ids.argmax(dim=-1)]
+    return EncodedEvalSet(frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok)
+
+
+def eval_set_shapes(model: MemBridgeModel, eval_set: RetrievalEvalSet) -> tuple[int, int]:
+    """(T, D) of encoded videos, for ranks whose shard is empty."""
+    sample = eval_set.video_dataset()[0]
+    return sample["video_mask"].shape[0], model.encoder.clip.config.embed_dim
+
+
+def eval_set_text_len(eval_set: RetrievalEvalSet) -> int:
+    return eval_set.text_dataset()[0]["text_ids"].shape[0]
+
+
+@torch.no_grad()
+def dual_similarity(model: MemBridgeModel, enc: EncodedEvalSet) -> torch.Tensor:
+    """Dual-encoder logits ``[Nt, Nv]`` computed in caption chunks."""
+    encoder = model.encoder
+    if encoder.loose_type:
+        video_emb = encoder.video_embedding(enc.frame_feats, enc.video_mask)
+        text_emb = F.normalize(enc.text_feats, dim=-1)
+        return torch.cat([encoder.similarity(chunk, video_emb) for chunk in text_emb.split(TEXT_CHUNK)])
+    return torch.cat(
+        [
+            encoder.tight_similarity(chunk, enc.frame_feats, enc.video_mask)
+            for chunk in enc.text_feats.split(max(1, TEXT_CHUNK // max(1, enc.frame_feats.shape[0])))
+        ]
+    )
+
+
+def _drop_missing(
+    enc: EncodedEvalSet, eval_set: RetrievalEvalSet, sim: torch.Tensor
+) -> tuple[torch.Tensor, list[int], list[str], torch.Tensor, torch.Tensor]:
+    """Remove undecodable videos (and their captions) from the similarity; returns what is kept."""
+    keep_v = enc.video_ok.bool().cpu()
+    dropped = [eval_set.video_ids[i] for i in torch.nonzero(~keep_v).flatten().tolist()]
+    text_to_video = torch.as_tensor(eval_set.text_to_video)
+    keep_t = keep_v[text_to_video]
+    new_index = torch.cumsum(keep_v.long(), 0) - 1
+    t2v = new_index[text_to_video[keep_t]].tolist()
+    return sim[keep_t][:, keep_v], t2v, dropped, keep_t, keep_v
+
+
+def evaluate_retrieval(
+    model: MemBridgeModel,
+    eval_set: RetrievalEvalSet,
+    dist: DistInfo,
+    batch_size: int,
+    num_workers: int = 0,
+    rerank_topk: int = 0,
+    allow_missing: bool = False,
+) -> dict:
+    """R@1/5/10, MdR, MnR in both directions (and re-ranked, ``rerank_*`` keys, with a fusion and ``rerank_topk``)."""
+    enc = encode_eval_set(model, eval_set, batch_size, num_workers, dist, allow_missing)
+    sim = dual_similarity(model, enc).cpu()
+    sim, t2v, dropped, keep_t, keep_v = _drop_missing(enc, eval_set, sim)
+    metrics: dict = dict(retrieval_metrics(sim, t2v))
+    metrics["num_texts"], metrics["num_videos"] = int(sim.shape[0]), int(sim.shape[1])
+    if dropped:
+        metrics["dropped_videos"] = dropped
+        logger.warning("%d evaluation videos could not be read and were left out: %s", len(dropped), dropped)
+    if rerank_topk > 0 and model.fusion is not None:
+        reranked = rerank_similarity(model, enc, sim, keep_t, keep_v, rerank_topk, dist)
+        metrics.update({f"rerank_{k}": v for k, v in retrieval_metrics(reranked, t2v).items()})
+    return metrics
+
+
+def rerank_similarity(
+    model: MemBridgeModel,
+    enc: EncodedEvalSet,
+    sim: torch.Tensor,
+    keep_t: torch.Tensor,
+    keep_v: torch.Tensor,
+    topk: int,
+    dist: DistInfo,
+) -> torch.Tensor:
+    """Re-rank the top-k of every query in both directions with the fusion's VTM match probability."""
+    fusion = model.fusion
+    device = dist.device
+    kt, kv = keep_t.to(device), keep_v.to(device)
+    match_fn = fusion.pair_match_fn(
+        frame_feats=enc.frame_feats[kv],
+        video_mask=enc.video_mask[kv],
+        text_tokens=enc.text_tokens[kt],
+        text_mask=enc.text_mask[kt],
+    )
+    return model.rerank_both(sim, match_fn, topk, rank=dist.rank, world_size=dist.world_size, gather=all_gather_object)
