@@ -1,0 +1,512 @@
+"""Checkpoints: atomic save, exact resume, and ``--init_model`` weight loading (DESIGN 4).
+
+Layout under ``--output_dir``::
+
+    ckpt/step-{N}/model.safetensors   weights (tied tensors stored once; their aliases in the metadata)
+    ckpt/step-{N}/state.pt            optimizer, scheduler, RNG states, step, epoch, extra (sampler position ...)
+    ckpt/latest                       the name of the newest complete checkpoint (informational)
+
+A checkpoint is written into ``ckpt/.tmp-step-{N}-{pid}`` and renamed to ``ckpt/step-{N}`` only when complete, so a
+killed or failed save never leaves a half-written ``step-*`` directory; ``find_latest`` ignores (and cleans) torn
+temp directories. ``state.pt`` holds only tensors, containers and primitives and is read with
+``torch.load(weights_only=True)``; nothing here ever unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from dataloaders.errors import CheckpointError
+from engine import distributed
+
+logger = logging.getLogger(__name__)
+
+CKPT_DIRNAME = "ckpt"
+LATEST_FILENAME = "latest"
+WEIGHTS_FILENAME = "model.safetensors"
+STATE_FILENAME = "state.pt"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-step-"
+OLD_PREFIX = ".old-step-"
+DEFAULT_KEEP = 2
+FORMAT_VERSION = 1
+ALIASES_METADATA_KEY = "aliases"
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+DDP_PREFIX = "module."
+MAX_LISTED_KEYS = 20
+STEP_DIR_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+TEMP_DIR_RE = re.compile(rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)})\d+-(\d+)$")
+SAFE_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
+
+StateDict = dict[str, torch.Tensor]
+KeyMap = Callable[[StateDict], StateDict]
+
+
+@dataclass
+class LoadReport:
+    """Outcome of :func:`load_weights`: names the model expected but the file lacked, names the model does not
+    have, and the number of tensors copied."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    loaded: int = 0
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / DataParallel wrapper (the model itself otherwise)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return model.module
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy (legacy global), torch and every CUDA device as plain lists and numbers
+    (JSON-serialisable, so ranks can exchange them with ``distributed.all_gather_object``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": cuda,
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            logger.warning(
+                "checkpoint has RNG states of %d CUDA devices, %d visible: restoring the common ones",
+                len(state["cuda"]),
+                torch.cuda.device_count(),
+            )
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(cuda_state, dtype=torch.uint8), device=index)
+
+
+def collect_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_state`, in rank order (a collective: call on all ranks)."""
+    return distributed.all_gather_object(capture_rng_state())
+
+
+# ---------------------------------------------------------------------------------------------------------- save
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _dedupe(state_dict: Mapping[str, torch.Tensor]) -> tuple[StateDict, dict[str, str]]:
+    """Store each tied tensor once: returns the tensors to write and ``{alias: stored name}``.
+
+    Tensors that are the same view of one storage are aliases; tensors that only overlap another one are copied,
+    since safetensors refuses shared memory.
+    """
+    tensors: StateDict = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[Any, ...]] = set()
+    for name, t in state_dict.items():
+        view = (*_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in views:
+            aliases[name] = views[view]
+            continue
+        views[view] = name
+        shared = _storage_key(t) in storages
+        storages.add(_storage_key(t))
+        t = t.detach()
+        tensors[name] = t.clone().cpu() if shared else t.cpu().contiguous()
+    return tensors, aliases
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_weights(tensors: StateDict, path: Path, metadata: dict[str, str]) -> None:
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    _fsync(path)
+
+
+def _write_state(state: dict[str, Any], path: Path) -> None:
+    torch.save(state, path)
+    _fsync(path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Raise TypeError for anything ``torch.load(weights_only=True)`` could not read back."""
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(key, str | int):
+                raise TypeError(f"checkpoint entry {where} has a key of type {type(key).__name__}")
+            _check_loadable(value, f"{where}.{key}")
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            _check_loadable(value, f"{where}[{index}]")
+    elif not isinstance(obj, SAFE_LEAVES):
+        raise TypeError(
+            f"checkpoint entry {where} is a {type(obj).__name__}: store only tensors, containers and primitives"
+        )
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete ``step-N`` directories under ``root``, oldest first."""
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = STEP_DIR_RE.match(child.name)
+            if match and (child / WEIGHTS_FILENAME).is_file() and (child / STATE_FILENAME).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike[str],
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    keep: int | None = DEFAULT_KEEP,
+    is_main: bool | None = None,
+) -> Path:
+    """Write ``ckpt/step-{step}`` atomically, point ``ckpt/latest`` at it and keep the newest ``keep`` checkpoints.
+
+    Call on **every** rank: the RNG states of all ranks are gathered, the main rank (``is_main``, default global
+    rank 0) writes, and a failure is raised on every rank. ``extra`` holds the loop's own state (sampler epoch and
+    position, step counters ...) made of tensors, containers and primitives. A failed write (e.g. disk full) raises
+    CheckpointError and leaves the previous checkpoints untouched. Returns the checkpoint directory.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 (or None to keep all), got {keep}")
+    is_main = distributed.is_main() if is_main is None else is_main
+    rng_states = collect_rng_states()
+    root = Path(output_dir) / CKPT_DIRNAME
+    final = root / f"{STEP_PREFIX}{step}"
+    error = None
+    if is_main:
+        try:
+            _write_checkpoint(root, final, step, model, optimizer, scheduler, extra, rng_states, keep)
+        except CheckpointError as exc:
+            error = str(exc)
+    if distributed.get_world_size() > 1:
+        error = distributed.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+    return final
+
+
+def _write_checkpoint(
+    root: Path,
+    final: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    extra: Mapping[str, Any] | None,
+    rng_states: list[dict[str, Any]],
+    keep: int | None,
+) -> None:
+    """The main rank's part of :func:`save_checkpoint`."""
+    tmp = root / f"{TMP_PREFIX}{step}-{os.getpid()}"
+    old = root / f"{OLD_PREFIX}{step}-{os.getpid()}"
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_states,
+        "extra": dict(extra or {}),
+    }
+    _check_loadable(state, "state")
+    tensors, aliases = _dedupe(unwrap_model(model).state_dict())
+    previous = _step_dirs(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_weights(tensors, tmp / WEIGHTS_FILENAME, {ALIASES_METADATA_KEY: json.dumps(aliases)})
+        _write_state(state, tmp / STATE_FILENAME)
+        _fsync(tmp)
+        if final.exists():
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old.exists():
+                os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync(root)
+        _write_text_atomic(root / LATEST_FILENAME, final.name + "\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        advice = (
+            f"the disk is full: free space under {root} (or point --output_dir elsewhere)"
+            if exc.errno == errno.ENOSPC
+            else f"check that {root} exists and is writable"
+        )
+        kept = previous[-1][1] if previous else "none"
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {exc.strerror or exc}; {advice}. Previous checkpoint kept: {kept}"
+        ) from exc
+    if keep is not None:
+        older = [path for _, path in _step_dirs(root) if path != final]
+        for path in older[: max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+
+
+# ------------------------------------------------------------------------------------------------- find and load
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_latest(output_dir: str | os.PathLike[str], clean: bool = True) -> Path | None:
+    """The newest complete ``ckpt/step-N`` under ``output_dir``, or None.
+
+    Temp directories of interrupted saves are never returned; with ``clean`` (main rank) those left by processes
+    that no longer run are removed.
+    """
+    root = Path(output_dir) / CKPT_DIRNAME
+    if not root.is_dir():
+        return None
+    if clean:
+        for child in root.iterdir():
+            match = TEMP_DIR_RE.match(child.name)
+            if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+                logger.warning("removing the torn checkpoint directory %s of an interrupted save", child)
+                shutil.rmtree(child, ignore_errors=True)
+    found = _step_dirs(root)
+    if not found:
+        return None
+    latest_file = root / LATEST_FILENAME
+    if latest_file.is_file() and latest_file.read_text().strip() != found[-1][1].name:
+        logger.warning(
+            "%s names %s but %s is newer: using it", latest_file, latest_file.read_text().strip(), found[-1][1]
+        )
+    return found[-1][1]
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw mapping stored in ``path`` and the tied-name aliases recorded with it."""
+    if path.is_dir():
+        path = path / WEIGHTS_FILENAME
+        if not path.is_file():
+            raise CheckpointError(f"{path.parent} holds no {WEIGHTS_FILENAME}: pass a checkpoint directory or file")
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: check the path given to --init_model / --resume")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as handle:
+                aliases = json.loads((handle.metadata() or {}).get(ALIASES_METADATA_KEY, "{}"))
+            return safetensors.torch.load_file(path), aliases
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): re-create it") from exc
+    if _is_torchscript(path):
+        return torch.jit.load(path, map_location="cpu").state_dict(), {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} cannot be read as a state dict with torch.load(weights_only=True) ({exc}): it may hold pickled "
+            "Python objects; re-save it as a plain state dict (tensors only) or as safetensors"
+        ) from exc
+
+
+def _as_state_dict(raw: Any, path: Path) -> tuple[StateDict, list[str]]:
+    """Unwrap ``{'state_dict'|'model_state_dict'|'model': ...}`` containers and a DDP ``module.`` prefix.
+
+    Returns the tensors and the names of non-tensor entries (reported as unexpected).
+    """
+    while isinstance(raw, Mapping):
+        inner = next((raw[k] for k in WRAPPER_KEYS if isinstance(raw.get(k), Mapping)), None)
+        if inner is None:
+            break
+        raw = inner
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a state dict: pass a weights file")
+    tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    others = sorted(str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor))
+    if tensors and all(k.startswith(DDP_PREFIX) for k in tensors):
+        tensors = {k[len(DDP_PREFIX) :]: v for k, v in tensors.items()}
+    return tensors, others
+
+
+def _model_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """For each state-dict name of ``model``, the other names that are the same tensor (tied weights)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in model.state_dict().items():
+        view = (*_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride())
+        groups.setdefault(view, []).append(name)
+    return {name: [other for other in names if other != name] for names in groups.values() for name in names}
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED_KEYS])
+    return shown + (f" ... ({len(names) - MAX_LISTED_KEYS} more)" if len(names) > MAX_LISTED_KEYS else "")
+
+
+def load_weights(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    key_map: KeyMap | None = None,
+    strict: bool = False,
+) -> LoadReport:
+    """Load weights only (``--init_model``) from safetensors, a checkpoint directory, or a ``.bin``/``.pt`` state dict
+    (``torch.load(weights_only=True)``; ``state_dict``/``model_state_dict``/``model`` wrappers are unwrapped;
+    TorchScript archives go through ``torch.jit.load``).
+
+    ``key_map`` renames the loaded state dict first (e.g. from the published layout). Tensors whose shape differs
+    from the model's raise CheckpointError listing them; nothing is loaded in that case. Missing and unexpected
+    names are logged and returned, and raise CheckpointError when ``strict``.
+    """
+    path = Path(path)
+    raw, saved_aliases = _read_weights(path)
+    loaded, unexpected = _as_state_dict(raw, path)
+    for alias, stored in saved_aliases.items():
+        if stored in loaded and alias not in loaded:
+            loaded[alias] = loaded[stored]
+    if key_map is not None:
+        loaded = key_map(loaded)
+    target = unwrap_model(model)
+    expected = target.state_dict()
+    mismatched = [
+        f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[name].shape)}"
+        for name, t in loaded.items()
+        if name in expected and t.shape != expected[name].shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{path}: {len(mismatched)} tensors have the wrong shape for this model: {_listing(mismatched)}. "
+            "Build the model with the flags it was trained with (e.g. --max_frames, --linear_patch, layer counts), "
+            "or convert the file's key layout"
+        )
+    aliases = _model_aliases(target)
+    present = set(loaded)
+    missing = [n for n in expected if n not in present and not any(a in present for a in aliases.get(n, []))]
+    unexpected = sorted(unexpected + [n for n in loaded if n not in expected])
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} does not match the model: missing {_listing(missing)}; unexpected {_listing(unexpected)}. "
+            "Resume only with the flags of the run that wrote it"
+        )
+    target.load_state_dict({n: t for n, t in loaded.items() if n in expected}, strict=False)
+    report = LoadReport(missing=missing, unexpected=unexpected, loaded=len(present & set(expected)))
+    logger.info("loaded %d tensors from %s", report.loaded, path)
+    if missing:
+        logger.warning(
+            "%d model tensors were not in %s (kept their initial values): %s", len(missing), path, _listing(missing)
+        )
+    if unexpected:
+        logger.warning("%d entries of %s are not used by the model: %s", len(unexpected), path, _listing(unexpected))
+    return report
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    *,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore a ``save_checkpoint`` directory (or the newest one under an output directory) strictly: weights,
+    optimizer, scheduler and this rank's RNG state. Returns the ``extra`` dict saved with it."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILENAME).is_file() and (path / CKPT_DIRNAME).is_dir():
+        latest = find_latest(path, clean=False)
+        if latest is None:
+            raise CheckpointError(f"{path / CKPT_DIRNAME} holds no complete checkpoint: start without --resume")
+        path = latest
+    state_file = path / STATE_FILENAME
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} does not exist: pass a ckpt/step-N directory written by this code")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{state_file} cannot be read ({exc}): the checkpoint is damaged; use an older one"
+        ) from exc
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{state_file} has format version {state.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
+    load_weights(path, model, strict=True)
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None:
+            continue
+        if state[name] is None:
+            raise CheckpointError(f"{state_file} has no {name} state: resume with the same training setup")
+        try:
+            obj.load_state_dict(state[name])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{state_file}: the {name} state does not fit ({exc}); resume with the flags of the run that wrote it"
+            ) from exc
+    if restore_rng:
+        rng = state["rng"]
+        rank = distributed.get_rank()
+        if len(rng) != distributed.get_world_size():
+            logger.warning(
+                "%s holds RNG states of %d ranks, running %d: rank %d restores state %d",
+                state_file,
+                len(rng),
+                distributed.get_world_size(),
+                rank,
+                min(rank, len(rng) - 1),
+            )
+        restore_rng_state(rng[min(rank, len(rng) - 1)])
+    logger.info("resumed from %s (step %d)", path, state["step"])
+    return state["extra"]

@@ -1,0 +1,300 @@
+"""Optimiser, parameter groups and learning-rate schedule (DESIGN 4).
+
+``BertAdam`` reproduces the optimiser of CLIP4Clip / MemBridge (``modules/optimization.py`` there) exactly:
+
+* Adam moments without bias correction: ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g^2``,
+  ``update = m / (sqrt(v) + e)``;
+* gradient clipping **per parameter tensor** inside ``step`` (each tensor's gradient is clipped to norm
+  ``max_grad_norm`` on its own, as ``clip_grad_norm_(p, max_grad_norm)`` there), before the moments are updated;
+* decoupled weight decay added to the update before the learning rate: ``update += weight_decay * p``;
+* the schedule applied inside ``step`` from each parameter's own step counter ``k`` (0 for the first update):
+  ``lr_k = lr * schedule(k / t_total, warmup)``, then ``p -= lr_k * update``. With warmup the first update is
+  therefore zero. ``t_total=-1`` means a constant learning rate.
+
+The step counters live in the optimiser state, so ``state_dict``/``load_state_dict`` resume the schedule exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from dataloaders.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BETA1 = 0.9
+DEFAULT_BETA2 = 0.98
+DEFAULT_EPS = 1e-6
+DEFAULT_WEIGHT_DECAY = 0.2
+DEFAULT_MAX_GRAD_NORM = 1.0
+NO_SCHEDULE = -1
+NO_DECAY_LEAF_NAMES = ("gamma", "beta")
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+def warmup_cosine(x: float, warmup: float) -> float:
+    """Linear warmup to 1 over ``x < warmup``, then ``0.5 * (1 + cos(pi * x))`` (x = progress in [0, 1])."""
+    if x < warmup:
+        return x / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+def warmup_constant(x: float, warmup: float) -> float:
+    """Linear warmup to 1, then constant 1."""
+    if x < warmup:
+        return x / warmup
+    return 1.0
+
+
+def warmup_linear(x: float, warmup: float) -> float:
+    """Linear warmup to 1 at ``warmup``, then linear decay to 0 at ``x = 1``."""
+    if x < warmup:
+        return x / warmup
+    return max((x - 1.0) / (warmup - 1.0), 0.0)
+
+
+SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    "warmup_cosine": warmup_cosine,
+    "warmup_constant": warmup_constant,
+    "warmup_linear": warmup_linear,
+}
+
+
+class BertAdam(torch.optim.Optimizer):
+    """The published BertAdam (see the module docstring for the exact update rule).
+
+    Args:
+        params: parameters or parameter groups (groups may override any default below).
+        lr: base learning rate.
+        warmup: warmup length as a fraction of ``t_total`` (-1: none).
+        t_total: total number of optimiser steps of the schedule (-1: constant learning rate).
+        schedule: a key of :data:`SCHEDULES`.
+        b1, b2, e: Adam coefficients and epsilon.
+        weight_decay: decoupled weight decay coefficient.
+        max_grad_norm: per-tensor gradient norm limit (<= 0: no clipping).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        warmup: float = NO_SCHEDULE,
+        t_total: int = NO_SCHEDULE,
+        schedule: str = "warmup_cosine",
+        b1: float = DEFAULT_BETA1,
+        b2: float = DEFAULT_BETA2,
+        e: float = DEFAULT_EPS,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
+        max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,
+    ):
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate {lr}: must be >= 0")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}: choose one of {sorted(SCHEDULES)}")
+        if not (0.0 <= warmup < 1.0 or warmup == NO_SCHEDULE):
+            raise ValueError(f"invalid warmup {warmup}: must be in [0, 1) or -1")
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"invalid betas ({b1}, {b2}): each must be in [0, 1)")
+        if e < 0.0:
+            raise ValueError(f"invalid epsilon {e}: must be >= 0")
+        defaults = dict(
+            lr=lr,
+            warmup=warmup,
+            t_total=t_total,
+            schedule=schedule,
+            b1=b1,
+            b2=b2,
+            e=e,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+        )
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def scheduled_lr(group: dict[str, Any], step: int) -> float:
+        """Learning rate of ``group`` for the update made at (0-based) ``step``."""
+        if group["t_total"] == NO_SCHEDULE:
+            return group["lr"]
+        return group["lr"] * SCHEDULES[group["schedule"]](step / group["t_total"], group["warmup"])
+
+    def current_lrs(self) -> list[float]:
+        """Per group, the learning rate its next update will use (for logging)."""
+        lrs = []
+        for group in self.param_groups:
+            steps = [self.state[p]["step"] for p in group["params"] if "step" in self.state[p]]
+            lrs.append(self.scheduled_lr(group, max(steps, default=0)))
+        return lrs
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Apply one update to every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["next_m"] = torch.zeros_like(p)
+                    state["next_v"] = torch.zeros_like(p)
+                if group["max_grad_norm"] > 0:
+                    torch.nn.utils.clip_grad_norm_(p, group["max_grad_norm"])
+                grad = p.grad
+                next_m, next_v = state["next_m"], state["next_v"]
+                next_m.mul_(group["b1"]).add_(grad, alpha=1.0 - group["b1"])
+                next_v.mul_(group["b2"]).addcmul_(grad, grad, value=1.0 - group["b2"])
+                update = next_m / (next_v.sqrt() + group["e"])
+                if group["weight_decay"] > 0.0:
+                    update.add_(p, alpha=group["weight_decay"])
+                p.add_(update, alpha=-self.scheduled_lr(group, state["step"]))
+                state["step"] += 1
+        return loss
+
+
+def _matches(name: str, prefix: str) -> bool:
+    """True when ``prefix`` occurs in ``name`` (the published ``"clip." in n`` rule)."""
+    return bool(prefix) and prefix in name
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names of biases, normalisation-layer parameters and ``gamma``/``beta`` tensors (no weight decay)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for leaf, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            if isinstance(module, NORM_LAYERS) or leaf.endswith("bias") or leaf in NO_DECAY_LEAF_NAMES:
+                names.add(full)
+    return names
+
+
+def build_param_groups(
+    model: nn.Module,
+    lr: float,
+    coef_lr: float,
+    weight_decay: float,
+    clip_prefix: str = "clip.",
+    fusion_prefix: str = "fusion.",
+    fusion_lr: float | None = None,
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into named groups by learning rate and weight decay.
+
+    Fusion parameters (name contains ``fusion_prefix``) train at ``fusion_lr`` when it is given, otherwise they
+    follow the rule of the other names; CLIP parameters (name contains ``clip_prefix``) at ``lr * coef_lr``; the
+    rest at ``lr``. Biases, normalisation layers and ``gamma``/``beta`` get no weight decay. Parameters with
+    ``requires_grad=False`` are left out and empty groups are dropped. Each group carries a ``name`` for logging.
+    """
+    no_decay = _no_decay_names(model)
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if fusion_lr is not None and _matches(name, fusion_prefix):
+            part = "fusion"
+        elif _matches(name, clip_prefix):
+            part = "clip"
+        else:
+            part = "other"
+        buckets.setdefault((part, name not in no_decay), []).append(param)
+    part_lr = {"fusion": fusion_lr, "clip": lr * coef_lr, "other": lr}
+    groups = []
+    for part in ("clip", "fusion", "other"):
+        for decay in (True, False):
+            params = buckets.get((part, decay))
+            if params:
+                groups.append(
+                    {
+                        "name": f"{part}_{'decay' if decay else 'no_decay'}",
+                        "params": params,
+                        "lr": part_lr[part],
+                        "weight_decay": weight_decay if decay else 0.0,
+                    }
+                )
+    for group in groups:
+        logger.info(
+            "param group %-16s %5d tensors %12d values lr %.3g weight_decay %.3g",
+            group["name"],
+            len(group["params"]),
+            sum(p.numel() for p in group["params"]),
+            group["lr"],
+            group["weight_decay"],
+        )
+    return groups
+
+
+class OptimizerBundle(NamedTuple):
+    """What the training loop needs: the optimiser, an LR scheduler to step after it (or None), and the gradient
+    norm the caller must clip to with ``clip_grad_norm_`` before ``optimizer.step()`` (None: the optimiser clips)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR | None
+    clip_grad_norm: float | None
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    optimizer: str,
+    lr: float,
+    coef_lr: float,
+    fusion_lr: float | None,
+    weight_decay: float,
+    warmup_proportion: float,
+    total_steps: int,
+    max_grad_norm: float,
+) -> OptimizerBundle:
+    """The optimiser of ``--optimizer`` over :func:`build_param_groups` of ``model``.
+
+    ``bertadam``: the published optimiser, schedule and per-tensor clipping inside ``step`` (no scheduler, the caller
+    does not clip). ``adamw``: ``torch.optim.AdamW`` with the same betas/eps, a ``LambdaLR`` of the same
+    warmup-cosine shape (step it after every optimiser step), and clipping of the global gradient norm by the caller.
+    """
+    groups = build_param_groups(model, lr, coef_lr, weight_decay, fusion_lr=fusion_lr)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters: check --freeze_layer_num and the training stage")
+    warmup, total = warmup_proportion, total_steps
+    if total <= 0:
+        raise ConfigError(
+            f"the schedule needs a positive number of optimiser steps, got {total}: check --epochs, "
+            "--batch_size and --gradient_accumulation_steps against the dataset size"
+        )
+    if optimizer == "bertadam":
+        bert_adam = BertAdam(
+            groups,
+            lr=lr,
+            warmup=warmup,
+            t_total=total,
+            schedule="warmup_cosine",
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+        )
+        return OptimizerBundle(bert_adam, None, None)
+    if optimizer == "adamw":
+        adamw = torch.optim.AdamW(groups, lr=lr, betas=(DEFAULT_BETA1, DEFAULT_BETA2), eps=DEFAULT_EPS)
+
+        def schedule(step: int) -> float:
+            return warmup_cosine(step / total, warmup)
+
+        clip = max_grad_norm if max_grad_norm > 0 else None
+        return OptimizerBundle(adamw, LambdaLR(adamw, schedule), clip)
+    raise ConfigError(f"--optimizer {optimizer!r} is not supported: choose bertadam or adamw")
+
+
+def current_lr(optimizer: torch.optim.Optimizer, group: int = 0) -> float:
+    """The learning rate the next update of ``group`` uses, for logging (BertAdam keeps its base ``lr`` in the group
+    and schedules inside ``step``; other optimisers hold the scheduled value)."""
+    if isinstance(optimizer, BertAdam):
+        return optimizer.current_lrs()[group]
+    return optimizer.param_groups[group]["lr"]

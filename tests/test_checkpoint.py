@@ -1,0 +1,261 @@
+"""Checkpoints: exact resume, atomic layout, disk-full handling, and --init_model weight loading."""
+
+import ast
+import errno
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import engine.checkpoint as ckpt
+from dataloaders.errors import CheckpointError
+from engine.optim import BertAdam
+
+REPO = Path(__file__).resolve().parents[1]
+DEAD_PID = 2**22 + 17  # above Linux's largest pid_max: never a live process
+
+
+class Net(nn.Module):
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Dropout(0.3))
+        self.out = nn.Linear(4, 6, bias=False)
+        self.register_buffer("counter", torch.zeros(1))
+        if tied:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(self.emb(ids)))
+
+
+def train_steps(model: Net, optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    """Steps whose data order and dropout depend on python, numpy and torch RNGs; returns the draws seen."""
+    draws = []
+    for _ in range(steps):
+        draws += [random.random(), float(np.random.rand())]
+        ids = torch.randint(0, 6, (5, 3))
+        loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(1).flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        model.counter += 1
+    return draws
+
+
+def make_run(seed: int = 0) -> tuple[Net, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    torch.manual_seed(seed)
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return model, optimizer, scheduler
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_resume_gives_identical_next_steps(tmp_path: Path) -> None:
+    seed_all(0)
+    model, optimizer, scheduler = make_run()
+    train_steps(model, optimizer, scheduler, 3)
+    path = ckpt.save_checkpoint(tmp_path, 3, model, optimizer, scheduler, extra={"train_state": {"step": 3, "pos": 7}})
+    draws = train_steps(model, optimizer, scheduler, 3)
+
+    seed_all(123)
+    resumed, resumed_opt, resumed_sched = make_run(seed=99)
+    extra = ckpt.load_checkpoint(path, resumed, resumed_opt, resumed_sched)
+    assert extra == {"train_state": {"step": 3, "pos": 7}}
+    assert resumed.counter.item() == 3.0
+    assert train_steps(resumed, resumed_opt, resumed_sched, 3) == draws
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    assert resumed_sched.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_bertadam_state_resumes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = BertAdam(model.parameters(), lr=1e-2, warmup=0.1, t_total=10)
+    train_steps(model, optimizer, None, 2)
+    ckpt.save_checkpoint(tmp_path, 2, model, optimizer)
+    train_steps(model, optimizer, None, 2)
+    resumed = Net()
+    resumed_opt = BertAdam(resumed.parameters(), lr=1e-2, warmup=0.1, t_total=10)
+    ckpt.load_checkpoint(tmp_path, resumed, resumed_opt)  # an output dir resolves to its newest checkpoint
+    train_steps(resumed, resumed_opt, None, 2)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_layout_latest_and_pruning(tmp_path: Path) -> None:
+    model, optimizer, scheduler = make_run()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model, optimizer, scheduler, keep=2)
+    root = tmp_path / "ckpt"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-3"]
+    assert (root / "latest").read_text().strip() == "step-3"
+    assert sorted(p.name for p in (root / "step-3").iterdir()) == ["model.safetensors", "state.pt"]
+    torch.load(root / "step-3" / "state.pt", weights_only=True)
+    assert ckpt.find_latest(tmp_path) == root / "step-3"
+    ckpt.save_checkpoint(tmp_path, 3, model, optimizer, scheduler, keep=2)  # re-saving a step replaces it
+    assert ckpt.find_latest(tmp_path) == root / "step-3"
+
+
+def test_find_latest_ignores_and_cleans_torn_temp_dirs(tmp_path: Path) -> None:
+    model, optimizer, _ = make_run()
+    assert ckpt.find_latest(tmp_path) is None
+    ckpt.save_checkpoint(tmp_path, 5, model, optimizer)
+    root = tmp_path / "ckpt"
+    torn = root / f".tmp-step-9-{DEAD_PID}"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    live = root / f".tmp-step-8-{os.getpid()}"
+    live.mkdir()
+    incomplete = root / "step-7"
+    incomplete.mkdir()
+    (incomplete / "model.safetensors").write_bytes(b"x")
+    assert ckpt.find_latest(tmp_path) == root / "step-5"
+    assert not torn.exists() and live.exists()
+
+
+def test_disk_full_raises_and_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer, scheduler = make_run()
+    good = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    before = (good / "model.safetensors").read_bytes()
+    real_save = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(ckpt.safetensors.torch, "save_file", full_disk)
+    with torch.no_grad():
+        model.body[0].weight.add_(1.0)
+    with pytest.raises(CheckpointError, match=r"disk is full.*step-1"):
+        ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler)
+    root = tmp_path / "ckpt"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
+    assert (root / "latest").read_text().strip() == "step-1"
+    assert (good / "model.safetensors").read_bytes() == before
+    monkeypatch.setattr(ckpt.safetensors.torch, "save_file", real_save)
+    assert ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler) == root / "step-2"
+
+
+def test_extra_must_be_loadable_with_weights_only(tmp_path: Path) -> None:
+    model, optimizer, _ = make_run()
+    with pytest.raises(TypeError, match=r"state\.extra\.when"):
+        ckpt.save_checkpoint(tmp_path, 1, model, optimizer, extra={"when": object()})
+
+
+def test_tied_weights_are_stored_once_and_load_strictly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Net(tied=True)
+    path = ckpt.save_checkpoint(tmp_path, 1, model)
+    stored = safetensors.torch.load_file(path / "model.safetensors")
+    assert ("emb.weight" in stored) != ("out.weight" in stored)
+    fresh = Net(tied=True)
+    report = ckpt.load_weights(path, fresh, strict=True)
+    assert report.missing == [] and report.unexpected == []
+    torch.testing.assert_close(fresh.out.weight, model.emb.weight)
+    untied = Net()  # the stored aliases fill the second name
+    assert ckpt.load_weights(path, untied, strict=True).missing == []
+    torch.testing.assert_close(untied.out.weight, model.emb.weight)
+
+
+def test_load_weights_reports_missing_and_unexpected(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = Net()
+    state = {f"module.{k}": v for k, v in source.state_dict().items() if not k.startswith("out.")}
+    state["module.extra.weight"] = torch.zeros(2)
+    file = tmp_path / "pytorch_model.bin"
+    torch.save({"model_state_dict": state, "global_step": 5}, file)
+    target = Net()
+    report = ckpt.load_weights(file, target)
+    assert report.missing == ["out.weight"]
+    assert report.unexpected == ["extra.weight"]
+    torch.testing.assert_close(target.body[0].weight, source.body[0].weight)
+    with pytest.raises(CheckpointError, match="missing out.weight"):
+        ckpt.load_weights(file, Net(), strict=True)
+
+
+def test_load_weights_key_map_and_formats(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = Net()
+    published = {f"clip.{k}": v for k, v in source.state_dict().items()}
+    safetensors.torch.save_file(published, tmp_path / "w.safetensors")
+    torch.save({"state_dict": published}, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        target = Net()
+        report = ckpt.load_weights(
+            tmp_path / name, target, key_map=lambda sd: {k.removeprefix("clip."): v for k, v in sd.items()}
+        )
+        assert report.missing == [] and report.unexpected == [] and report.loaded == len(published)
+        torch.testing.assert_close(target.emb.weight, source.emb.weight)
+
+
+def test_wrong_shapes_raise_and_load_nothing(tmp_path: Path) -> None:
+    state = Net().state_dict()
+    state["body.0.weight"] = torch.zeros(4, 5)
+    state["emb.weight"] = torch.ones(6, 4)
+    file = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(state, file)
+    target = Net()
+    before = target.emb.weight.clone()
+    with pytest.raises(CheckpointError, match=r"body\.0\.weight: checkpoint \(4, 5\) vs model \(4, 4\)"):
+        ckpt.load_weights(file, target)
+    torch.testing.assert_close(target.emb.weight, before)
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    file = tmp_path / "evil.bin"
+    torch.save({"state_dict": Net().state_dict(), "obj": Path("x")}, file)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        ckpt.load_weights(file, Net())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.load_weights(tmp_path / "nope.bin", Net())
+
+
+def unsafe_calls(source: str) -> list[int]:
+    """Line numbers of ``pickle.load(s)(...)`` calls and of ``weights_only=False`` arguments."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            if func.value.id == "pickle" and func.attr in ("load", "loads"):
+                lines.append(node.lineno)
+        for keyword in node.keywords:
+            if keyword.arg == "weights_only" and isinstance(keyword.value, ast.Constant) and not keyword.value.value:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_unrestricted_unpickling_in_the_code() -> None:
+    assert unsafe_calls("import pickle, torch\npickle.load(f)\ntorch.load(p, weights_only=False)\n") == [2, 3]
+    offenders = [
+        f"{path.relative_to(REPO)}:{line}"
+        for path in REPO.rglob("*.py")
+        if ".venv" not in path.parts
+        for line in unsafe_calls(path.read_text(errors="replace"))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_archive_loads_through_jit(tmp_path: Path) -> None:
+    source = nn.Linear(3, 2)
+    torch.jit.save(torch.jit.script(source), tmp_path / "scripted.pt")
+    target = nn.Linear(3, 2)
+    assert ckpt.load_weights(tmp_path / "scripted.pt", target, strict=True).loaded == 2
+    torch.testing.assert_close(target.weight, source.weight)
