@@ -1,0 +1,132 @@
+"""Stage-1 training step time, peak memory and achieved FLOP/s (printed as JSON).
+
+    python bench/bench_train.py                      # tiny + ViT-B/16, fp32 + bf16 (ViT-B/16 takes minutes on CPU)
+    python bench/bench_train.py --models tiny --steps 5
+
+Each (model, precision) runs in its own child process so that its peak resident memory is its own. A step is the
+real training step: VideoCLIP forward on ``--videos`` videos x ``--frames`` frames + text, gathered symmetric InfoNCE,
+backward, BertAdam update. FLOPs are counted with ``torch.utils.flop_counter`` on one step; the machine's peak is a
+measured fp32 (and bf16) matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = {"tiny": "CLIP-modules/tiny.json", "vitb16": "CLIP-modules/ViT-B-16.json"}
+MATMUL_SIZE = 2048
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
+    """Measured FLOP/s of a square matmul on this machine (best of ``repeats``)."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * MATMUL_SIZE**3 / best
+
+
+def run_child(model: str, precision: str, steps: int, videos: int, frames: int, words: int) -> dict:
+    from engine.optim import build_optimizer
+    from engine.trainer import autocast_context
+    from modules.clip_model import load_clip
+    from modules.membridge import MemBridgeModel
+    from modules.video_clip import VideoCLIP
+    from video_text_retrieval.task import ContrastiveTask
+
+    torch.manual_seed(0)
+    clip = load_clip(config=str(REPO / MODELS[model]))
+    task = ContrastiveTask(MemBridgeModel(VideoCLIP(clip, joint_layers=2, max_frames=frames), None))
+    optimizer, _, _ = build_optimizer(
+        task, optimizer="bertadam", lr=1e-4, coef_lr=1e-3, fusion_lr=None, weight_decay=0.2,
+        warmup_proportion=0.1, total_steps=1000, max_grad_norm=1.0,
+    )  # fmt: skip
+    size = clip.config.image_resolution
+    batch = {
+        "video": torch.randn(videos, frames, 3, size, size),
+        "video_mask": torch.ones(videos, frames, dtype=torch.long),
+        "text_ids": torch.randint(1, 49405, (videos, words)),
+        "text_mask": torch.ones(videos, words, dtype=torch.long),
+    }
+    batch["text_ids"][:, -1] = 49407
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast_context(precision, device):
+            loss = task(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()  # also the warm-up step
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    step_s = min(times)
+    return {
+        "model": model,
+        "precision": precision,
+        "videos": videos,
+        "frames": frames,
+        "words": words,
+        "params_M": round(sum(p.numel() for p in task.parameters()) / 1e6, 2),
+        "step_s_min": round(step_s, 4),
+        "step_s_mean": round(sum(times) / len(times), 4),
+        "flops_per_step_G": round(flops / 1e9, 2),
+        "achieved_GFLOPs": round(flops / step_s / 1e9, 2),
+        "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,vitb16", help="comma list of tiny, vitb16")
+    p.add_argument("--precisions", default="fp32,amp_bf16", help="comma list of fp32, amp_bf16")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--videos", type=int, default=2, help="videos per step")
+    p.add_argument("--frames", type=int, default=12, help="frames per video")
+    p.add_argument("--words", type=int, default=32, help="tokens per caption")
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(*args.child, args.steps, args.videos, args.frames, args.words)))
+        return
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    results = []
+    for model in args.models.split(","):
+        for precision in args.precisions.split(","):
+            cmd = [sys.executable, __file__, "--child", model, precision, "--steps", str(args.steps)]
+            cmd += ["--videos", str(args.videos), "--frames", str(args.frames), "--words", str(args.words)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            row = json.loads(out)
+            peak = peaks["bf16" if "bf16" in precision else "fp32"]
+            row["matmul_peak_GFLOPs"] = round(peak / 1e9, 2)
+            row["fraction_of_peak"] = round(row["achieved_GFLOPs"] * 1e9 / peak, 3)
+            results.append(row)
+    print(json.dumps({"bench": "train_stage1", "threads": torch.get_num_threads(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,660 @@
+"""MemBridge fusion encoder: memory-generated bridge tokens, heads and the stage-2 objectives (DESIGN §2.3-2.7).
+
+Sequence layout (``N = T + 1 + K + L``)::
+
+    [ T frame tokens | v_sep | K bridge tokens | L text tokens ]
+
+Frame tokens are the per-frame CLIP embeddings, ``v_sep`` their masked mean, text tokens the CLIP text encoder
+output of every position. Video rows see video and bridge columns, text rows see text and bridge columns, bridge
+rows see everything; padded columns are hidden. Bridge tokens are read from a memory bank per (video, text) pair
+with a query built from the detached ``v_sep`` and text EOT features.
+
+``FusionConfig.official_quirks`` reproduces the three defects of the published stage-2 code (DESIGN §2.6b):
+
+- Q1 (VTM / evaluation): ``v_sep`` keeps its positional embedding and the first bridge token loses it;
+- Q2 (VTM): the text feature of the bilinear head is normalised over the row axis of its group;
+- Q3 (PLM): the video tokens are detached together with their positional embedding.
+
+The published code assumes every frame is valid (MemBridge pads short videos by repeating frames); the quirk
+positions are reproduced for that case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataloaders.errors import ConfigError
+from modules.clip_blocks import LayerNorm, Transformer, default_heads
+
+logger = logging.getLogger(__name__)
+
+FUSION_CONFIG_FILE = "fusion.json"
+BRIDGE_SOURCES = ("memory", "learned", "none")
+FUSION_MODES = ("vtm", "eval", "mlm", "plm")
+FusionMode = Literal["vtm", "eval", "mlm", "plm"]
+
+DEFAULT_EOT_TOKEN_ID = 49407  # CLIP's <|endoftext|>
+MLM_MASK_ID = 0  # id fed to the CLIP text encoder at a masked position (the published choice)
+DEFAULT_MLM_PROB = 0.15
+DEFAULT_HEAD_DROPOUT = 0.5
+POSITIONAL_INIT_STD = 0.01  # CLIP's init of a text positional table (overwritten by ``init_from_clip``)
+IGNORE_INDEX = -100  # label of positions without a target (``F.cross_entropy``'s default)
+RERANK_SCALE = 1000.0  # S_top <- softmax(S_top) * RERANK_SCALE * p_match + RERANK_OFFSET (published constants)
+RERANK_OFFSET = 1000.0
+DEFAULT_RERANK_QUERY_CHUNK = 64  # queries whose candidate groups are fused in one pass
+
+
+@dataclass
+class FusionConfig:
+    """Sizes and switches of the fusion encoder; the published sizes are in ``CLIP-modules/fusion.json``."""
+
+    width: int = 512
+    layers: int = 6
+    heads: int | None = None  # None: width // 64 (OpenAI's rule)
+    num_bridge_tokens: int = 8
+    memory_size: int = 8192
+    max_frames: int = 12
+    max_words: int = 32
+    vocab_size: int = 49408
+    context_length: int = 77  # rows of the positional table (the published table is CLIP's text table)
+    eot_token_id: int = DEFAULT_EOT_TOKEN_ID
+    bridge_source: str = "memory"
+    official_quirks: bool = False
+    dropout: float = DEFAULT_HEAD_DROPOUT
+    mlm_prob: float = DEFAULT_MLM_PROB
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.bridge_source not in BRIDGE_SOURCES:
+            problems.append(f"bridge_source {self.bridge_source!r} is not one of {BRIDGE_SOURCES}")
+        for name in ("width", "layers", "max_frames", "max_words", "vocab_size", "memory_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.num_bridge_tokens < 1 and self.bridge_source != "none":
+            problems.append(f"num_bridge_tokens must be >= 1 with bridge_source {self.bridge_source!r}")
+        if self.max_words < 2:
+            problems.append(f"max_words must hold at least SOT and EOT (got {self.max_words})")
+        if self.width % self.num_heads:
+            problems.append(f"width {self.width} is not divisible by {self.num_heads} heads")
+        if self.seq_len > self.context_length:
+            problems.append(
+                f"the fusion sequence T+1+K+L = {self.seq_len} is longer than context_length {self.context_length}"
+            )
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.mlm_prob <= 1.0:
+            problems.append(f"dropout {self.dropout} must be in [0, 1) and mlm_prob {self.mlm_prob} in [0, 1]")
+        if problems:
+            raise ConfigError("invalid fusion configuration: " + "; ".join(problems) + "; fix the JSON or the flags")
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.heads else default_heads(self.width)
+
+    @property
+    def num_bridges(self) -> int:
+        """K as it appears in the sequence (0 when ``bridge_source == 'none'``)."""
+        return 0 if self.bridge_source == "none" else self.num_bridge_tokens
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_frames + 1 + self.num_bridges + self.max_words
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: object) -> FusionConfig:
+        """Read ``path`` (a JSON file, or a folder holding ``fusion.json``); ``None`` overrides are ignored."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FUSION_CONFIG_FILE
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: fusion config not found; pass --cross_config_path CLIP-modules") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON at line {err.lineno} ({err.msg}); fix the file") from err
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown fusion config keys {unknown}; known keys are {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown fusion config overrides {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+class TextEncoder(Protocol):
+    """The part of ``modules.clip_model.CLIP`` the fusion uses."""
+
+    token_embedding: nn.Embedding
+
+    def encode_text_tokens(
+        self,
+        text_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure helpers: pooling, masks, random draws
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def video_sep_token(frame_feats: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    """``v_sep [B, D]``: the mean of the valid frame features (all-padding videos give zeros)."""
+    weights = video_mask.to(frame_feats.dtype).unsqueeze(-1)
+    return (frame_feats * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def eot_positions(text_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the EOT token of every text ``[B]`` (texts are ``SOT .. EOT`` followed by padding)."""
+    return text_mask.long().sum(1) - 1
+
+
+def _additive(visible: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def fusion_attention_mask(
+    video_mask: torch.Tensor,
+    text_mask: torch.Tensor,
+    num_bridges: int,
+    causal_text: bool,
+    plm_prefix: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Additive attention mask ``[B, 1, N, N]`` of the fusion sequence (0 visible, ``-inf`` hidden).
+
+    Video rows (frames + ``v_sep``) see video and bridge columns, text rows see text and bridge columns, bridge
+    rows see every column; padded frame/text columns are hidden from all rows. With ``causal_text`` the
+    text x text block is causal and ignores padding. ``plm_prefix`` (an int, or ``[B]`` per row) restricts the
+    bridge rows to text slots ``0 .. i+1`` (padding included), as in the published PLM.
+
+    Without bridges (``num_bridges == 0``, the ``none`` ablation) video and text attend to each other directly;
+    in PLM the video rows then take the bridge rows' rule for text columns.
+    """
+    b, t = video_mask.shape
+    length = text_mask.shape[1]
+    n = t + 1 + num_bridges + length
+    video = slice(0, t + 1)
+    bridges = slice(t + 1, t + 1 + num_bridges)
+    text = slice(t + 1 + num_bridges, n)
+    ones = torch.ones(b, 1 + num_bridges, dtype=torch.bool, device=video_mask.device)
+    columns = torch.cat([video_mask.bool(), ones, text_mask.bool()], dim=1)
+    visible = columns.unsqueeze(1).expand(b, n, n).clone()
+    if num_bridges:
+        visible[:, video, text] = False
+        visible[:, text, video] = False
+    if causal_text:
+        visible[:, text, text] = torch.ones(length, length, dtype=torch.bool, device=video_mask.device).tril()
+    if plm_prefix is not None:
+        prefix = torch.as_tensor(plm_prefix, device=video_mask.device).expand(b)
+        sees = torch.arange(length, device=video_mask.device).unsqueeze(0) <= (prefix.unsqueeze(1) + 1)
+        readers = bridges if num_bridges else video
+        visible[:, readers, text] = sees.unsqueeze(1)
+    return _additive(visible).unsqueeze(1)
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) draws from ``generator`` (on its own device), moved to ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def mlm_mask(
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+    prob: float = DEFAULT_MLM_PROB,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask inner tokens for MLM: ``(masked_ids, labels)``.
+
+    Each token strictly between SOT and EOT is masked with probability ``prob``; a text with no draw gets one
+    inner token masked uniformly at random. Masked ids become ``MLM_MASK_ID`` (0); ``labels`` hold the original
+    id there and ``IGNORE_INDEX`` elsewhere. A text without inner tokens (``[SOT, EOT]``) is left unmasked.
+    """
+    b, length = text_ids.shape
+    positions = torch.arange(length, device=text_ids.device).unsqueeze(0)
+    inner = (positions >= 1) & (positions < eot_positions(text_mask).unsqueeze(1))
+    chosen = (_uniform((b, length), generator, text_ids.device) < prob) & inner
+    fallback_scores = _uniform((b, length), generator, text_ids.device).masked_fill(~inner, -1.0)
+    fallback = F.one_hot(fallback_scores.argmax(1), length).bool() & inner
+    needs_one = ~chosen.any(1, keepdim=True)
+    chosen = chosen | (fallback & needs_one)
+    masked_ids = text_ids.masked_fill(chosen, MLM_MASK_ID)
+    labels = text_ids.masked_fill(~chosen, IGNORE_INDEX)
+    return masked_ids, labels
+
+
+def draw_plm_starts(text_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per text, the first scored position of PLM, uniform in ``[1, eot]`` (``eot`` = index of EOT) ``[B]``."""
+    eot = eot_positions(text_mask)
+    if bool((eot < 1).any()):
+        raise ValueError("every text needs at least SOT and EOT (text_mask.sum() >= 2) for PLM")
+    draws = _uniform((text_mask.shape[0],), generator, text_mask.device)
+    return (1 + (draws * eot).floor().long()).clamp(max=eot)
+
+
+def plm_targets(
+    text_ids: torch.Tensor, text_mask: torch.Tensor, starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (sample, prefix) rows that carry PLM loss: ``(rows [R], prefixes [R], targets [R])``.
+
+    Text ``b`` scores the tokens ``starts[b] .. eot[b]``; the token at ``j`` is predicted from the prefix
+    ``0 .. j-1`` (prefix index ``i = j - 1``). Rows are ordered sample-major, as in the published loss.
+    """
+    positions = torch.arange(text_ids.shape[1], device=text_ids.device).unsqueeze(0)
+    scored = (positions >= starts.unsqueeze(1)) & (positions <= eot_positions(text_mask).unsqueeze(1))
+    rows, cols = scored.nonzero(as_tuple=True)
+    return rows, cols - 1, text_ids[rows, cols]
+
+
+def prefix_probe_mask(length: int, prefixes: torch.Tensor) -> torch.Tensor:
+    """Additive ``[L+P, L+P]`` mask of a causal text pass with ``P`` probe positions appended.
+
+    Tokens attend causally among themselves and never to probes; probe ``p`` sees tokens ``0 .. prefixes[p]``
+    and itself, so at position id ``prefixes[p] + 1`` it computes the EOT feature of ``[SOT, w1 .. wi, EOT]``.
+    """
+    p = prefixes.shape[0]
+    device = prefixes.device
+    visible = torch.zeros(length + p, length + p, dtype=torch.bool, device=device)
+    visible[:length, :length] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    visible[length:, :length] = torch.arange(length, device=device).unsqueeze(0) <= prefixes.unsqueeze(1)
+    visible[length:, length:] = torch.eye(p, dtype=torch.bool, device=device)
+    return _additive(visible)
+
+
+def encode_text_with_probes(
+    text_encoder: TextEncoder, text_ids: torch.Tensor, prefixes: torch.Tensor, eot_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One causal text pass giving every token feature and the EOT-after-prefix features.
+
+    Returns ``(token_feats [B, L, D], probe_feats [B, P, D])``; ``probe_feats[:, p]`` equals position
+    ``i+1`` of encoding ``[SOT, w1 .. wi, EOT]`` with ``i = prefixes[p]``.
+    """
+    b, length = text_ids.shape
+    probes = torch.full((b, prefixes.shape[0]), eot_token_id, dtype=text_ids.dtype, device=text_ids.device)
+    ids = torch.cat([text_ids, probes], dim=1)
+    position_ids = torch.cat([torch.arange(length, device=text_ids.device), prefixes + 1])
+    out = text_encoder.encode_text_tokens(ids, attn_mask=prefix_probe_mask(length, prefixes), position_ids=position_ids)
+    return out[:, :length], out[:, length:]
+
+
+def sample_hard_negatives(
+    sim_global: torch.Tensor,
+    local_offset: int,
+    local_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per local positive, in both directions, as global indices.
+
+    ``sim_global [Bg, Bg]`` holds text (rows) x video (columns) similarities of the gathered batch; this rank's
+    pairs are rows/columns ``local_offset .. local_offset + local_size - 1``. Negatives are drawn by
+    ``multinomial`` from ``softmax(sim)`` with the positive's probability zeroed, as published; the positive is
+    removed from the logits (``-inf``), which gives the same distribution after multinomial's renormalisation and
+    cannot underflow to an all-zero row. Returns ``(neg_video_for_text [b], neg_text_for_video [b])``.
+    """
+    total = sim_global.shape[0]
+    if total < 2:
+        raise ConfigError("VTM hard negatives need at least 2 pairs in the global batch; raise --batch_size")
+    rows = torch.arange(local_offset, local_offset + local_size, device=sim_global.device)
+    positive = F.one_hot(rows, total).bool()
+    draws = []
+    for logits in (sim_global[rows], sim_global.t()[rows]):
+        probs = logits.float().masked_fill(positive, float("-inf")).softmax(-1)
+        if generator is not None:
+            probs = probs.to(generator.device)
+        draws.append(torch.multinomial(probs, 1, generator=generator).squeeze(1).to(sim_global.device))
+    return draws[0], draws[1]
+
+
+def _cross_entropy_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy; with no targets both are 0 (the loss keeps the graph)."""
+    if targets.numel() == 0:
+        zero = logits.sum() * 0.0
+        return zero, zero.detach()
+    loss = F.cross_entropy(logits.float(), targets)
+    accuracy = (logits.argmax(-1) == targets).float().mean()
+    return loss, accuracy
+
+
+def rerank(
+    sim: torch.Tensor,
+    match_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    topk: int,
+    query_chunk: int = DEFAULT_RERANK_QUERY_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank the top-``topk`` candidates of every query in both directions with the VTM match probability.
+
+    ``sim [Nt, Nv]`` (text rows). For each query the candidates' scores become
+    ``softmax(S_top) * RERANK_SCALE * p_match + RERANK_OFFSET`` (softmax over that query's candidates), so they
+    rank above every non-candidate. ``match_prob(text_idx [Q, k], video_idx [Q, k]) -> [Q, k]`` scores
+    ``Q`` queries' candidate groups; a group is the unit of the official Q2 normalisation. Returns
+    ``(t2v [Nt, Nv], v2t [Nv, Nt])``; ``topk <= 0`` returns ``(sim, sim.T)`` unchanged.
+    """
+    if topk <= 0:
+        return sim.clone(), sim.t().clone()
+    if bool((sim >= RERANK_OFFSET).any()):
+        raise ValueError(f"similarities must stay below {RERANK_OFFSET} for re-ranked candidates to rank first")
+    results = []
+    for transposed, scores in ((False, sim), (True, sim.t())):
+        k = min(topk, scores.shape[1])
+        out = scores.clone()
+        for start in range(0, scores.shape[0], query_chunk):
+            queries = torch.arange(start, min(start + query_chunk, scores.shape[0]), device=sim.device)
+            candidates = scores[queries].topk(k, dim=1).indices
+            query_idx = queries.unsqueeze(1).expand_as(candidates)
+            text_idx, video_idx = (candidates, query_idx) if transposed else (query_idx, candidates)
+            p_match = match_prob(text_idx, video_idx).to(scores.dtype)
+            top = scores[queries].gather(1, candidates).softmax(-1)
+            out[queries.unsqueeze(1), candidates] = top * RERANK_SCALE * p_match + RERANK_OFFSET
+        results.append(out)
+    return results[0], results[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fusion encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MemBridgeFusion(nn.Module):
+    """Fusion transformer with bridge tokens, the memory bank, the tied vocabulary head and the VTM head."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = config
+        d, k = config.width, config.num_bridge_tokens
+        scale = d**-0.5
+        self.transformer = Transformer(d, config.layers, config.num_heads)
+        self.positional_embedding = nn.Parameter(torch.randn(config.context_length, d) * POSITIONAL_INIT_STD)
+        if config.bridge_source == "memory":
+            self.memory = nn.Parameter(torch.randn(config.memory_size, d) * scale)  # [S, D]
+            self.query = nn.Parameter(torch.randn(k, 2 * d, d) * scale)  # [K, 2D, D]
+            self.ln = LayerNorm(2 * d)
+        elif config.bridge_source == "learned":
+            self.learned_bridges = nn.Parameter(torch.randn(k, d) * scale)  # [K, D]
+        self.vocab_proj = nn.Parameter(torch.randn(d, d) * scale)  # P
+        self.vocab_bias = nn.Parameter(torch.zeros(config.vocab_size))  # b [V]
+        self.match_matrix = nn.Parameter(torch.randn(d, d) * scale)  # M
+        self.unmatch_matrix = nn.Parameter(torch.randn(d, d) * scale)  # U
+        self.head_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def num_bridges(self) -> int:
+        return self.config.num_bridges
+
+    def text_offset(self, num_frames: int) -> int:
+        """Sequence index of text slot 0 for ``num_frames`` frames."""
+        return num_frames + 1 + self.num_bridges
+
+    @torch.no_grad()
+    def init_from_clip(self, clip: nn.Module) -> None:
+        """Copy CLIP text blocks ``0 .. layers-1`` and the text positional embedding (the published init)."""
+        check_fusion_matches_clip(self.config, clip)
+        for block, source in zip(self.transformer.resblocks, clip.transformer.resblocks, strict=False):
+            block.load_state_dict(source.state_dict())
+        rows = min(self.positional_embedding.shape[0], clip.positional_embedding.shape[0])
+        self.positional_embedding[:rows].copy_(clip.positional_embedding[:rows])
+        if rows < self.config.seq_len:
+            logger.warning("CLIP has %d text positions; fusion positions %d.. keep their random init", rows, rows)
+
+    # -- bridge tokens --------------------------------------------------------------------------------------------
+
+    def bridge_tokens(self, v_sep: torch.Tensor, t_eot: torch.Tensor) -> torch.Tensor:
+        """Bridge tokens ``[B, K, D]`` of each (video, text) pair; the memory query uses detached inputs.
+
+        ``q0 = ln([v_sep ; t_eot])``, ``q_k = q0 @ query[k]``, ``bridge_k = softmax(q_k @ memory^T) @ memory``.
+        """
+        b = v_sep.shape[0]
+        if self.config.bridge_source == "none":
+            return v_sep.new_zeros(b, 0, v_sep.shape[-1])
+        if self.config.bridge_source == "learned":
+            return self.learned_bridges.unsqueeze(0).expand(b, -1, -1)
+        q0 = self.ln(torch.cat([v_sep.detach(), t_eot.detach()], dim=-1))  # [B, 2D]
+        queries = torch.einsum("bc,kcd->bkd", q0, self.query)  # [B, K, D]
+        weights = (queries @ self.memory.t()).softmax(-1)  # [B, K, S]
+        return weights @ self.memory
+
+    # -- the fusion pass ------------------------------------------------------------------------------------------
+
+    def _positional_keep(self, video_mask: torch.Tensor, text_mask: torch.Tensor, mode: FusionMode) -> torch.Tensor:
+        """``[B, N]``: 1 where the positional embedding is added, 0 at the exempt positions of ``mode``."""
+        b, t = video_mask.shape
+        n = self.text_offset(t) + text_mask.shape[1]
+        keep = torch.ones(b, n, device=video_mask.device)
+        quirk_q1 = self.config.official_quirks and mode in ("vtm", "eval")
+        keep[:, t + 1 if quirk_q1 else t] = 0.0
+        if mode != "plm":
+            eot = self.text_offset(t) + eot_positions(text_mask)
+            keep[torch.arange(b, device=keep.device), eot] = 0.0
+        return keep
+
+    def fuse(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        t_eot: torch.Tensor,
+        mode: FusionMode,
+        plm_prefix: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the fusion transformer; returns hidden states ``[B, N, D]``.
+
+        ``text_feats`` go into the text slots as given (MLM callers zero the masked slots, PLM callers zero the
+        slots after the prefix). ``t_eot [B, D]`` is the text feature of the memory query. Modes: ``vtm`` and
+        ``eval`` (bidirectional text, no positional embedding at ``v_sep`` and EOT), ``mlm`` (same), ``plm``
+        (causal text, bridge rows see text slots ``0 .. plm_prefix+1``, only ``v_sep`` exempt).
+        """
+        if mode not in FUSION_MODES:
+            raise ValueError(f"unknown fusion mode {mode!r}; expected one of {FUSION_MODES}")
+        if mode == "plm" and plm_prefix is None:
+            raise ValueError("mode 'plm' needs plm_prefix")
+        t = frame_feats.shape[1]
+        v_sep = video_sep_token(frame_feats, video_mask)
+        bridges = self.bridge_tokens(v_sep, t_eot).to(frame_feats.dtype)
+        x = torch.cat([frame_feats, v_sep.unsqueeze(1), bridges, text_feats], dim=1)
+        keep = self._positional_keep(video_mask, text_mask, mode).to(x.dtype)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype) * keep.unsqueeze(-1)
+        if mode == "plm" and self.config.official_quirks:
+            x = torch.cat([x[:, : t + 1].detach(), x[:, t + 1 :]], dim=1)
+        mask = fusion_attention_mask(video_mask, text_mask, self.num_bridges, mode == "plm", plm_prefix)
+        return self.transformer(x, mask.to(x.dtype))
+
+    # -- heads ----------------------------------------------------------------------------------------------------
+
+    def vocab_logits(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """Tied vocabulary head ``dropout(h) @ (P @ E_tok^T) + b`` ``[..., V]``; ``P @ E_tok^T`` once per call."""
+        weight = self.vocab_proj @ token_embedding.t().to(self.vocab_proj.dtype)  # [D, V]
+        return self.head_dropout(hidden) @ weight.to(hidden.dtype) + self.vocab_bias.to(hidden.dtype)
+
+    def vtm_logits(self, h_vsep: torch.Tensor, h_eot: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+        """Bilinear matching logits ``[R, 2]`` = ``[unmatch, match]`` from the fused ``v_sep`` / EOT ``[R, D]``.
+
+        Both inputs are L2-normalised (under ``official_quirks`` the text over the row axis of each group of
+        ``group_size`` consecutive rows, default all rows: Q2); each bilinear form draws its own dropout masks.
+        """
+        v = h_vsep / h_vsep.norm(dim=-1, keepdim=True)
+        if self.config.official_quirks:
+            rows, d = h_eot.shape
+            grouped = h_eot.reshape(-1, group_size or rows, d)
+            t = (grouped / grouped.norm(dim=1, keepdim=True)).reshape(rows, d)
+        else:
+            t = h_eot / h_eot.norm(dim=-1, keepdim=True)
+        drop = self.head_dropout
+        match = ((drop(v) @ self.match_matrix.to(v.dtype)) * drop(t)).sum(-1)
+        unmatch = ((drop(v) @ self.unmatch_matrix.to(v.dtype)) * drop(t)).sum(-1)
+        return torch.stack([unmatch, match], dim=-1)
+
+    def match_logits(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        t_eot: torch.Tensor,
+        group_size: int | None = None,
+    ) -> torch.Tensor:
+        """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path)."""
+        hidden = self.fuse(frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm")
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h_eot = hidden[rows, self.text_offset(frame_feats.shape[1]) + eot_positions(text_mask)]
+        return self.vtm_logits(hidden[:, frame_feats.shape[1]], h_eot, group_size)
+
+    def pair_match_fn(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        t_eot: torch.Tensor,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``match_prob(text_idx [Q, k], video_idx [Q, k]) -> p_match [Q, k]`` over cached features, for
+        :func:`rerank` (videos: ``frame_feats [Nv, T, D]``, ``video_mask``; texts: ``text_feats [Nt, L, D]``,
+        ``text_mask``, ``t_eot [Nt, D]``)."""
+
+        def match_prob(text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
+            ti, vi = text_idx.reshape(-1), video_idx.reshape(-1)
+            logits = self.match_logits(
+                frame_feats[vi], video_mask[vi], text_feats[ti], text_mask[ti], t_eot[ti], group_size=text_idx.shape[1]
+            )
+            return logits.float().softmax(-1)[:, 1].reshape(text_idx.shape)
+
+        return match_prob
+
+    # -- objectives -----------------------------------------------------------------------------------------------
+
+    def vtm_loss(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        t_eot: torch.Tensor,
+        local_index: torch.Tensor,
+        neg_video: torch.Tensor,
+        neg_text: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video-text matching over ``3b`` pairs: positives, text->video and video->text hard negatives.
+
+        Features are those of the (gathered) pool; ``local_index [b]`` are this rank's pairs and
+        ``neg_video`` / ``neg_text [b]`` the sampled negatives (pool indices). Returns ``(loss, accuracy)``.
+        """
+        video_idx = torch.cat([local_index, neg_video, local_index])
+        text_idx = torch.cat([local_index, local_index, neg_text])
+        logits = self.match_logits(
+            frame_feats[video_idx], video_mask[video_idx], text_feats[text_idx], text_mask[text_idx], t_eot[text_idx]
+        )
+        targets = torch.zeros(video_idx.shape[0], dtype=torch.long, device=logits.device)
+        targets[: local_index.shape[0]] = 1
+        return _cross_entropy_and_accuracy(logits, targets)
+
+    def mlm_loss(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        masked_text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        masked_t_eot: torch.Tensor,
+        labels: torch.Tensor,
+        token_embedding: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked language modelling; ``masked_text_feats`` / ``masked_t_eot`` encode the masked ids.
+
+        The masked fusion slots hold a zero vector (plus their positional embedding). Returns ``(loss, acc)``.
+        """
+        masked = labels != IGNORE_INDEX
+        text_in = masked_text_feats.masked_fill(masked.unsqueeze(-1), 0.0)
+        hidden = self.fuse(frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm")
+        h_text = hidden[:, self.text_offset(frame_feats.shape[1]) :]
+        logits = self.vocab_logits(h_text[masked], token_embedding)
+        return _cross_entropy_and_accuracy(logits, labels[masked])
+
+    def plm_loss(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        starts: torch.Tensor,
+        token_feats: torch.Tensor,
+        probe_feats: torch.Tensor,
+        prefixes: torch.Tensor,
+        token_embedding: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix LM in one batched fusion pass over the (sample, prefix) rows that carry loss.
+
+        ``token_feats [B, L, D]`` / ``probe_feats [B, P, D]`` come from :func:`encode_text_with_probes` with the
+        sorted ``prefixes [P]`` of :func:`plm_targets`. Row (b, i) holds the prefix features in text slots
+        ``0 .. i``, only positional embeddings after, the EOT-after-prefix feature as memory query, and predicts
+        token ``i+1`` at slot ``i+1``. Equals :meth:`plm_loss_loop`. Returns ``(loss, accuracy)``.
+        """
+        rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
+        t_eot = probe_feats[rows, torch.searchsorted(prefixes, prefix)]
+        slots = torch.arange(text_ids.shape[1], device=text_ids.device).unsqueeze(0)
+        text_in = token_feats[rows].masked_fill((slots > prefix.unsqueeze(1)).unsqueeze(-1), 0.0)
+        hidden = self.fuse(
+            frame_feats[rows], video_mask[rows], text_in, text_mask[rows], t_eot, mode="plm", plm_prefix=prefix
+        )
+        out = hidden[
+            torch.arange(rows.shape[0], device=rows.device), self.text_offset(frame_feats.shape[1]) + prefix + 1
+        ]
+        return _cross_entropy_and_accuracy(self.vocab_logits(out, token_embedding), targets)
+
+    def plm_loss_loop(
+        self,
+        text_encoder: TextEncoder,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        starts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference prefix LM: the plain per-prefix loop of DESIGN §2.6 (one text and one fusion pass per prefix).
+
+        For every prefix ``i`` it encodes ``[SOT, w1 .. wi, EOT]``, fuses all samples and scores slot ``i+1``
+        (recomputing ``P @ E_tok^T`` each time, as published); the suffix from ``starts`` is then scored.
+        """
+        b, length = text_ids.shape
+        d = frame_feats.shape[-1]
+        token_embedding = text_encoder.token_embedding.weight
+        eot_id = torch.full((b, 1), self.config.eot_token_id, dtype=text_ids.dtype, device=text_ids.device)
+        scores = []
+        for i in range(length - 1):
+            with torch.no_grad():
+                feats = text_encoder.encode_text_tokens(torch.cat([text_ids[:, : i + 1], eot_id], dim=1))
+            text_in = feats.new_zeros(b, length, d)
+            text_in[:, : i + 1] = feats[:, : i + 1]
+            hidden = self.fuse(frame_feats, video_mask, text_in, text_mask, feats[:, i + 1], mode="plm", plm_prefix=i)
+            scores.append(self.vocab_logits(hidden[:, self.text_offset(frame_feats.shape[1]) + i + 1], token_embedding))
+        scores = torch.stack(scores, dim=1)  # [B, L-1, V]: scores[:, i] predicts token i+1
+        eot = eot_positions(text_mask)
+        picked = [scores[row, starts[row] - 1 : eot[row]] for row in range(b)]
+        targets = [text_ids[row, starts[row] : eot[row] + 1] for row in range(b)]
+        return _cross_entropy_and_accuracy(torch.cat(picked), torch.cat(targets))
+
+
+def check_fusion_matches_clip(config: FusionConfig, clip: nn.Module) -> None:
+    """The fusion runs on CLIP text-encoder outputs at the text width: embed dim == text width == fusion width."""
+    text_width = clip.transformer.width
+    embed_dim = clip.text_projection.shape[1]
+    vocab = clip.token_embedding.weight.shape[0]
+    problems = []
+    if not config.width == text_width == embed_dim:
+        problems.append(
+            f"fusion width {config.width}, CLIP text width {text_width} and embed dim {embed_dim} must be equal "
+            "(the fusion blocks are CLIP text blocks fed with projected features)"
+        )
+    if config.layers > len(clip.transformer.resblocks):
+        problems.append(f"fusion layers {config.layers} > CLIP text layers {len(clip.transformer.resblocks)}")
+    if config.vocab_size != vocab:
+        problems.append(f"fusion vocab_size {config.vocab_size} != CLIP vocabulary {vocab}")
+    if problems:
+        raise ConfigError("fusion config does not match CLIP: " + "; ".join(problems) + "; fix the fusion JSON")
