@@ -160,6 +160,13 @@ def all_gather_with_grad(x: torch.Tensor, reduce_grad: bool = True) -> torch.Ten
     return _AllGatherWithGrad.apply(x, reduce_grad)
 
 
+def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x [b, ...]`` of every rank in rank order, without autograd (same ``b`` on every rank)."""
+    if get_world_size() == 1:
+        return x
+    return torch.cat(_gather_tensor(x.detach()), dim=0)
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over ranks, as a new detached tensor on ``t``'s device (a copy with one process)."""
     out = t.detach().clone()

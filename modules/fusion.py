@@ -325,6 +325,35 @@ def _cross_entropy_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> 
     return loss, accuracy
 
 
+def rerank_queries(
+    scores: torch.Tensor,
+    match_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    topk: int,
+    queries: torch.Tensor,
+    transposed: bool,
+    query_chunk: int = DEFAULT_RERANK_QUERY_CHUNK,
+) -> torch.Tensor:
+    """Re-ranked rows ``[len(queries), N_candidates]`` of ``scores`` (query rows) for the given query indices.
+
+    ``transposed`` says the rows are videos (v2t): ``match_prob`` is then called with (candidate texts, query
+    videos). Each query's top-``topk`` candidates get ``softmax(S_top) * RERANK_SCALE * p_match + RERANK_OFFSET``
+    (softmax over that query's candidates); the other candidates keep their score. Queries can be split freely
+    (e.g. across ranks): a row depends only on its own query.
+    """
+    k = min(topk, scores.shape[1])
+    out = scores[queries].clone()
+    for start in range(0, len(queries), query_chunk):
+        chunk = queries[start : start + query_chunk]
+        candidates = scores[chunk].topk(k, dim=1).indices
+        query_idx = chunk.unsqueeze(1).expand_as(candidates)
+        text_idx, video_idx = (candidates, query_idx) if transposed else (query_idx, candidates)
+        p_match = match_prob(text_idx, video_idx).to(scores.dtype)
+        top = scores[chunk].gather(1, candidates).softmax(-1)
+        rows = torch.arange(start, start + len(chunk), device=scores.device).unsqueeze(1)
+        out[rows, candidates] = top * RERANK_SCALE * p_match + RERANK_OFFSET
+    return out
+
+
 def rerank(
     sim: torch.Tensor,
     match_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -341,22 +370,18 @@ def rerank(
     """
     if topk <= 0:
         return sim.clone(), sim.t().clone()
-    if bool((sim >= RERANK_OFFSET).any()):
-        raise ValueError(f"similarities must stay below {RERANK_OFFSET} for re-ranked candidates to rank first")
+    check_rerank_range(sim)
     results = []
     for transposed, scores in ((False, sim), (True, sim.t())):
-        k = min(topk, scores.shape[1])
-        out = scores.clone()
-        for start in range(0, scores.shape[0], query_chunk):
-            queries = torch.arange(start, min(start + query_chunk, scores.shape[0]), device=sim.device)
-            candidates = scores[queries].topk(k, dim=1).indices
-            query_idx = queries.unsqueeze(1).expand_as(candidates)
-            text_idx, video_idx = (candidates, query_idx) if transposed else (query_idx, candidates)
-            p_match = match_prob(text_idx, video_idx).to(scores.dtype)
-            top = scores[queries].gather(1, candidates).softmax(-1)
-            out[queries.unsqueeze(1), candidates] = top * RERANK_SCALE * p_match + RERANK_OFFSET
-        results.append(out)
+        queries = torch.arange(scores.shape[0], device=sim.device)
+        results.append(rerank_queries(scores, match_prob, topk, queries, transposed, query_chunk))
     return results[0], results[1]
+
+
+def check_rerank_range(sim: torch.Tensor) -> None:
+    """Re-ranked candidates are lifted by RERANK_OFFSET: every similarity must stay below it."""
+    if bool((sim >= RERANK_OFFSET).any()):
+        raise ValueError(f"similarities must stay below {RERANK_OFFSET} for re-ranked candidates to rank first")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,14 +20,24 @@ from tqdm import tqdm
 from dataloaders.datasets import RetrievalEvalSet
 from dataloaders.errors import DataError
 from engine.data import build_eval_loader
-from engine.distributed import DistInfo, all_gather_object, all_gather_with_grad, gather_eval_rows
+from engine.distributed import (
+    DistInfo,
+    all_gather_tensor,
+    all_gather_with_grad,
+    gather_eval_rows,
+    get_rank,
+    get_world_size,
+    shard_indices,
+)
 from engine.metrics import retrieval_metrics
+from modules.fusion import check_rerank_range, rerank_queries
 from modules.losses import contrastive_loss
-from modules.membridge import MemBridgeModel
+from modules.membridge import MemBridgeModel, Stage2Weights
 
 logger = logging.getLogger(__name__)
 
 TEXT_CHUNK = 256  # caption rows per similarity chunk (tightTransf runs a cross encoder per pair)
+VTM_ONLY = Stage2Weights(vtm=1.0, mlm=0.0, plm=0.0)
 
 
 class ContrastiveTask(nn.Module):
@@ -56,7 +66,15 @@ class ContrastiveTask(nn.Module):
         out = {"contrastive": contrastive_loss(sim)}
         loss = out["contrastive"]
         if self.vtm_weight > 0:
-            vtm = self.model.vtm_finetune_loss(batch, sim.detach())
+            # The fusion learns matching on detached CLIP features (as in stage 2); hard negatives come from the
+            # global batch.
+            vtm_batch = {**batch, "frame_feats": frames.detach()}
+            vtm = self.model.stage2_losses(
+                vtm_batch,
+                weights=VTM_ONLY,
+                gather=all_gather_tensor if get_world_size() > 1 else None,
+                local_offset=get_rank() * frames.shape[0],
+            )
             out.update({"vtm": vtm["vtm"], "vtm_acc": vtm["vtm_acc"]})
             loss = loss + self.vtm_weight * vtm["vtm"]
         out["loss"] = loss
@@ -221,8 +239,11 @@ def evaluate_retrieval(
         metrics["dropped_videos"] = dropped
         logger.warning("%d evaluation videos could not be read and were left out: %s", len(dropped), dropped)
     if rerank_topk > 0 and model.fusion is not None:
-        reranked = rerank_similarity(model, enc, sim, keep_t, keep_v, rerank_topk, dist)
-        metrics.update({f"rerank_{k}": v for k, v in retrieval_metrics(reranked, t2v).items()})
+        t2v_scores, v2t_scores = rerank_similarity(model, enc, sim, keep_t, keep_v, rerank_topk, dist)
+        reranked = {k: v for k, v in retrieval_metrics(t2v_scores, t2v).items() if k.startswith("t2v_")}
+        reranked.update({k: v for k, v in retrieval_metrics(v2t_scores.t(), t2v).items() if k.startswith("v2t_")})
+        metrics.update({f"rerank_{k}": v for k, v in reranked.items()})
+        metrics["rerank_topk"] = rerank_topk
     return metrics
 
 
@@ -234,15 +255,20 @@ def rerank_similarity(
     keep_v: torch.Tensor,
     topk: int,
     dist: DistInfo,
-) -> torch.Tensor:
-    """Re-rank the top-k of every query in both directions with the fusion's VTM match probability."""
-    fusion = model.fusion
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank the top-k of every query in both directions with the fusion's VTM match probability; the queries are
+    sharded across ranks and the rows gathered. Returns ``(t2v [Nt, Nv], v2t [Nv, Nt])`` on the CPU."""
+    check_rerank_range(sim)
     device = dist.device
     kt, kv = keep_t.to(device), keep_v.to(device)
-    match_fn = fusion.pair_match_fn(
-        frame_feats=enc.frame_feats[kv],
-        video_mask=enc.video_mask[kv],
-        text_tokens=enc.text_tokens[kt],
-        text_mask=enc.text_mask[kt],
+    match_prob = model.fusion.pair_match_fn(
+        enc.frame_feats[kv], enc.video_mask[kv], enc.text_tokens[kt], enc.text_mask[kt], enc.text_feats[kt]
     )
-    return model.rerank_both(sim, match_fn, topk, rank=dist.rank, world_size=dist.world_size, gather=all_gather_object)
+    scores = sim.to(device)
+    out = []
+    for transposed, rows in ((False, scores), (True, scores.t())):
+        mine = shard_indices(rows.shape[0], dist.rank, dist.world_size)
+        queries = torch.arange(mine.start, mine.stop, device=device)
+        part = rerank_queries(rows, match_prob, topk, queries, transposed)
+        out.append(gather_eval_rows(part, mine, rows.shape[0]).cpu())
+    return out[0], out[1]
