@@ -26,19 +26,11 @@ from __future__ import annotations
 
 import logging
 
-from engine.builders import (
-    build_dataset,
-    build_video_clip,
-    convert_weights_fp16,
-    load_init_model,
-    seed_everything,
-    webvid_source,
-)
+from engine.builders import build_dataset, build_model, convert_weights_fp16, seed_everything, webvid_source
 from engine.distributed import cleanup, init_distributed
 from engine.flags import build_parser, validate
 from engine.run_logging import setup_logging, write_config
 from engine.trainer import fit, run_evaluation
-from modules.membridge import MemBridgeModel
 from video_text_retrieval.task import ContrastiveTask, evaluate_retrieval
 
 logger = logging.getLogger(__name__)
@@ -57,9 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.rank == 0:
             write_config(args.output_dir, args, dist.world_size)
         seed_everything(args.seed)
-        encoder = build_video_clip(args)
-        model = MemBridgeModel(encoder, None)
-        load_init_model(args, model)
+        model = build_model(args, with_fusion=False)
+        encoder = model.encoder
         frozen = encoder.freeze_layers(args.freeze_layer_num)
         logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
         if args.precision == "fp16":

@@ -57,7 +57,10 @@ Transform = Callable[[np.ndarray, np.ndarray], torch.Tensor | np.ndarray]
 
 
 class _VideoReader:
-    """Loads and transforms one video: the part every dataset shares."""
+    """Loads and transforms one video: the part every dataset shares. Items hold its output under ``output_key``
+    (a cached-feature reader, engine/feature_cache.py, swaps in ``frame_feats``)."""
+
+    output_key = "video"
 
     def __init__(self, source: VideoSource, transform: Transform, video_keys: Mapping[str, str] | None) -> None:
         self.source = source
@@ -172,7 +175,7 @@ class RetrievalTrainDataset(_SkippingTrainDataset):
         caption = pair.captions[int(rng.integers(len(pair.captions)))] if len(pair.captions) > 1 else pair.captions[0]
         clip = None if pair.start is None and pair.end is None else (pair.start, pair.end)
         video, video_mask = self.read_video(pair.video_id, clip, rng)
-        item = {"video": video, "video_mask": video_mask}
+        item = {self.read_video.output_key: video, "video_mask": video_mask}
         item.update(_text_item(self.tokenizer, caption, self.max_words, "text"))
         item["video_index"] = _scalar(self._video_index[pair.video_id])
         return item

@@ -22,6 +22,9 @@ from engine.checkpoint import load_weights
 from engine.flags import resolve_clip_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import load_clip
+from modules.fusion import FusionConfig, MemBridgeFusion
+from modules.membridge import MemBridgeModel
+from modules.published_keys import convert_published_state_dict, is_published_layout
 from modules.video_clip import VideoCLIP
 
 logger = logging.getLogger(__name__)
@@ -107,14 +110,60 @@ def build_video_clip(args: argparse.Namespace) -> VideoCLIP:
     )
 
 
-def load_init_model(args: argparse.Namespace, model, key_map=None) -> None:
-    """``--init_model``: weights only, with a report of missing / unexpected keys (shape mismatches are errors)."""
+def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
+    """The fusion sizes: ``fusion.json`` under --cross_config_path, overridden by the explicit fusion flags."""
+    return FusionConfig.from_json(
+        args.cross_config_path,
+        layers=args.fusion_layers,
+        num_bridge_tokens=args.num_bridge_tokens,
+        memory_size=args.memory_size,
+        bridge_source=args.bridge_source,
+        official_quirks=args.official_quirks,
+        max_frames=args.max_frames,
+        max_words=args.max_words,
+    )
+
+
+def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
+    """Dual encoder (+ fusion initialised from the CLIP text blocks), then ``--init_model`` weights.
+
+    When the loaded weights carry no fusion (a stage-1 checkpoint), the fusion is initialised from the *loaded*
+    CLIP text blocks and positional embedding, as stage 2 starts from the stage-1 CLIP.
+    """
+    encoder = build_video_clip(args)
+    fusion = MemBridgeFusion(build_fusion_config(args)) if with_fusion else None
+    model = MemBridgeModel(encoder, fusion)
+    if fusion is not None:
+        fusion.init_from_clip(encoder.clip)
+    report = load_init_model(args, model)
+    if fusion is not None and report is not None and any(k.startswith("fusion.") for k in report.missing):
+        logger.info("--init_model has no fusion weights: initialising the fusion from its CLIP text encoder")
+        fusion.init_from_clip(encoder.clip)
+    return model
+
+
+def load_init_model(args: argparse.Namespace, model: nn.Module):
+    """``--init_model``: weights only (ours or the published key layout), with a report of missing / unexpected
+    keys; wrong shapes are errors. Returns the LoadReport (None without --init_model)."""
     if not args.init_model:
-        return
+        return None
+    fusion = getattr(model, "fusion", None)
+    fusion_layers = fusion.config.layers if fusion is not None else 0
+
+    def key_map(state: dict) -> dict:
+        if not is_published_layout(state):
+            return state
+        converted, unmapped = convert_published_state_dict(state, fusion_layers=fusion_layers or 6)
+        if unmapped:
+            logger.info("published checkpoint: %d keys not used by this model: %s", len(unmapped), unmapped[:10])
+        return converted
+
     report = load_weights(args.init_model, model, key_map=key_map)
     logger.info(
-        "--init_model %s: %d missing, %d unexpected keys", args.init_model, len(report.missing), len(report.unexpected)
-    )
+        "--init_model %s: %d tensors loaded, %d missing, %d unexpected",
+        args.init_model, report.loaded, len(report.missing), len(report.unexpected),
+    )  # fmt: skip
+    return report
 
 
 def convert_weights_fp16(model) -> None:

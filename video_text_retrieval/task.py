@@ -228,9 +228,12 @@ def evaluate_retrieval(
     num_workers: int = 0,
     rerank_topk: int = 0,
     allow_missing: bool = False,
+    encoded: EncodedEvalSet | None = None,
 ) -> dict:
-    """R@1/5/10, MdR, MnR in both directions (and re-ranked, ``rerank_*`` keys, with a fusion and ``rerank_topk``)."""
-    enc = encode_eval_set(model, eval_set, batch_size, num_workers, dist, allow_missing)
+    """R@1/5/10, MdR, MnR in both directions (and re-ranked, ``rerank_*`` keys, with a fusion and ``rerank_topk``).
+
+    ``encoded``: features already computed by :func:`encode_eval_set` (they are not recomputed)."""
+    enc = encoded or encode_eval_set(model, eval_set, batch_size, num_workers, dist, allow_missing)
     sim = dual_similarity(model, enc).cpu()
     sim, t2v, dropped, keep_t, keep_v = _drop_missing(enc, eval_set, sim)
     metrics: dict = dict(retrieval_metrics(sim, t2v))

@@ -1,0 +1,215 @@
+"""``--cache_visual_features``: per-video CLIP frame features of a frozen encoder, computed once and reused.
+
+In stage 2 the CLIP encoders are frozen, so when frame sampling is deterministic (shards, or files without frame
+shuffling) a video's frame features never change. They are computed once (sharded across ranks), stored on disk as
+memory-mapped arrays and read back instead of decoding the video and running the ViT every epoch.
+
+Layout of ``CACHE_ROOT/<key>/`` where ``key`` hashes the encoder weights and the frame-sampling settings:
+``features.npy`` float32 ``[N, T, D]``, ``masks.npy`` int8 ``[N, T]``, ``index.json``
+``{"videos": {video_id: [row, video_fingerprint]}, ...}``. A video whose fingerprint (file size + mtime, or shard
+record location + shard size + mtime) changed is recomputed; other encoder weights or settings give another key.
+Directories are written to a temp name and renamed, so a killed run never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from engine.data import build_eval_loader
+from engine.distributed import DistInfo, barrier, gather_eval_rows
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FILE, MASKS_FILE, INDEX_FILE = "features.npy", "masks.npy", "index.json"
+CACHE_FORMAT = 1
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """A hash of every tensor of the encoder (names, shapes, dtypes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(encoder.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def video_fingerprint(source: Any, video_id: str, key: str) -> str:
+    """What identifies the stored video: file path + size + mtime, or shard record location + shard size + mtime."""
+    if hasattr(source, "path_for"):
+        path = Path(source.path_for(key))
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    reader = getattr(source, "reader", None)
+    if reader is not None:
+        from dataloaders.tfrecord_io import resolve_shard
+
+        entry = reader.entry(key)
+        shard = resolve_shard(entry.shard, Path(reader.index_path).parent)
+        st = shard.stat()
+        return f"{shard.resolve()}:{entry.offset}:{st.st_size}:{st.st_mtime_ns}"
+    return f"id:{video_id}"
+
+
+class CachedFrameReader:
+    """Drop-in for a dataset's video reader: returns cached ``frame_feats [T, D]`` and ``video_mask [T]``."""
+
+    output_key = "frame_feats"
+
+    def __init__(self, directory: Path):
+        index = json.loads((directory / INDEX_FILE).read_text())
+        self.rows = {vid: row for vid, (row, _) in index["videos"].items()}
+        self.directory = directory
+        self._features: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+
+    def _open(self) -> None:
+        # opened lazily so that every DataLoader worker maps the files itself
+        self._features = np.load(self.directory / FEATURES_FILE, mmap_mode="r")
+        self._masks = np.load(self.directory / MASKS_FILE, mmap_mode="r")
+
+    def __call__(self, video_id: str, clip, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._features is None:
+            self._open()
+        row = self.rows[video_id]
+        return torch.from_numpy(np.array(self._features[row])), torch.from_numpy(np.array(self._masks[row], np.int64))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_features": None, "_masks": None}
+
+
+class _UniqueVideos(Dataset):
+    """The distinct videos of a training set, decoded deterministically with the set's own reader."""
+
+    def __init__(self, read_video, video_ids: list[str], clips: dict[str, tuple | None]):
+        self.read_video = read_video
+        self.video_ids = video_ids
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        vid = self.video_ids[index]
+        video, mask = self.read_video(vid, self.clips.get(vid), np.random.default_rng(0))
+        return {"video": video, "video_mask": mask}
+
+
+def _settings_key(encoder_fp: str, settings: dict) -> str:
+    payload = json.dumps({"encoder": encoder_fp, "settings": settings, "format": CACHE_FORMAT}, sort_keys=True)
+    return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
+
+
+@torch.no_grad()
+def attach_visual_cache(
+    dataset: Any,
+    encoder: nn.Module,
+    cache_root: str | os.PathLike,
+    settings: dict,
+    dist: DistInfo,
+    batch_size: int,
+    num_workers: int,
+) -> Path:
+    """Compute (or reuse) the frame features of every video of ``dataset`` and make it return them.
+
+    ``dataset`` is a training set with ``pairs`` (``video_id``, ``start``, ``end``) and a ``read_video`` reader;
+    afterwards its items carry ``frame_feats`` instead of ``video``. Returns the cache directory.
+    """
+    reader = dataset.read_video
+    video_ids = list(dict.fromkeys(p.video_id for p in dataset.pairs))
+    clips = {p.video_id: (None if p.start is None and p.end is None else (p.start, p.end)) for p in dataset.pairs}
+    keys = {vid: reader.video_keys.get(vid, vid) for vid in video_ids}
+    fingerprints = {vid: video_fingerprint(reader.source, vid, keys[vid]) for vid in video_ids}
+    directory = Path(cache_root) / _settings_key(encoder_fingerprint(encoder), settings)
+
+    old: dict[str, list] = {}
+    if (directory / INDEX_FILE).is_file():
+        old = json.loads((directory / INDEX_FILE).read_text())["videos"]
+    reuse = {vid: old[vid][0] for vid in video_ids if vid in old and old[vid][1] == fingerprints[vid]}
+    todo = [vid for vid in video_ids if vid not in reuse]
+    logger.info("visual feature cache %s: %d videos cached, %d to compute", directory, len(reuse), len(todo))
+    if not todo and len(reuse) == len(old):
+        dataset.read_video = CachedFrameReader(directory)
+        return directory
+
+    feats = masks = None
+    if todo:
+        videos = _UniqueVideos(reader, todo, clips)
+        loader, mine = build_eval_loader(
+            videos, max(1, batch_size // dist.world_size), num_workers, dist.rank, dist.world_size
+        )
+        was_training = encoder.training
+        encoder.eval()
+        rows, mrows = [], []
+        for batch in tqdm(loader, desc="cache visual features", disable=dist.rank != 0, leave=False):
+            video, mask = batch["video"].to(dist.device), batch["video_mask"].to(dist.device)
+            rows.append(encoder.encode_video(video, mask).float())
+            mrows.append(mask)
+        encoder.train(was_training)
+        sample = videos[0]
+        t = sample["video_mask"].shape[0]
+        d = encoder.clip.config.embed_dim
+        local = torch.cat(rows) if rows else torch.zeros(0, t, d, device=dist.device)
+        local_m = torch.cat(mrows) if mrows else torch.zeros(0, t, dtype=torch.long, device=dist.device)
+        feats = gather_eval_rows(local, mine, len(todo)).cpu().numpy()
+        masks = gather_eval_rows(local_m, mine, len(todo)).cpu().numpy().astype(np.int8)
+
+    if dist.rank == 0:
+        _write_cache(directory, video_ids, reuse, todo, feats, masks, fingerprints, settings)
+    barrier()
+    dataset.read_video = CachedFrameReader(directory)
+    return directory
+
+
+def _write_cache(
+    directory: Path,
+    video_ids: list[str],
+    reuse: dict[str, int],
+    todo: list[str],
+    feats: np.ndarray | None,
+    masks: np.ndarray | None,
+    fingerprints: dict[str, str],
+    settings: dict,
+) -> None:
+    """Merge reused rows and new rows into a fresh directory, then swap it in atomically."""
+    old_feats = np.load(directory / FEATURES_FILE, mmap_mode="r") if reuse else None
+    old_masks = np.load(directory / MASKS_FILE, mmap_mode="r") if reuse else None
+    sample_feats = feats if feats is not None and len(feats) else old_feats
+    sample_masks = masks if masks is not None and len(masks) else old_masks
+    n = len(video_ids)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    out_f = np.lib.format.open_memmap(tmp / FEATURES_FILE, "w+", np.float32, (n, *sample_feats.shape[1:]))
+    out_m = np.lib.format.open_memmap(tmp / MASKS_FILE, "w+", np.int8, (n, *sample_masks.shape[1:]))
+    new_row = {vid: i for i, vid in enumerate(todo)}
+    index = {}
+    for row, vid in enumerate(video_ids):
+        if vid in reuse:
+            out_f[row], out_m[row] = old_feats[reuse[vid]], old_masks[reuse[vid]]
+        else:
+            out_f[row], out_m[row] = feats[new_row[vid]], masks[new_row[vid]]
+        index[vid] = [row, fingerprints[vid]]
+    out_f.flush()
+    out_m.flush()
+    del out_f, out_m, old_feats, old_masks
+    (tmp / INDEX_FILE).write_text(json.dumps({"format": CACHE_FORMAT, "settings": settings, "videos": index}))
+    if directory.exists():
+        trash = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, trash)
+        os.replace(tmp, directory)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)

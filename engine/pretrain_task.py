@@ -1,0 +1,86 @@
+"""Stage-2 pre-training task (VTM + MLM + PLM through the bridge fusion) and its held-out evaluation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.distributed import DistInfo, all_gather_object, all_gather_tensor, get_rank, get_world_size, shard_indices
+from modules.membridge import MemBridgeModel, Stage2Weights
+
+HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
+HELD_OUT_SEED = 1234  # fixed draws (masks, suffixes, negatives) so held-out accuracies are comparable across runs
+ACCURACY_KEYS = ("vtm_acc", "mlm_acc", "plm_acc")
+
+
+class FusionPretrainTask(nn.Module):
+    """``loss = w_vtm * VTM + w_mlm * MLM + w_plm * PLM`` on frozen, detached CLIP features (DESIGN 2.6).
+
+    Random draws (MLM masks, PLM suffix starts, hard negatives) use the global torch RNG, which checkpoints save,
+    so a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, model: MemBridgeModel, weights: Stage2Weights):
+        super().__init__()
+        if model.fusion is None:
+            raise ValueError("stage 2 needs a model with a fusion encoder")
+        self.model = model
+        self.weights = weights
+        model.freeze_encoder()
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        world = get_world_size()
+        local = batch["video_mask"].shape[0]
+        return self.model.stage2_losses(
+            batch,
+            weights=self.weights,
+            gather=all_gather_tensor if world > 1 else None,
+            local_offset=get_rank() * local,
+        )
+
+    def train(self, mode: bool = True) -> FusionPretrainTask:
+        super().train(mode)
+        self.model.encoder.eval()  # frozen CLIP: no dropout, as a feature extractor
+        return self
+
+
+@torch.no_grad()
+def held_out_accuracies(
+    model: MemBridgeModel,
+    frame_feats: torch.Tensor,
+    video_mask: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    text_to_video: list[int],
+    dist: DistInfo,
+) -> dict[str, float]:
+    """VTM / MLM / PLM accuracy (%) on held-out (caption, video) pairs, batches sharded across ranks.
+
+    VTM rows are 1 positive + 2 hard negatives per pair, so always answering "no match" scores 66.7%.
+    """
+    n = len(text_to_video)
+    starts = list(range(0, n, HELD_OUT_BATCH))
+    mine = shard_indices(len(starts), dist.rank, dist.world_size)
+    sums = {key: 0.0 for key in ACCURACY_KEYS}
+    count = 0
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(HELD_OUT_SEED + dist.rank)
+    try:
+        for b in mine:
+            idx = torch.arange(starts[b], min(starts[b] + HELD_OUT_BATCH, n), device=text_ids.device)
+            vid = torch.as_tensor([text_to_video[i] for i in idx.tolist()], device=frame_feats.device)
+            batch = {
+                "frame_feats": frame_feats[vid],
+                "video_mask": video_mask[vid],
+                "text_ids": text_ids[idx],
+                "text_mask": text_mask[idx],
+            }
+            out = model.stage2_losses(batch, weights=Stage2Weights())
+            for key in ACCURACY_KEYS:
+                sums[key] += float(out[key]) * len(idx)
+            count += len(idx)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    totals = all_gather_object({"sums": sums, "count": count})
+    total = sum(t["count"] for t in totals)
+    return {f"heldout_{key}": 100.0 * sum(t["sums"][key] for t in totals) / max(1, total) for key in ACCURACY_KEYS}

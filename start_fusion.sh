@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Stage 2: MemBridge fusion pre-training (the published recipe), launched with torchrun.
+# Usage: DATA_PATH=/data INIT_MODEL=ckpts/stage1_clip/ckpt/step-N OUTPUT_PATH=ckpts/stage2 NPROC_PER_NODE=8 \
+#        bash start_fusion.sh [extra flags]
+# Several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host0 MASTER_PORT=29500 bash start_fusion.sh
+set -euo pipefail
+DATA_PATH=${DATA_PATH:-data}
+INIT_MODEL=${INIT_MODEL:?set INIT_MODEL to the stage-1 checkpoint (OUTPUT/ckpt/step-N)}
+OUTPUT_PATH=${OUTPUT_PATH:-ckpts/stage2_fusion}
+WEBVID_TFRECORD=${WEBVID_TFRECORD:-WebVid_TFRecord}
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPROC_PER_NODE}" \
+    --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
+    main_task_fusion.py --do_train --num_thread_reader=4 \
+    --cross_config_path ./CLIP-modules \
+    --epochs=10 --batch_size=32 --n_display=50 \
+    --train_csv "${DATA_PATH}/frozen_train_labels.json" \
+    --val_csv "${DATA_PATH}/MSRVTT_JSFUSION_test.csv" \
+    --data_path "${DATA_PATH}/frozen_train_labels.json" \
+    --features_path "${DATA_PATH}/MSRVTT_Videos" \
+    --webvid_tfrecord "${WEBVID_TFRECORD}" \
+    --warmup_proportion 0.2 \
+    --output_dir "${OUTPUT_PATH}" \
+    --lr 1e-5 --max_words 32 --max_frames 12 --batch_size_val 32 \
+    --datatype msrvtt --expand_msrvtt_sentences \
+    --feature_framerate 2 --coef_lr 1e-3 \
+    --freeze_layer_num 0 --slice_framepos 2 \
+    --loose_type --linear_patch 2d --sim_header meanP \
+    --init_model "${INIT_MODEL}" \
+    "$@"
