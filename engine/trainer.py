@@ -266,6 +266,18 @@ def fit(
     return metrics
 
 
+def metrics_report(metrics: dict[str, float]) -> str:
+    """Readable evaluation summary: retrieval tables (dual encoder, re-ranked), then the other numbers."""
+    parts, shown = [], set()
+    for prefix, title in (("", "dual encoder"), ("rerank_", "re-ranked")):
+        block = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith((prefix + "t2v_", prefix + "v2t_"))}
+        if block:
+            parts.append(f"{title}:\n{format_metrics_table(block)}")
+            shown.update(prefix + k for k in block)
+    rest = [f"  {k:<28} {v:.4f}" for k, v in metrics.items() if k not in shown]
+    return "\n".join(parts + rest)
+
+
 def run_evaluation(
     args: argparse.Namespace,
     task: nn.Module,
@@ -283,11 +295,7 @@ def run_evaluation(
     task.train()
     if is_main:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        table = (
-            format_metrics_table(numeric)
-            if "t2v_R1" in numeric
-            else "\n".join(f"  {k:>24} {v:.4f}" for k, v in numeric.items())
-        )
+        table = metrics_report(numeric)
         logger.info("evaluation (%s, step %d):\n%s", tag, step, table)
         if writer is not None:
             writer.add(step, numeric, prefix="eval")
