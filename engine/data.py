@@ -107,5 +107,6 @@ def build_eval_loader(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(0),  # worker seeds never consume the global (checkpointed) RNG
     )
     return loader, indices

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,15 @@ class _UniqueVideos(Dataset):
         return {"video": video, "video_mask": mask}
 
 
+@dataclass(frozen=True)
+class CacheReport:
+    """Where the cache lives and how many videos were reused / computed by this call."""
+
+    directory: Path
+    reused: int
+    computed: int
+
+
 def _settings_key(encoder_fp: str, settings: dict) -> str:
     payload = json.dumps({"encoder": encoder_fp, "settings": settings, "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
@@ -121,11 +131,11 @@ def attach_visual_cache(
     dist: DistInfo,
     batch_size: int,
     num_workers: int,
-) -> Path:
+) -> CacheReport:
     """Compute (or reuse) the frame features of every video of ``dataset`` and make it return them.
 
     ``dataset`` is a training set with ``pairs`` (``video_id``, ``start``, ``end``) and a ``read_video`` reader;
-    afterwards its items carry ``frame_feats`` instead of ``video``. Returns the cache directory.
+    afterwards its items carry ``frame_feats`` instead of ``video``.
     """
     reader = dataset.read_video
     video_ids = list(dict.fromkeys(p.video_id for p in dataset.pairs))
@@ -142,7 +152,7 @@ def attach_visual_cache(
     logger.info("visual feature cache %s: %d videos cached, %d to compute", directory, len(reuse), len(todo))
     if not todo and len(reuse) == len(old):
         dataset.read_video = CachedFrameReader(directory)
-        return directory
+        return CacheReport(directory, len(reuse), 0)
 
     feats = masks = None
     if todo:
@@ -170,7 +180,7 @@ def attach_visual_cache(
         _write_cache(directory, video_ids, reuse, todo, feats, masks, fingerprints, settings)
     barrier()
     dataset.read_video = CachedFrameReader(directory)
-    return directory
+    return CacheReport(directory, len(reuse), len(todo))
 
 
 def _write_cache(
