@@ -36,7 +36,7 @@ SLICE_MODES: tuple[str, ...] = tuple(SLICE_CODES.values())
 ORDER_MODES: tuple[str, ...] = tuple(ORDER_CODES.values())
 PAD_MODES: tuple[str, ...] = ("repeat", "zero")
 BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
-# ``auto`` tries these in order. PyAV first: as fast as decord on the real clips (bench/bench_decode.py) and exact
+# ``auto`` tries these in order. PyAV first: as fast as decord on the real clips (bench/bench_data.py) and exact
 # where decord 0.6 is not (a stale frame after a long jump to an AVI's last frame; frames one GOP off after seeks
 # in an MPEG-4 AVI with B-frames, see tests/test_video_io.py).
 AUTO_BACKEND_ORDER: tuple[str, ...] = ("pyav", "decord")

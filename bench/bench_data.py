@@ -1,0 +1,307 @@
+"""Data-pipeline throughput: clips/s from mp4 files vs raw and JPEG TFRecord shards, and the shards' size.
+
+    python bench/bench_data.py                                        # the two real mmaction2 mp4s x 10 copies
+    python bench/bench_data.py --videos DIR --copies 20 --repeat 3 --workdir /tmp
+
+Every ``*.mp4`` of ``--videos`` is copied ``--copies`` times into a temporary folder under ``--workdir``; the copies
+are turned into raw (published BGR arrays, 12 frames of 256x256) and JPEG shards by ``frozen_tfrecord.main``. Each
+mode then loads every video as uint8 frames and turns them into CLIP-ready float clips ``(12, 3, 224, 224)`` with
+``ClipTransform`` (``pil``: published, default; ``tensor``: batched), single process, one torch thread, one decoder
+thread, page cache warm. The modes:
+
+- ``mp4-pyav`` / ``mp4-decord``: ``FileVideoSource`` with the published 1-fps sampling (uniform slice);
+- ``raw`` / ``jpeg``: ``ShardVideoSource`` over the shards' index.
+
+Each mode runs in its own child process, so its peak resident memory (``ru_maxrss``) is its own (both transforms
+run there, on the same loaded frames): ``peak_rss_after_imports_MiB`` is the part taken by the interpreter and its
+libraries (torch alone maps ~0.5 GiB), ``pipeline_rss_MiB`` the growth after it. ``clips_per_s`` of a transform is
+``1 / (load time + transform time)`` per clip, each stage timed at its best of ``--repeat`` passes over all videos
+(after one warm-up clip), which is robust to other work on the machine (``load_average_1_5_15min``, taken at the end,
+says how busy it was); ``clips_per_s_mean`` uses the mean over passes and ``cpu_clips_per_s`` the process CPU time.
+The last stdout line is one JSON object, including the targets (wall clock, and CPU time as the check that does not
+depend on the machine's other load): shards (raw and JPEG) at least 5x the clips/s of the best mp4 decoder with the
+default transform, JPEG shards at least 8x smaller than raw ones. ``bytes_per_video`` counts whole shard files
+(record framing included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import frozen_tfrecord  # noqa: E402
+from dataloaders.tfrecord_io import DEFAULT_INDEX_PREFIX, DEFAULT_JPEG_QUALITY, ShardReader, ShardVideoSource  # noqa: E402
+from dataloaders.transforms import TRANSFORM_BACKENDS, ClipTransform  # noqa: E402
+from dataloaders.video_io import DEFAULT_DECODE_THREADS, FileVideoSource  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VIDEOS = REPO.parent / "shared" / "realdata" / "mmaction2-testdata"
+VIDEO_GLOB = "*.mp4"
+DEFAULT_COPIES = 10
+DEFAULT_REPEAT = 2
+MAX_FRAMES = 12
+IMAGE_SIZE = 224
+FEATURE_FRAMERATE = 1
+SLICE_FRAMEPOS = "uniform"
+DECODERS = ("pyav", "decord")
+SHARD_ENCODINGS = ("raw", "jpeg")
+DEFAULT_TRANSFORM = "pil"
+TORCH_THREADS = 1  # single process, single thread: the cost of one DataLoader worker
+BUILD_WORKERS = 1
+SHARD_SPEEDUP_TARGET = 5.0
+JPEG_SIZE_TARGET = 8.0
+PIXEL_MAX = 255.0
+KIB_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
+DIGITS = 4
+DIFF_DIGITS = 6
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB, 1)
+
+
+def mode_name(source: str, decoder: str | None) -> str:
+    """Key of a mode in the JSON: ``mp4-pyav``, ``raw``..."""
+    return f"{source}-{decoder}" if decoder else source
+
+
+# --------------------------------------------------------------------------------------------------- child process
+
+
+def open_source(source: str, path: Path, decoder: str | None) -> tuple[FileVideoSource | ShardVideoSource, list[str]]:
+    """The ``VideoSource`` of a mode and its video ids."""
+    if source == "mp4":
+        video_source = FileVideoSource(path, MAX_FRAMES, FEATURE_FRAMERATE, SLICE_FRAMEPOS, backend=decoder or "auto")
+        return video_source, sorted(p.stem for p in path.glob(VIDEO_GLOB))
+    shard_source = ShardVideoSource(path / f"{DEFAULT_INDEX_PREFIX}.index", MAX_FRAMES, SLICE_FRAMEPOS)
+    return shard_source, shard_source.video_ids
+
+
+def run_mode(source: str, path: Path, decoder: str | None, repeat: int) -> dict:
+    """Time ``load`` and each ``ClipTransform`` backend over every video of one source (runs in a child process)."""
+    rss_after_imports = peak_rss_mib()
+    torch.set_num_threads(TORCH_THREADS)
+    video_source, video_ids = open_source(source, path, decoder)
+    transforms = {name: ClipTransform(IMAGE_SIZE, backend=name) for name in TRANSFORM_BACKENDS}
+    frames, mask = video_source.load(video_ids[0])  # warm-up: lazy imports, codec and allocator set-up
+    expected = (MAX_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
+    for transform in transforms.values():
+        clip = transform(frames, mask)
+        if tuple(clip.shape) != expected or clip.dtype != torch.float32:
+            raise RuntimeError(f"{path}: expected a float32 {expected} clip, got {clip.dtype} {tuple(clip.shape)}")
+    n = len(video_ids)
+    wall = np.zeros((repeat, n, 1 + len(transforms)))  # [pass, video, (load, *transforms)] seconds
+    cpu = np.zeros_like(wall)  # the same in process CPU seconds
+    for p in range(repeat):
+        for v, video_id in enumerate(video_ids):
+            c0, t0 = time.process_time(), time.perf_counter()
+            frames, mask = video_source.load(video_id)
+            wall[p, v, 0], cpu[p, v, 0] = time.perf_counter() - t0, time.process_time() - c0
+            for i, transform in enumerate(transforms.values(), start=1):
+                c0, t0 = time.process_time(), time.perf_counter()
+                transform(frames, mask)
+                wall[p, v, i], cpu[p, v, i] = time.perf_counter() - t0, time.process_time() - c0
+    best, mean, best_cpu = wall.min(axis=0).sum(axis=0), wall.mean(axis=0).sum(axis=0), cpu.min(axis=0).sum(axis=0)
+    per_transform = {
+        name: {
+            "clips_per_s": round(n / (best[0] + best[i]), DIGITS),
+            "clips_per_s_mean": round(n / (mean[0] + mean[i]), DIGITS),
+            "cpu_clips_per_s": round(n / (best_cpu[0] + best_cpu[i]), DIGITS),
+            "transform_only_clips_per_s": round(n / best[i], DIGITS),
+        }
+        for i, name in enumerate(transforms, start=1)
+    }
+    return {
+        "videos": n,
+        "load_only_clips_per_s": round(n / best[0], DIGITS),
+        "load_only_cpu_clips_per_s": round(n / best_cpu[0], DIGITS),
+        "transforms": per_transform,
+        "peak_rss_after_imports_MiB": rss_after_imports,
+        "peak_rss_MiB": peak_rss_mib(),
+        "pipeline_rss_MiB": round(peak_rss_mib() - rss_after_imports, 1),
+    }
+
+
+def measure_in_child(source: str, path: Path, decoder: str | None, repeat: int) -> dict:
+    """``run_mode`` in a fresh interpreter (its own peak memory); its last stdout line is the result."""
+    cmd = [sys.executable, __file__, "--child", source, str(path), decoder or "-", "--repeat", str(repeat)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(TORCH_THREADS), "MKL_NUM_THREADS": str(TORCH_THREADS)}
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------------------------- parent process
+
+
+def replicate_videos(sources: list[Path], copies: int, target: Path) -> None:
+    """Copy every source video ``copies`` times into ``target`` as ``{stem}_{copy:03d}{suffix}``."""
+    target.mkdir(parents=True)
+    for src in sources:
+        for copy in range(copies):
+            shutil.copyfile(src, target / f"{src.stem}_{copy:03d}{src.suffix}")
+
+
+def build_shards(video_dir: Path, output_dir: Path, encoding: str) -> dict:
+    """Shards of every video in ``video_dir`` via ``frozen_tfrecord.main``; its JSON summary."""
+    captured = io.StringIO()
+    argv = ["--video_dir", str(video_dir), "--output_dir", str(output_dir), "--encoding", encoding]
+    argv += ["--num_frames", str(MAX_FRAMES), "--num_workers", str(BUILD_WORKERS)]
+    with contextlib.redirect_stdout(captured):
+        code = frozen_tfrecord.main(argv)
+    if code != 0:
+        raise RuntimeError(f"frozen_tfrecord.main({argv}) exited with {code}")
+    summary = json.loads(captured.getvalue().strip().splitlines()[-1])
+    if summary["skipped"]:
+        raise RuntimeError(f"{output_dir}: {summary['skipped']} videos could not be encoded; see the log above")
+    return summary
+
+
+def jpeg_psnr(raw_dir: Path, jpeg_dir: Path) -> float:
+    """PSNR (dB) of the JPEG shards' frames against the raw shards' (lossless) frames, over all videos."""
+    raw = ShardReader(raw_dir / f"{DEFAULT_INDEX_PREFIX}.index")
+    jpeg = ShardReader(jpeg_dir / f"{DEFAULT_INDEX_PREFIX}.index")
+    squared_error = count = 0.0
+    for video_id in raw.video_ids:
+        diff = raw.read(video_id).astype(np.float64) - jpeg.read(video_id).astype(np.float64)
+        squared_error += float(np.square(diff).sum())
+        count += diff.size
+    raw.close()
+    jpeg.close()
+    return 10 * math.log10(PIXEL_MAX**2 / (squared_error / count))
+
+
+def transform_agreement(video_dir: Path) -> dict:
+    """Largest and mean gap between the tensor and PIL transforms on one mp4 clip (CLIP-normalised units)."""
+    video_id = sorted(p.stem for p in video_dir.glob(VIDEO_GLOB))[0]
+    frames, mask = FileVideoSource(video_dir, MAX_FRAMES, FEATURE_FRAMERATE, SLICE_FRAMEPOS).load(video_id)
+    gap = (ClipTransform(IMAGE_SIZE, "tensor")(frames, mask) - ClipTransform(IMAGE_SIZE, "pil")(frames, mask)).abs()
+    return {
+        "max_abs_diff": round(float(gap.max()), DIFF_DIGITS),
+        "mean_abs_diff": round(float(gap.mean()), DIFF_DIGITS),
+    }
+
+
+def speedups(modes: dict[str, dict], value: Callable[[dict], float]) -> dict:
+    """Throughput ``value(mode)`` of each shard encoding over that of the best mp4 decoder."""
+    mp4 = {decoder: value(modes[mode_name("mp4", decoder)]) for decoder in DECODERS}
+    best = max(mp4, key=mp4.get)
+    out: dict = {"best_mp4_decoder": best}
+    for encoding in SHARD_ENCODINGS:
+        out[encoding] = round(value(modes[encoding]) / mp4[best], 2)
+    return out
+
+
+def end_to_end(transform: str, key: str) -> Callable[[dict], float]:
+    """Reads ``key`` of one transform backend out of a mode's result."""
+    return lambda mode: mode["transforms"][transform][key]
+
+
+def targets(speedup: dict, size_ratio: float) -> dict:
+    """The issue's targets as booleans."""
+    return {
+        "raw_shards_5x_faster_than_mp4": speedup["raw"] >= SHARD_SPEEDUP_TARGET,
+        "jpeg_shards_5x_faster_than_mp4": speedup["jpeg"] >= SHARD_SPEEDUP_TARGET,
+        "jpeg_8x_smaller_than_raw": size_ratio >= JPEG_SIZE_TARGET,
+    }
+
+
+def run_benchmark(videos: Path, copies: int, repeat: int, workdir: Path | None) -> dict:
+    """Build the temporary data set, measure every mode, and assemble the JSON report."""
+    sources = sorted(videos.glob(VIDEO_GLOB))
+    if not sources:
+        raise SystemExit(f"{videos}: no {VIDEO_GLOB} files; pass --videos with a folder of mp4 videos")
+    with tempfile.TemporaryDirectory(prefix="bench_data_", dir=workdir) as tmp:
+        video_dir = Path(tmp) / "videos"
+        replicate_videos(sources, copies, video_dir)
+        builds = {}
+        for encoding in SHARD_ENCODINGS:
+            logger.info("building %s shards", encoding)
+            builds[encoding] = build_shards(video_dir, Path(tmp) / encoding, encoding)
+        plan = [("mp4", decoder) for decoder in DECODERS] + [(encoding, None) for encoding in SHARD_ENCODINGS]
+        modes = {}
+        for source, decoder in plan:
+            name = mode_name(source, decoder)
+            logger.info("measuring %s", name)
+            path = video_dir if source == "mp4" else Path(tmp) / source
+            modes[name] = measure_in_child(source, path, decoder, repeat)
+        psnr = jpeg_psnr(Path(tmp) / "raw", Path(tmp) / "jpeg")
+        agreement = transform_agreement(video_dir)
+    n_videos = len(sources) * copies
+    bytes_per_video = {"mp4": round(sum(p.stat().st_size for p in sources) / len(sources))}
+    bytes_per_video.update({enc: round(build["bytes"] / build["videos_indexed"]) for enc, build in builds.items()})
+    size_ratio = bytes_per_video["raw"] / bytes_per_video["jpeg"]
+    speedup = {name: speedups(modes, end_to_end(name, "clips_per_s")) for name in TRANSFORM_BACKENDS}
+    speedup_cpu = {name: speedups(modes, end_to_end(name, "cpu_clips_per_s")) for name in TRANSFORM_BACKENDS}
+    return {
+        "bench": "data_pipeline",
+        "load_average_1_5_15min": [round(load, 2) for load in os.getloadavg()],
+        "source_videos": [str(p) for p in sources],
+        "videos": n_videos,
+        "copies": copies,
+        "repeat": repeat,
+        "clip_shape": [MAX_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE],
+        "sampling": f"{FEATURE_FRAMERATE} fps, slice {SLICE_FRAMEPOS}, max_frames {MAX_FRAMES}",
+        "torch_threads": TORCH_THREADS,
+        "decode_threads": DEFAULT_DECODE_THREADS,
+        "default_transform": DEFAULT_TRANSFORM,
+        "modes": modes,
+        "speedup_vs_best_mp4": speedup,
+        "cpu_speedup_vs_best_mp4": speedup_cpu,
+        "load_only_speedup_vs_best_mp4": speedups(modes, lambda mode: mode["load_only_clips_per_s"]),
+        "bytes_per_video": bytes_per_video,
+        "raw_over_jpeg_bytes": round(size_ratio, 2),
+        "jpeg_quality": DEFAULT_JPEG_QUALITY,
+        "jpeg_vs_raw_psnr_dB": round(psnr, 2),
+        "tensor_vs_pil_transform": agreement,
+        "build_s_per_video": {enc: round(build["seconds"] / n_videos, DIGITS) for enc, build in builds.items()},
+        "targets": {"transform": DEFAULT_TRANSFORM, **targets(speedup[DEFAULT_TRANSFORM], size_ratio)},
+        "targets_cpu_time": targets(speedup_cpu[DEFAULT_TRANSFORM], size_ratio),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (or, with the hidden ``--child``, one mode) and print its JSON on the last line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=Path, default=DEFAULT_VIDEOS, help=f"folder of source videos ({VIDEO_GLOB})")
+    parser.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="copies of each source video")
+    parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="timed passes over all videos per mode")
+    parser.add_argument("--workdir", type=Path, help="where the temporary videos and shards go (default: system tmp)")
+    parser.add_argument("--child", nargs=3, metavar=("SOURCE", "PATH", "DECODER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.copies < 1 or args.repeat < 1:
+        parser.error("--copies and --repeat must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.child:
+        source, path, decoder = args.child
+        result = run_mode(source, Path(path), None if decoder == "-" else decoder, args.repeat)
+        print(json.dumps(result))
+        return result
+    result = run_benchmark(args.videos, args.copies, args.repeat, args.workdir)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
