@@ -21,3 +21,13 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.skip("../shared/realdata is not present")
     return REALDATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``--small`` synthetic dataset (dataloaders/synthetic.py, seed 0), generated once per test session."""
+    from dataloaders.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic_small")
+    generate(root, small=True, seed=0)
+    return root
