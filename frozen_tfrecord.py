@@ -11,6 +11,12 @@ decoding in 8 processes::
     python frozen_tfrecord.py --video_dir webvid_videos --video_list frozen_train_labels.json \\
         --output_dir WebVid_TFRecord --encoding jpeg --num_workers 8
 
+Small frames for small models (JPEG records only; raw records are the published 256 x 256 layout): squash frames to
+64 x 64 instead of 256 x 256, which shrinks the shards and the per-item decode cost::
+
+    python frozen_tfrecord.py --video_dir webvid_videos --output_dir WebVid_TFRecord_64 --encoding jpeg \\
+        --frame_size 64
+
 Check every record of a build (framing, both CRCs, decoding); the last printed line is a JSON summary and the exit
 code is 1 when any record is bad::
 
@@ -42,7 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataloaders import video_io
-from dataloaders.errors import DataError, MemBridgeError
+from dataloaders.errors import ConfigError, DataError, MemBridgeError
 from dataloaders.tfrecord_io import (
     DEFAULT_EXAMPLES_PER_SHARD,
     DEFAULT_INDEX_PREFIX,
@@ -59,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_FRAMES = 12
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-EXIT_BAD_INPUT = 2  # the build could not start or go on (missing input folder, bad video list, bad index)
+EXIT_BAD_INPUT = 2  # the build could not start or go on (bad flags, missing input folder, bad video list or index)
 PREFETCH_PER_WORKER = 4  # decoded videos in flight per worker, so a slow disk never piles up frames in memory
 
 
@@ -73,6 +79,7 @@ class VideoJob:
     encoding: str
     num_frames: int
     jpeg_quality: int
+    frame_size: int
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,8 @@ def squash_frames(frames: Iterable[Image.Image], size: int = RAW_FRAME_SIZE) -> 
     return np.stack([np.asarray(f.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)) for f in frames])
 
 
-def read_frame_folder(folder: str) -> np.ndarray:
-    """All frames of a folder of images, sorted by file name, squashed to 256 x 256; RGB uint8 [N, 256, 256, 3]."""
+def read_frame_folder(folder: str, size: int = RAW_FRAME_SIZE) -> np.ndarray:
+    """All frames of a folder of images, sorted by file name, squashed to size x size; RGB uint8 [N, size, size, 3]."""
     names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS)
     if not names:
         raise DataError(f"{folder}: no frames ({', '.join(FRAME_EXTENSIONS)} files)")
@@ -146,17 +153,17 @@ def read_frame_folder(folder: str) -> np.ndarray:
                 images.append(img.convert("RGB"))
         except OSError as err:
             raise DataError(f"{os.path.join(folder, name)}: unreadable frame ({err})") from err
-    return squash_frames(images)
+    return squash_frames(images, size)
 
 
-def read_video_file(path: str, num_frames: int) -> np.ndarray:
-    """``num_frames`` frames sampled uniformly over a video file, squashed to 256 x 256; RGB uint8 [N, 256, 256, 3]."""
+def read_video_file(path: str, num_frames: int, size: int = RAW_FRAME_SIZE) -> np.ndarray:
+    """``num_frames`` frames sampled uniformly over a video, squashed to size x size; RGB uint8 [N, size, size, 3]."""
     info = video_io.probe_video(path)
     if info.num_frames < 1:
         raise DataError(f"{path}: the video has no frames; re-encode it or drop it from --video_list")
     indices = np.linspace(0, info.num_frames - 1, num=num_frames, dtype=int)
     frames = video_io.decode_frames(path, indices)
-    return squash_frames(Image.fromarray(frame) for frame in frames)
+    return squash_frames((Image.fromarray(frame) for frame in frames), size)
 
 
 def prepare(job: VideoJob) -> JobResult:
@@ -164,7 +171,10 @@ def prepare(job: VideoJob) -> JobResult:
     if job.path is None:
         return JobResult(job.video_id, None, None, "not found in the input folder")
     try:
-        frames = read_frame_folder(job.path) if job.from_frames else read_video_file(job.path, job.num_frames)
+        if job.from_frames:
+            frames = read_frame_folder(job.path, job.frame_size)
+        else:
+            frames = read_video_file(job.path, job.num_frames, job.frame_size)
         payload = encode_video_example(frames, job.encoding, job.jpeg_quality)
     except Exception as err:  # any decoder failure skips this video and is reported, never a silent hole
         return JobResult(job.video_id, job.path, None, f"{type(err).__name__}: {err}")
@@ -191,11 +201,28 @@ def _write_json_atomic(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
+def check_build_args(args: argparse.Namespace) -> None:
+    """Reject flag values a build cannot use (ConfigError naming the flag), before anything is written."""
+    if args.output_dir is None:
+        raise ConfigError("--output_dir is required to build shards")
+    if args.num_frames < 1 or args.examples_per_shard < 1 or not 1 <= args.jpeg_quality <= 100:
+        raise ConfigError("--num_frames and --examples_per_shard must be >= 1 and --jpeg_quality within 1..100")
+    if args.frame_size < 1:
+        raise ConfigError(f"--frame_size {args.frame_size}: frames need a side of at least 1 pixel")
+    if args.encoding == "raw" and args.frame_size != RAW_FRAME_SIZE:
+        raise ConfigError(
+            f"--frame_size {args.frame_size} needs --encoding jpeg: raw records are the published layout, always "
+            f"{RAW_FRAME_SIZE}x{RAW_FRAME_SIZE}; drop --frame_size or add --encoding jpeg"
+        )
+
+
 def build_shards(args: argparse.Namespace, on_record: Callable[[int], None] | None = None) -> dict:
     """Build (or resume) the shards described by parsed flags; return the summary.
 
     ``on_record(n)`` is called after the n-th record of this run is written (progress hooks; tests interrupt here).
+    Bad flag values raise ConfigError before any file is written.
     """
+    check_build_args(args)
     started = time.time()
     from_frames = args.input_dir is not None
     source_dir = Path(args.input_dir if from_frames else args.video_dir)
@@ -205,7 +232,7 @@ def build_shards(args: argparse.Namespace, on_record: Callable[[int], None] | No
     writer = ShardWriter(os.path.join(args.output_dir, args.prefix), args.examples_per_shard)
     resumed = len(writer.entries)
     jobs = [
-        VideoJob(video_id, path, from_frames, args.encoding, args.num_frames, args.jpeg_quality)
+        VideoJob(video_id, path, from_frames, args.encoding, args.num_frames, args.jpeg_quality, args.frame_size)
         for video_id, path in found
         if video_id not in writer
     ]
@@ -257,13 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY, help="JPEG quality (1-100; PIL advises <= 95)"
     )
+    parser.add_argument(
+        "--frame_size",
+        type=int,
+        default=RAW_FRAME_SIZE,
+        help=f"frames are squashed to N x N (default {RAW_FRAME_SIZE}, the published size; other sizes need "
+        "--encoding jpeg)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build or verify shards; return the exit code (1: --verify found a bad record, 2: unusable input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verify:
         summary = verify_index(args.verify)
@@ -271,10 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.error("%s", error["error"])
         print(json.dumps(summary))
         return 1 if summary["errors"] else 0
-    if args.output_dir is None:
-        parser.error("--output_dir is required to build shards")
-    if args.num_frames < 1 or args.examples_per_shard < 1 or not 1 <= args.jpeg_quality <= 100:
-        parser.error("--num_frames and --examples_per_shard must be >= 1 and --jpeg_quality within 1..100")
     try:
         summary = build_shards(args)
     except MemBridgeError as err:

@@ -3,6 +3,8 @@ the builder CLI (resume, skipped videos, --verify) and the shard-backed VideoSou
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,6 +25,7 @@ from tfrecord.reader import tfrecord_loader
 from tfrecord.writer import TFRecordWriter
 
 import frozen_tfrecord
+from dataloaders import video_io
 from dataloaders.errors import ConfigError, DataError
 from dataloaders.tfrecord_io import (
     RAW_FRAME_SIZE,
@@ -31,7 +34,9 @@ from dataloaders.tfrecord_io import (
     ShardReader,
     ShardVideoSource,
     ShardWriter,
+    VideoRecord,
     bytes_feature,
+    count_frames,
     decode_example,
     decode_video_example,
     encode_example,
@@ -40,7 +45,9 @@ from dataloaders.tfrecord_io import (
     frame_record,
     int64_feature,
     iter_records,
+    jpeg_size,
     masked_crc32c,
+    parse_video_example,
     read_index,
     verify_index,
 )
@@ -584,3 +591,165 @@ def test_cli_bad_input_is_one_clear_message(tmp_path: Path, caplog: pytest.LogCa
     assert f"{tmp_path / 'list.csv'}: no 'video_id' column" in caplog.text
     assert frozen_tfrecord.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "not a folder" in caplog.text and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- partial decoding
+
+
+def _jpeg_with_bad_frame(frames: np.ndarray, bad: int) -> bytes:
+    """A jpeg record whose frame ``bad`` is not a JPEG (so decoding it, and only it, fails)."""
+    features = decode_example(encode_video_example(frames, "jpeg"))
+    jpegs = list(features["image"].values)
+    jpegs[bad] = b"not a jpeg"
+    return encode_example({**features, "image": bytes_feature(*jpegs)})
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_partial_decode_equals_full_decode(encoding: str) -> None:
+    stored = smooth_frames(6, seed=4) if encoding == "raw" else smooth_frames(6, 24, 40, seed=4)
+    payload = encode_video_example(stored, encoding)
+    full, got_encoding = decode_video_example(payload)
+    assert got_encoding == encoding and full.shape == stored.shape and count_frames(payload) == 6
+    record = parse_video_example(payload)
+    assert (record.encoding, record.n_frames, record.height, record.width) == (encoding, 6, *stored.shape[1:3])
+    for indices in ([], [3], [5, 0, 5, 2], [0, 1, 2, 3, 4, 5], np.array([4, 4, 4]), np.arange(6)[::-1], range(1, 6, 2)):
+        frames, _ = decode_video_example(payload, indices)
+        assert frames.shape == (len(indices), *stored.shape[1:]) and frames.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(frames, full[np.asarray(indices, dtype=np.int64)])
+    with pytest.raises(IndexError, match="outside the record's 6 frames"):
+        record.decode([0, 6])
+    with pytest.raises(IndexError):
+        record.decode([-1])
+    with pytest.raises(ValueError, match="1-D sequence of integers"):
+        record.decode([0.5])
+
+
+def test_jpeg_frames_decode_exactly_as_pil() -> None:
+    """Records decode to PIL's pixels (the reference decoder), also for grey, progressive and 4:4:4 JPEGs."""
+    frames = smooth_frames(4, 37, 53, seed=10)
+    variants = [{}, {"progressive": True}, {"subsampling": 0, "quality": 40}, {"quality": 97}]
+    jpegs = []
+    for i, (frame, options) in enumerate(zip(frames, variants, strict=True)):
+        buf = io.BytesIO()
+        Image.fromarray(frame if i else frame[..., 1]).save(buf, format="JPEG", **options)  # frame 0 is grey
+        jpegs.append(buf.getvalue())
+    features = {
+        "image": bytes_feature(*jpegs),
+        "n_frames": int64_feature(4),
+        "height": int64_feature(37),
+        "width": int64_feature(53),
+        "encoding": bytes_feature(b"jpeg"),
+    }
+    payload = encode_example(features)
+    reference = np.stack([np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")) for jpeg in jpegs])
+    np.testing.assert_array_equal(decode_video_example(payload)[0], reference)
+    np.testing.assert_array_equal(decode_video_example(payload, [2, 0])[0], reference[[2, 0]])
+    assert [jpeg_size(jpeg) for jpeg in jpegs] == [(37, 53)] * 4
+    with_metadata = io.BytesIO()
+    Image.fromarray(frames[0]).save(
+        with_metadata, format="JPEG", exif=b"Exif\x00\x00" + bytes(3000), icc_profile=b"x" * 900
+    )
+    assert jpeg_size(with_metadata.getvalue()) == (37, 53)  # APPn segments before the frame header are skipped
+    assert jpeg_size(b"not a jpeg") is None and jpeg_size(jpegs[0][:12]) is None
+    for height, width in [(36, 53), (37, 60)]:  # a header that disagrees with the JPEGs
+        wrong = encode_example({**features, "height": int64_feature(height), "width": int64_feature(width)})
+        with pytest.raises(RecordError, match=rf"frame 1 is \(37, 53\), record says \({height}, {width}\)"):
+            decode_video_example(wrong, [1])
+
+
+def test_partial_decode_decodes_each_wanted_frame_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = smooth_frames(5, 16, 16, seed=5)
+    payload = _jpeg_with_bad_frame(stored, bad=2)
+    assert count_frames(payload) == 5  # the header parse never touches the frames
+    frames, _ = decode_video_example(payload, [4, 0, 1, 4, 3])  # the broken frame 2 is never decoded
+    reference, _ = decode_video_example(encode_video_example(stored, "jpeg"), [4, 0, 1, 4, 3])
+    np.testing.assert_array_equal(frames, reference)
+    with pytest.raises(RecordError, match="frame 2 is not a readable JPEG"):
+        decode_video_example(payload, [1, 2])
+
+    decoded: list[int] = []
+    original = VideoRecord._decode_jpeg
+
+    def counting(self: VideoRecord, i: int) -> np.ndarray:
+        decoded.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(VideoRecord, "_decode_jpeg", counting)
+    decode_video_example(payload, [3, 3, 0, 3, 1, 0])
+    assert sorted(decoded) == [0, 1, 3]
+
+
+def test_reader_partial_read_and_bad_frame_error(tmp_path: Path) -> None:
+    stored = smooth_frames(4, 16, 24, seed=6)
+    with ShardWriter(tmp_path / "path") as writer:
+        writer.write("good", encode_video_example(stored, "jpeg"))
+        entry = writer.write("bad", _jpeg_with_bad_frame(stored, bad=1))
+    reader = ShardReader(tmp_path / "path.index")
+    np.testing.assert_array_equal(reader.read("good", [3, 0]), reader.read("good")[[3, 0]])
+    assert reader.read_with_encoding("bad", [0, 3])[1] == "jpeg"
+    with pytest.raises(DataError, match=rf"offset {entry.offset} for video 'bad' does not decode: frame 1 is not"):
+        reader.read("bad", [1])
+    source = ShardVideoSource(tmp_path / "path.index", max_frames=2, slice_framepos="tail")
+    np.testing.assert_array_equal(source.load("bad")[0], reader.read("bad", [2, 3]))  # frame 1 is not needed
+    with pytest.raises(DataError, match="frame 1 is not a readable JPEG"):
+        ShardVideoSource(tmp_path / "path.index", max_frames=4).load("bad")
+
+
+def test_shard_video_source_equals_full_decode_in_every_mode(tmp_path: Path) -> None:
+    """Plan-then-decode gives exactly ``plan_frames`` applied to the fully decoded video, for raw and jpeg."""
+    with ShardWriter(tmp_path / "path") as writer:
+        writer.write("raw", encode_video_example(smooth_frames(7, seed=7), "raw"))
+        writer.write("jpeg", encode_video_example(smooth_frames(7, 20, 28, seed=8), "jpeg"))
+    reader = ShardReader(tmp_path / "path.index")
+    full = {video_id: reader.read(video_id) for video_id in reader.video_ids}
+    modes = itertools.product(
+        [3, 7, 10], ["head", "tail", "uniform"], ["keep", "reverse", "shuffle"], ["repeat", "zero"]
+    )
+    for mode in modes:
+        source = ShardVideoSource(tmp_path / "path.index", *mode)
+        for video_id, stored in full.items():
+            wanted, want_mask = video_io.plan_frames(np.arange(len(stored)), *mode, np.random.default_rng(3))
+            want = np.zeros((mode[0], *stored.shape[1:]), np.uint8)
+            want[: len(wanted)] = stored[wanted]
+            frames, mask = source.load(video_id, rng=np.random.default_rng(3))
+            np.testing.assert_array_equal(mask, want_mask)
+            np.testing.assert_array_equal(frames, want, err_msg=f"video {video_id}, mode {mode}")
+
+
+# -------------------------------------------------------------------------------------------- --frame_size
+
+
+def test_jpeg_frame_size_round_trip_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = smooth_frames(12, 48, 64, seed=9)
+    write_video(videos / "clip.mp4", clip)
+    out = tmp_path / "out"
+    argv = ["--video_dir", str(videos), "--output_dir", str(out), "--encoding", "jpeg", "--frame_size", "64"]
+    assert frozen_tfrecord.main([*argv, "--num_frames", "6"]) == 0
+    assert last_json(capsys.readouterr().out)["videos_written"] == 1
+    frames, encoding = ShardReader(out / "path.index").read_with_encoding("clip")
+    assert encoding == "jpeg" and frames.shape == (6, 64, 64, 3)
+    # linspace(0, 11, 6) -> frames 0, 2, 4, 6, 8, 11 of the clip, squashed to 64 x 64
+    expected = frozen_tfrecord.squash_frames((Image.fromarray(f) for f in clip[[0, 2, 4, 6, 8, 11]]), 64)
+    assert np.abs(frames.astype(int) - expected).mean() < 6  # mpeg4 + JPEG coding error only
+    loaded, mask = ShardVideoSource(out / "path.index", max_frames=4).load("clip")
+    assert loaded.shape == (4, 64, 64, 3) and mask.tolist() == [1, 1, 1, 1]
+
+    assert frozen_tfrecord.main(["--verify", str(out / "path.index")]) == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary == {"videos": 1, "frames": 6, "encodings": {"raw": 0, "jpeg": 1}, "errors": []}
+
+
+def test_raw_rejects_other_frame_size(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_frame_folders(tmp_path / "frames", 1, n_frames=2)
+    out = tmp_path / "out"
+    argv = ["--input_dir", str(tmp_path / "frames"), "--output_dir", str(out), "--frame_size", "64"]
+    assert frozen_tfrecord.main(argv) == frozen_tfrecord.EXIT_BAD_INPUT
+    assert "--frame_size 64 needs --encoding jpeg" in caplog.text and not out.exists()
+    with pytest.raises(ConfigError, match="published layout, always 256x256"):
+        build([*argv, "--encoding", "raw"])
+    with pytest.raises(ConfigError, match="--frame_size 0"):
+        build([*argv[:-1], "0", "--encoding", "jpeg"])
+    assert build([*argv[:-1], str(S)])["videos_written"] == 1  # raw at the published size is fine
+    assert ShardReader(out / "path.index").read("vid000").shape == (2, S, S, 3)
