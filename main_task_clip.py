@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 
-from engine.builders import build_dataset, build_model, convert_weights_fp16, seed_everything, webvid_source
+from engine.builders import build_dataset, build_model, convert_weights_fp16, setup_runtime, webvid_source
 from engine.distributed import cleanup, init_distributed
-from engine.flags import build_parser, validate
+from engine.flags import build_parser, check_text_length, validate
 from engine.run_logging import setup_logging, write_config
 from engine.trainer import fit, run_evaluation
 from video_text_retrieval.task import ContrastiveTask, evaluate_retrieval
@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
         setup_logging(args.output_dir, dist.rank == 0)
         if dist.rank == 0:
             write_config(args.output_dir, args, dist.world_size)
-        seed_everything(args.seed)
+        setup_runtime(args)
         model = build_model(args, with_fusion=False)
+        check_text_length(
+            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
+        )
         encoder = model.encoder
         frozen = encoder.freeze_layers(args.freeze_layer_num)
         logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))

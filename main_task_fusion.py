@@ -32,10 +32,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from engine.builders import build_dataset, build_model, seed_everything, webvid_source
+from engine.builders import build_dataset, build_model, setup_runtime, webvid_source
 from engine.distributed import cleanup, init_distributed
 from engine.feature_cache import attach_visual_cache
-from engine.flags import build_parser, validate
+from engine.flags import build_parser, check_text_length, effective_rerank_topk, validate
 from engine.pretrain_task import FusionPretrainTask, held_out_accuracies
 from engine.run_logging import setup_logging, write_config
 from engine.trainer import fit, run_evaluation
@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
         setup_logging(args.output_dir, dist.rank == 0)
         if dist.rank == 0:
             write_config(args.output_dir, args, dist.world_size)
-        seed_everything(args.seed)
+        setup_runtime(args)
         model = build_model(args, with_fusion=True)
+        check_text_length(
+            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
+        )
         task = FusionPretrainTask(model, Stage2Weights(vtm=args.w_vtm, mlm=args.w_mlm, plm=args.w_plm))
         task.to(dist.device)
         image_size = model.encoder.clip.config.image_resolution
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate = None
         if args.val_csv:
             eval_set = build_dataset(args, args.datatype, "test", image_size)
+            rerank_topk = effective_rerank_topk(
+                args.rerank_topk, len(eval_set.texts), len(eval_set.video_ids), args.val_csv
+            )
 
             def evaluate(task: FusionPretrainTask) -> dict:
                 enc = encode_eval_set(
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                     allow_missing=args.allow_missing_eval_videos,
                 )  # fmt: skip
                 metrics = evaluate_retrieval(
-                    task.model, eval_set, dist, args.batch_size_val, rerank_topk=args.rerank_topk, encoded=enc
+                    task.model, eval_set, dist, args.batch_size_val, rerank_topk=rerank_topk, encoded=enc
                 )
                 readable = [i for i, v in enumerate(eval_set.text_to_video) if bool(enc.video_ok[v])]
                 metrics.update(

@@ -533,7 +533,7 @@ def _write_qa(root: Path, specs: list[SceneSpec], rng: np.random.Generator) -> d
 
 
 def _build_shards(
-    output_dir: Path, video_dir: Path, video_ids: list[str], encoding: str, num_workers: int
+    output_dir: Path, video_dir: Path, video_ids: list[str], encoding: str, num_workers: int, frame_size: int
 ) -> dict[str, Any]:
     """WebVid-style TFRecord shards of ``video_ids`` via ``frozen_tfrecord.main``; returns its JSON summary.
 
@@ -546,6 +546,8 @@ def _build_shards(
         _write_json(video_list, video_ids)
         argv = ["--video_dir", str(video_dir), "--output_dir", str(output_dir), "--video_list", str(video_list)]
         argv += ["--encoding", encoding, "--num_frames", str(WEBVID_NUM_FRAMES), "--num_workers", str(num_workers)]
+        if encoding == "jpeg":  # jpeg records keep the videos' own size; raw is the published 256 x 256 layout
+            argv += ["--frame_size", str(frame_size)]
         report = io.StringIO()
         with contextlib.redirect_stdout(report):
             exit_code = frozen_tfrecord.main(argv)
@@ -682,7 +684,12 @@ def generate(
         for _ in tqdm(written, total=len(jobs), desc="synthetic videos", unit="video"):
             pass
     shards = _build_shards(
-        output_dir / "webvid" / "tfrecord", output_dir / "videos", [s.video_id for s in train], encoding, workers
+        output_dir / "webvid" / "tfrecord",
+        output_dir / "videos",
+        [s.video_id for s in train],
+        encoding,
+        workers,
+        fmt.size,
     )
 
     manifest = _build_manifest(specs, sizes, fmt, seed, small, encoding, num_sentences, qa, shards)

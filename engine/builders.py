@@ -188,3 +188,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def setup_runtime(args: argparse.Namespace) -> None:
+    """Process-wide settings from the flags: torch CPU threads (--torch_threads) and the seeds (--seed)."""
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    seed_everything(args.seed)

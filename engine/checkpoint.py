@@ -355,7 +355,13 @@ def _read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): re-create it") from exc
     if _is_torchscript(path):
-        return torch.jit.load(path, map_location="cpu").state_dict(), {}
+        try:
+            return torch.jit.load(path, map_location="cpu").state_dict(), {}
+        except Exception as exc:  # the TorchScript reader raises RuntimeError for unknown globals and bad archives
+            raise CheckpointError(
+                f"{path} is not a readable TorchScript archive ({str(exc).strip()}): re-export it, or save the weights "
+                "as a plain state dict (tensors only) or as safetensors"
+            ) from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as exc:
@@ -479,6 +485,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{state_file} cannot be read ({exc}): the checkpoint is damaged; use an older one"
         ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} holds a {type(state).__name__}, not checkpoint state: use an older one")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{state_file} has format version {state.get('format_version')}, this code reads {FORMAT_VERSION}"

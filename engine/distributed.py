@@ -35,6 +35,7 @@ from dataloaders.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RESTART_COUNT_VARIABLE = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun: 0 on the first attempt, k on restart k
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+
+
+def elastic_restart_count() -> int:
+    """How many times ``torchrun --max-restarts`` has restarted this run's workers (0 outside torchrun)."""
+    return int(os.environ.get(RESTART_COUNT_VARIABLE, "0") or 0)
 
 
 def is_initialized() -> bool:

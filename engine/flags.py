@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from dataloaders.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP_MODULES = REPO_ROOT / "CLIP-modules"
@@ -148,6 +151,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="numeric precision")
     g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument(
+        "--torch_threads",
+        type=int,
+        default=0,
+        help="CPU threads per process for torch ops (0: torch's default); 1 is fastest for tiny models on few cores",
+    )
     g.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
     g.add_argument("--save_steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
@@ -288,6 +297,33 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
     if errors:
         raise ConfigError("invalid flags:\n  - " + "\n  - ".join(errors))
     return args
+
+
+def check_text_length(max_words: int, context_length: int, weights: str) -> None:
+    """ConfigError when ``--max_words`` exceeds the text positional table of the CLIP actually built (its size is
+    read from ``--visual_pretrain_path`` / ``--init_model`` weights, so ``validate`` cannot see it)."""
+    if max_words > context_length:
+        raise ConfigError(
+            f"--max_words {max_words} is longer than the text positional table of {weights} ({context_length} "
+            f"positions): use --max_words <= {context_length}"
+        )
+
+
+def effective_rerank_topk(rerank_topk: int, num_texts: int, num_videos: int, eval_file: str | None) -> int:
+    """``--rerank_topk`` for a test set of ``num_texts`` captions and ``num_videos`` videos.
+
+    The set's size is known only once its annotations are read, so a larger k is clamped with one warning (re-ranking
+    every candidate is well defined) rather than refused: returns ``min(k, num_texts, num_videos)``, or 0 when off.
+    """
+    largest = min(num_texts, num_videos)
+    if rerank_topk <= largest:
+        return rerank_topk
+    logger.warning(
+        "--rerank_topk %d is larger than the test set of %s (%d captions, %d videos): re-ranking all %d candidates; "
+        "pass --rerank_topk <= %d to silence this",
+        rerank_topk, eval_file, num_texts, num_videos, largest, largest,
+    )  # fmt: skip
+    return largest
 
 
 def parse_flags(task: str, argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:

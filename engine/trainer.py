@@ -2,12 +2,18 @@
 dict of scalar tensors with at least ``loss``; optional hooks:
 
 - ``task.after_optimizer_step()`` (e.g. clamp CLIP's logit scale),
-- ``task.describe_batch(batch) -> str`` (names the videos of a batch in error messages),
+- ``task.describe_batch(batch) -> str`` (names the videos of a batch in error messages; default: the training
+  set's ``video_ids`` at the batch's ``video_index``),
 - ``task.model``: the module whose weights checkpoints hold (default: the task itself), so checkpoint keys are the
   model's (``encoder.clip.*``, ``fusion.*``) whatever task trained it.
 
 The loop owns distribution (DDP over the torchrun world), precision, gradient accumulation, the optimizer and its
 schedule, non-finite-step detection, checkpoints with exact resume, logging and the final evaluation.
+
+Faults: a run restarted by ``torchrun --max-restarts N`` (``TORCHELASTIC_RESTART_COUNT > 0``) resumes from the last
+checkpoint in ``--output_dir`` as if given ``--resume``. Test hook: ``MEMBRIDGE_FAULT_AT_STEP=k`` makes every rank
+raise :class:`InjectedFault` right after optimizer step ``k`` of the first attempt (never after an elastic restart);
+it is inert unless set (tests/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,7 +36,7 @@ from tqdm import tqdm
 from dataloaders.errors import MemBridgeError
 from engine import checkpoint as ckpt
 from engine.data import batches_per_epoch, build_train_loader
-from engine.distributed import DistInfo, all_reduce_mean
+from engine.distributed import DistInfo, all_reduce_mean, elastic_restart_count
 from engine.metrics import format_metrics_table
 from engine.optim import build_optimizer, current_lr
 from engine.run_logging import ScalarWriter, write_json_atomic
@@ -38,9 +45,16 @@ logger = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], dict]
 
+FAULT_ENV = "MEMBRIDGE_FAULT_AT_STEP"
+MAX_DESCRIBED_VIDEOS = 16  # video ids named per batch in non-finite-step messages
+
 
 class NonFiniteLossError(MemBridgeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+class InjectedFault(RuntimeError):
+    """The deliberate crash of the ``MEMBRIDGE_FAULT_AT_STEP`` test hook."""
 
 
 @dataclass
@@ -52,6 +66,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     skipped_steps: int = 0
     bad_in_a_row: int = 0
+    skipped_samples: int = 0  # training samples replaced because their video was unreadable (all ranks)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -65,6 +80,45 @@ def autocast_context(precision: str, device: torch.device):
 
 def move_to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def resume_target(args: argparse.Namespace) -> str | None:
+    """``--resume``, or ``auto`` when torchrun restarted this run after a failure (elastic restart)."""
+    restarts = elastic_restart_count()
+    if args.resume or restarts == 0:
+        return args.resume
+    logger.warning("torchrun elastic restart %d: resuming from the last checkpoint in %s", restarts, args.output_dir)
+    return "auto"
+
+
+def injected_fault_step() -> int | None:
+    """The ``MEMBRIDGE_FAULT_AT_STEP`` test hook's step, on the first attempt only (None: no fault)."""
+    value = os.environ.get(FAULT_ENV)
+    if not value or elastic_restart_count() > 0:
+        return None
+    return int(value)
+
+
+def batch_video_describer(dataset: torch.utils.data.Dataset) -> Callable[[dict], str] | None:
+    """Names the videos of a batch from ``dataset.video_ids`` and ``batch['video_index']`` (None without them)."""
+    video_ids = getattr(dataset, "video_ids", None)
+    if video_ids is None:
+        return None
+
+    def describe(batch: dict) -> str:
+        index = batch.get("video_index")
+        if index is None:
+            return ""
+        ids = [video_ids[i] for i in index.flatten().tolist()]
+        more = f" ... ({len(ids) - MAX_DESCRIBED_VIDEOS} more)" if len(ids) > MAX_DESCRIBED_VIDEOS else ""
+        return f"videos {', '.join(ids[:MAX_DESCRIBED_VIDEOS])}{more}"
+
+    return describe
+
+
+def _samples_skipped(dataset: torch.utils.data.Dataset) -> int:
+    """Training samples the dataset (all its DataLoader workers) replaced because their video was unreadable."""
+    return int(getattr(dataset, "samples_skipped", 0))
 
 
 def _grads_finite(params: list[nn.Parameter]) -> bool:
@@ -119,8 +173,9 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp_fp16" and device.type == "cuda")
 
     state = TrainState()
-    if args.resume:
-        path = ckpt.find_latest(output_dir) if args.resume == "auto" else Path(args.resume)
+    resume = resume_target(args)
+    if resume:
+        path = ckpt.find_latest(output_dir) if resume == "auto" else Path(resume)
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from scratch", output_dir)
         else:
@@ -135,7 +190,8 @@ def fit(
         )
 
     writer = ScalarWriter(output_dir, enabled=is_main, tensorboard=args.log_tensorboard)
-    describe = getattr(task, "describe_batch", None)
+    describe = getattr(task, "describe_batch", None) or batch_video_describer(train_dataset)
+    fault_step = injected_fault_step()
     after_step = getattr(task, "after_optimizer_step", None)
     logger.info(
         "training: %d samples, global batch %d (%d per rank x %d ranks x %d accumulation), %d steps/epoch, %d steps",
@@ -179,6 +235,7 @@ def fit(
             dynamic_ncols=True,
         )
         model.train()
+        skipped_before = _samples_skipped(train_dataset)
         window: dict[str, float] = {}
         window_n = 0
         t0 = time.time()
@@ -215,6 +272,7 @@ def fit(
                 )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
+                window, window_n = {}, 0  # logged means cover applied steps only
                 if state.bad_in_a_row >= args.max_bad_steps:
                     raise NonFiniteLossError(
                         f"{state.bad_in_a_row} consecutive steps had a non-finite loss or gradient (last batch: "
@@ -251,7 +309,18 @@ def fit(
                 break
             if args.save_steps and state.step % args.save_steps == 0:
                 save(state)
+            if state.step == fault_step:
+                raise InjectedFault(f"{FAULT_ENV}={fault_step}: deliberate crash after step {fault_step}")
         bar.close()
+        skipped = torch.tensor(float(_samples_skipped(train_dataset) - skipped_before), device=device)
+        skipped = round(float(all_reduce_mean(skipped)) * dist.world_size)
+        state.skipped_samples += skipped
+        if skipped and is_main:
+            logger.warning(
+                "epoch %d: %d training samples were skipped because their video is unreadable (named in the "
+                "warnings above) and replaced by the next readable ones",
+                state.epoch + 1, skipped,
+            )  # fmt: skip
         if not done or state.batches_done >= limit:
             state.epoch += 1
             state.batches_done = 0
@@ -260,6 +329,8 @@ def fit(
             metrics = run_evaluation(args, task, evaluate, dist, writer, state.step, tag=f"epoch{state.epoch}")
     if state.skipped_steps:
         logger.warning("%d optimizer steps were skipped for non-finite values", state.skipped_steps)
+    if state.skipped_samples:
+        logger.warning("%d training samples were skipped for unreadable videos in this run", state.skipped_samples)
     if evaluate is not None:
         metrics = run_evaluation(args, task, evaluate, dist, writer, state.step, tag="final")
     writer.close()
