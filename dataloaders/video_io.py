@@ -477,7 +477,7 @@ class FileVideoSource:
         """``video_dir/video_id`` when the id already names a file (DiDeMo ids carry their extension), else the first
         existing ``video_dir/video_id + ext`` over ``extensions``; DataError if none exists."""
         exact = self.video_dir / video_id
-        if exact.suffix.lower() and exact.is_file():
+        if exact.is_file():
             return exact
         for ext in self.extensions:
             candidate = self.video_dir / f"{video_id}{ext}"

@@ -22,6 +22,7 @@ from dataloaders.errors import DataError
 from engine.data import build_eval_loader
 from engine.distributed import (
     DistInfo,
+    all_gather_object,
     all_gather_tensor,
     all_gather_with_grad,
     gather_eval_rows,
@@ -143,16 +144,22 @@ def encode_eval_set(
         videos = _TolerantVideos(videos, _first_readable(videos))
     loader, indices = build_eval_loader(videos, per_rank, num_workers, dist.rank, dist.world_size)
     frames, masks, oks = [], [], []
-    for batch in tqdm(loader, desc="encode videos", disable=dist.rank != 0, leave=False):
-        video, mask = batch["video"].to(device), batch["video_mask"].to(device)
-        frames.append(encoder.encode_video(video, mask).float())
-        masks.append(mask)
-        oks.append(batch["ok"].to(device) if "ok" in batch else torch.ones(len(mask), dtype=torch.long, device=device))
+    failure = None
+    try:
+        for batch in tqdm(loader, desc="encode videos", disable=dist.rank != 0, leave=False):
+            video, mask = batch["video"].to(device), batch["video_mask"].to(device)
+            frames.append(encoder.encode_video(video, mask).float())
+            masks.append(mask)
+            ok = batch["ok"].to(device) if "ok" in batch else torch.ones(len(mask), dtype=torch.long, device=device)
+            oks.append(ok)
+    except DataError as exc:
+        failure = str(exc)
+    _raise_on_every_rank(failure, dist)
     n_v = len(videos)
     if frames:
         frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
     else:
-        t, d = eval_set_shapes(model, eval_set)
+        t, d = eval_set_shapes(model, videos)
         frame_rows = torch.zeros(0, t, d, device=device)
         mask_rows = torch.zeros(0, t, dtype=torch.long, device=device)
         ok_rows = torch.zeros(0, dtype=torch.long, device=device)
@@ -181,10 +188,21 @@ def encode_eval_set(
     return EncodedEvalSet(frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok)
 
 
-def eval_set_shapes(model: MemBridgeModel, eval_set: RetrievalEvalSet) -> tuple[int, int]:
-    """(T, D) of encoded videos, for ranks whose shard is empty."""
-    sample = eval_set.video_dataset()[0]
-    return sample["video_mask"].shape[0], model.encoder.clip.config.embed_dim
+def _raise_on_every_rank(failure: str | None, dist: DistInfo) -> None:
+    """A video that one rank cannot read stops the evaluation on every rank (instead of leaving the others blocked in
+    the next gather); the message names the video and what to do."""
+    failures = all_gather_object(failure) if dist.world_size > 1 else [failure]
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise DataError(
+                f"evaluation stopped on rank {rank}: {message} (or pass --allow_missing_eval_videos to evaluate "
+                "without the unreadable videos)"
+            )
+
+
+def eval_set_shapes(model: MemBridgeModel, videos: Dataset) -> tuple[int, int]:
+    """(T, D) of encoded videos, for ranks whose shard is empty (from the first readable video)."""
+    return _first_readable(videos)["video_mask"].shape[0], model.encoder.clip.config.embed_dim
 
 
 def eval_set_text_len(eval_set: RetrievalEvalSet) -> int:
