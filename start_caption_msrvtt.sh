@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# MSR-VTT captioning through the MemBridge fusion, launched with torchrun. The published MSVD recipe (lr 5e-5,
+# warm-up 0.2, 32 words, 12 frames, coef_lr 1e-3) with 5 epochs: MSR-VTT's training split holds 6,513 videos x 20
+# references (about 130k pairs per epoch). Test = video7010..video9999 with all 20 references.
+# Usage: DATA_PATH=/data/MSRVTT PRETRAINED_MODEL=ckpts/stage2/best.safetensors OUTPUT_PATH=ckpts/caption_msrvtt \
+#        NPROC_PER_NODE=8 bash start_caption_msrvtt.sh [extra flags, e.g. --beam_size 5]
+set -euo pipefail
+DATA_PATH=${DATA_PATH:-data/MSRVTT}
+VIDEO_PATH=${VIDEO_PATH:-${DATA_PATH}/videos}
+OUTPUT_PATH=${OUTPUT_PATH:-ckpts/caption_msrvtt}
+PRETRAINED_MODEL=${PRETRAINED_MODEL:-ckpts/stage2_fusion/model.safetensors}
+CROSS_CONFIG_PATH=${CROSS_CONFIG_PATH:-./CLIP-modules}
+EPOCHS=${EPOCHS:-5}
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPROC_PER_NODE}" \
+    --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
+    video_captioning/main_task_caption.py --do_train --num_thread_reader=4 \
+    --cross_config_path "${CROSS_CONFIG_PATH}" \
+    --epochs="${EPOCHS}" --batch_size=32 --n_display=50 \
+    --data_path "${DATA_PATH}/MSRVTT_data.json" \
+    --features_path "${VIDEO_PATH}" \
+    --warmup_proportion 0.2 \
+    --output_dir "${OUTPUT_PATH}" \
+    --lr 5e-5 --max_words 32 --max_frames 12 --batch_size_val 32 \
+    --datatype msrvtt --expand_msrvtt_sentences \
+    --feature_framerate 1 --coef_lr 1e-3 \
+    --freeze_layer_num 0 --slice_framepos 2 \
+    --loose_type --linear_patch 2d --sim_header meanP \
+    --init_model "${PRETRAINED_MODEL}" \
+    "$@"

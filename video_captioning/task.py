@@ -1,0 +1,265 @@
+"""Video captioning on MSR-VTT / MSVD through the MemBridge fusion (DESIGN 2.5-2.7, 3.3).
+
+Training is the stage-2 prefix LM (``MemBridgeFusion.plm_loss``): video + bridge tokens + causal text, by default
+scoring every token of each reference (``--caption_targets suffix``: the stage-2 random suffix). Unlike stage 2,
+the CLIP video encoder is fine-tuned through the fusion (at ``--lr * --coef_lr``, below ``--freeze_layer_num``
+frozen); the text features of the prefix come from the CLIP text encoder without gradient, as decoding sees them.
+
+Evaluation decodes every test video (batched over videos, each rank a contiguous shard, captions gathered as JSON),
+then scores one caption per video against **all** its references with pycocoevalcap on PTB-tokenised text.
+Metric scale: pycocoevalcap's own (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr is CIDEr-D in [0, 10]); the same values
+x100, as papers print them, are added under ``{name}_x100``. With a validation split, every validation run keeps
+the weights of the best CIDEr so far; the test set is decoded with the best weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from dataloaders.datasets import CaptionDataset
+from dataloaders.errors import ConfigError
+from dataloaders.tokenizer import ClipTokenizer
+from engine.builders import build_model
+from engine.data import build_eval_loader
+from engine.distributed import DistInfo, all_gather_object, broadcast_object
+from engine.run_logging import write_json_atomic
+from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
+from modules.membridge import MemBridgeModel
+from video_captioning.captioner import generate_captions
+from video_captioning.decoding import DEFAULT_LENGTH_PENALTY, SOT_ID
+from video_captioning.metrics import METRIC_KEYS, CaptionScorer
+
+logger = logging.getLogger(__name__)
+
+CAPTION_TARGETS = ("all", "suffix")
+DEFAULT_CAPTION_TARGETS = "all"
+CAPTION_DATASETS = {"msrvtt": "msrvtt_caption", "msvd": "msvd_caption"}
+SELECTION_METRIC = "CIDEr"
+PERCENT = 100.0
+PERCENT_SUFFIX = "_x100"
+CAPTIONS_FILE = "captions_{split}.json"
+BEST_MODEL_FILE = "best_model.safetensors"
+
+
+def caption_dataset_key(datatype: str) -> str:
+    """Registry key of ``--datatype msrvtt|msvd``."""
+    if datatype not in CAPTION_DATASETS:
+        raise ConfigError(f"--datatype {datatype!r}: captioning supports {sorted(CAPTION_DATASETS)}")
+    return CAPTION_DATASETS[datatype]
+
+
+def max_caption_tokens(max_words: int) -> int:
+    """Generated tokens (EOT included) that fit ``--max_words`` text slots together with SOT, as in training."""
+    return max_words - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_caption_model(args: argparse.Namespace) -> MemBridgeModel:
+    """CLIP video encoder + fusion with ``--init_model`` weights (stage 1 or stage 2, ours or published; without
+    fusion weights the fusion starts from the loaded CLIP text blocks), then ``--freeze_layer_num``."""
+    model = build_model(args, with_fusion=True)
+    frozen = model.encoder.freeze_layers(args.freeze_layer_num)
+    logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
+    return model
+
+
+class CaptionTask(nn.Module):
+    """The prefix-LM loss of a captioning batch (``video, video_mask, text_ids, text_mask``): ``{loss, plm_acc}``.
+
+    ``targets``: ``all`` scores every token of the reference (teacher forcing, what decoding needs), ``suffix`` a
+    random suffix per reference (the stage-2 PLM draw). Frame features keep their gradient when some video-encoder
+    parameter trains (``--freeze_layer_num``); the text features never do.
+    """
+
+    def __init__(self, model: MemBridgeModel, targets: str = DEFAULT_CAPTION_TARGETS):
+        super().__init__()
+        if model.fusion is None:
+            raise ValueError("captioning needs a MemBridgeModel with a fusion encoder")
+        if targets not in CAPTION_TARGETS:
+            raise ConfigError(f"--caption_targets {targets!r}: choose one of {CAPTION_TARGETS}")
+        self.model = model
+        self.targets = targets
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoder, fusion = self.model.encoder, self.model.fusion
+        clip = encoder.clip
+        text_ids, text_mask, video_mask = batch["text_ids"], batch["text_mask"], batch["video_mask"]
+        train_video = self.training and any(p.requires_grad for p in clip.visual.parameters())
+        with torch.set_grad_enabled(train_video and torch.is_grad_enabled()):
+            frames = encoder.encode_video(batch["video"], video_mask)
+        if self.targets == "all":
+            starts = torch.ones(text_ids.shape[0], dtype=torch.long, device=text_ids.device)
+        else:
+            starts = draw_plm_starts(text_mask)
+        prefixes = plm_targets(text_ids, text_mask, starts)[1].unique()
+        with torch.no_grad():
+            token_feats, probe_feats = encode_text_with_probes(clip, text_ids, prefixes, fusion.config.eot_token_id)
+        loss, accuracy = fusion.plm_loss(
+            frames, video_mask, text_ids, text_mask, starts, token_feats, probe_feats, prefixes,
+            clip.token_embedding.weight,
+        )  # fmt: skip
+        return {"loss": loss, "plm_acc": accuracy}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How captions are generated: ``--beam_size`` (1 = greedy), ``--length_penalty``, at most ``max_len`` tokens."""
+
+    max_len: int
+    beam_size: int = 1
+    length_penalty: float = DEFAULT_LENGTH_PENALTY
+    bos: int = SOT_ID
+    use_cache: bool = True
+
+
+@torch.no_grad()
+def caption_videos(
+    model: MemBridgeModel,
+    dataset: CaptionDataset,
+    dist: DistInfo,
+    batch_size: int,
+    settings: DecodeSettings,
+    tokenizer: ClipTokenizer,
+    num_workers: int = 0,
+) -> dict[str, str]:
+    """``{video_id: caption}`` of every video of an evaluation ``dataset``, on every rank.
+
+    Each rank decodes a contiguous shard in batches of ``batch_size // world_size`` videos; the captions are
+    gathered as JSON.
+    """
+    device = dist.device
+    loader, _ = build_eval_loader(
+        dataset, max(1, batch_size // dist.world_size), num_workers, dist.rank, dist.world_size
+    )
+    local: list[tuple[int, str]] = []
+    for batch in tqdm(loader, desc="caption videos", disable=dist.rank != 0, leave=False):
+        video, video_mask = batch["video"].to(device), batch["video_mask"].to(device)
+        frames = model.encoder.encode_video(video, video_mask)
+        tokens = generate_captions(
+            model,
+            frames,
+            video_mask,
+            settings.max_len,
+            beam_size=settings.beam_size,
+            length_penalty=settings.length_penalty,
+            bos=settings.bos,
+            use_cache=settings.use_cache,
+        )
+        local.extend(
+            (index, tokenizer.decode(row))
+            for index, row in zip(batch["video_index"].tolist(), tokens.tolist(), strict=True)
+        )
+    captions = {dataset.video_ids[index]: text for part in all_gather_object(local) for index, text in part}
+    return {video_id: captions[video_id] for video_id in dataset.video_ids}
+
+
+class BestWeights:
+    """Keeps (on CPU) the weights of the best validation ``metric`` seen so far, and puts them back."""
+
+    def __init__(self, metric: str = SELECTION_METRIC):
+        self.metric = metric
+        self.best: float | None = None
+        self.evaluations = 0
+        self.best_evaluation = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, model: nn.Module, metrics: Mapping[str, float]) -> bool:
+        """Record one validation run; True when it is the best so far (its weights are then kept)."""
+        self.evaluations += 1
+        value = float(metrics[self.metric])
+        if self.best is not None and value <= self.best:
+            return False
+        self.best, self.best_evaluation = value, self.evaluations
+        self.state = {key: tensor.detach().to("cpu", copy=True) for key, tensor in model.state_dict().items()}
+        logger.info("validation %s %.4f is the best so far (evaluation %d)", self.metric, value, self.evaluations)
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the kept weights into ``model`` (nothing to do before any validation run)."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+            logger.info(
+                "restored the weights of validation run %d (%s %.4f)", self.best_evaluation, self.metric, self.best
+            )
+
+    def save(self, path: Path) -> None:
+        """Write the kept weights as safetensors (loadable with ``--init_model``), via a temp file + rename."""
+        if self.state is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({key: tensor.contiguous() for key, tensor in self.state.items()}, str(tmp))
+        tmp.replace(path)
+
+    def summary(self) -> dict[str, float | int]:
+        """What the test results record about the selection."""
+        if self.best is None:
+            return {}
+        return {f"best_val_{self.metric}": self.best, "best_val_evaluation": self.best_evaluation}
+
+
+class CaptionEvaluator:
+    """``evaluate(task) -> metrics`` for the engine: decode a split, score it on rank 0, share the scores.
+
+    Writes ``captions_{split}.json`` (``{video_id: caption}``) to ``output_dir`` on rank 0. With ``selection`` every
+    run updates the best weights. ``extra`` entries are added to the metrics.
+    """
+
+    def __init__(
+        self,
+        dataset: CaptionDataset,
+        split: str,
+        dist: DistInfo,
+        batch_size: int,
+        settings: DecodeSettings,
+        scorer: CaptionScorer,
+        output_dir: str | Path,
+        tokenizer: ClipTokenizer,
+        num_workers: int = 0,
+        selection: BestWeights | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.split = split
+        self.dist = dist
+        self.batch_size = batch_size
+        self.settings = settings
+        self.scorer = scorer
+        self.output_dir = Path(output_dir)
+        self.tokenizer = tokenizer
+        self.num_workers = num_workers
+        self.selection = selection
+        self.extra: dict[str, float | int] = {}
+
+    def __call__(self, task: nn.Module) -> dict:
+        model = getattr(task, "model", task)
+        captions = caption_videos(
+            model, self.dataset, self.dist, self.batch_size, self.settings, self.tokenizer, self.num_workers
+        )
+        metrics = None
+        if self.dist.rank == 0:
+            references = {video_id: self.dataset.references[video_id] for video_id in captions}
+            scores = self.scorer(captions, references)
+            metrics = {**scores, **{key + PERCENT_SUFFIX: PERCENT * scores[key] for key in METRIC_KEYS}}
+            metrics.update(num_videos=len(captions), beam_size=self.settings.beam_size, split=self.split)
+            write_json_atomic(self.output_dir / CAPTIONS_FILE.format(split=self.split), captions)
+        metrics = broadcast_object(metrics)
+        if self.selection is not None:
+            self.selection.update(model, metrics)
+        return {**metrics, **self.extra}
