@@ -467,6 +467,8 @@ def read_qa_jsonl(path: str | Path) -> list[QARow]:
             entry = json.loads(line)
         except json.JSONDecodeError as exc:
             raise _fail(path, where, f"invalid JSON ({exc.msg})", "fix the line") from exc
+        if not isinstance(entry, dict):
+            raise _fail(path, where, f"expected an object, got {type(entry).__name__}", "fix the line")
         answer_type = _field(path, where, entry, "answer_type") if "answer_type" in entry else ""
         rows.append(
             QARow(

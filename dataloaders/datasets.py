@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -95,6 +96,9 @@ class _SkippingTrainDataset(Dataset, abc.ABC):
 
     ``skipped`` counts the unreadable videos met by this process (each DataLoader worker has its own count and
     logs a warning naming the video); ``bad_video_ids`` holds them so no later sample retries them.
+    ``samples_skipped`` counts the samples passed over for an unreadable video (known-bad ones included) in this
+    process **and its DataLoader workers** (a counter in shared memory, inherited by forked or spawned workers), so
+    the trainer can report the epoch's total; it does not depend on the number of workers.
     """
 
     def __init__(self, video_of_sample: Sequence[str], rng_seed: int, max_retries: int) -> None:
@@ -104,6 +108,16 @@ class _SkippingTrainDataset(Dataset, abc.ABC):
         self.epoch = 0
         self.skipped = 0
         self.bad_video_ids: set[str] = set()
+        self._samples_skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def samples_skipped(self) -> int:
+        """Samples replaced by a later one because their video is unreadable, over this process and its workers."""
+        return int(self._samples_skipped.value)
+
+    def _count_skipped_sample(self) -> None:
+        with self._samples_skipped.get_lock():
+            self._samples_skipped.value += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Change the caption / frame-order draws of every sample for a new epoch."""
@@ -122,12 +136,14 @@ class _SkippingTrainDataset(Dataset, abc.ABC):
             candidate = (index + offset) % len(self)
             video_id = self._video_of_sample[candidate]
             if video_id in self.bad_video_ids:
+                self._count_skipped_sample()
                 continue
             try:
                 return self._sample(candidate, np.random.default_rng([self.rng_seed, self.epoch, candidate]))
             except DataError as exc:
                 self.bad_video_ids.add(video_id)
                 self.skipped += 1
+                self._count_skipped_sample()
                 failures.append(str(exc))
                 logger.warning(
                     "skipping unreadable training video %r (%s); %d skipped so far in this process",

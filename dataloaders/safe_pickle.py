@@ -45,8 +45,12 @@ def safe_load_pickle(path: str | Path) -> Any:
         raise
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found; check the --data_path flag") from exc
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise DataError(f"{path}: not a readable pickle ({exc}); re-create or re-download the file") from exc
+    except Exception as exc:  # no code runs here (every global is refused): any other failure is malformed bytes
+        # (the C unpickler raises UnpicklingError, EOFError, ValueError, AttributeError, MemoryError for a huge
+        # length field, ...), so it is reported as a bad file.
+        raise DataError(
+            f"{path}: not a readable pickle ({type(exc).__name__}: {exc}); re-create or re-download the file"
+        ) from exc
 
 
 def pickle_to_json(pickle_path: str | Path, json_path: str | Path) -> None:

@@ -1,0 +1,368 @@
+"""Bad input, one test each (DESIGN §5): every case gives ONE error of the project's type whose message names the
+file, the row / offset / tensor, and what to do, and nothing else is lost (the other videos, records and rows still
+load; training replaces an unreadable sample by the next readable one; evaluation names what it dropped)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import main_task_clip
+from dataloaders import annotations as ann
+from dataloaders.datasets import RetrievalTrainDataset
+from dataloaders.errors import CheckpointError, ConfigError, DataError
+from dataloaders.tfrecord_io import ShardReader, ShardVideoSource
+from dataloaders.tokenizer import ClipTokenizer
+from dataloaders.transforms import ClipTransform
+from dataloaders.video_io import RE_ENCODE_HINT, FileVideoSource
+from engine.builders import build_model, load_init_model
+from engine.flags import build_parser, effective_rerank_topk
+from modules.clip_model import CLIPConfig, load_clip
+from tests.conftest import REPO
+
+TINY = str(REPO / "CLIP-modules" / "tiny.json")
+T, L, IMAGE = 4, 12, 32
+GOOD = ("video0", "video1")
+SHARD_HINT = "frozen_tfrecord.py"
+SMALL_CONTEXT = 16  # text positional table of the hand-made CLIP file of the --max_words test
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ClipTokenizer:
+    return ClipTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _drop_run_log_handlers():
+    """In-process ``main()`` calls install run-log handlers on the root logger: remove them after each test."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_membridge", False)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def video_folder(synthetic: Path, tmp_path: Path) -> Path:
+    """A folder with two real synthetic videos (symlinks), to which a test adds one bad file."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for video_id in GOOD:
+        (folder / f"{video_id}.mp4").symlink_to(synthetic / "videos" / f"{video_id}.mp4")
+    return folder
+
+
+def check_video_error(folder: Path, bad: str, tokenizer: ClipTokenizer, *phrases: str) -> None:
+    """The bad video raises one DataError naming it; the good ones still load; training skips the bad one."""
+    source = FileVideoSource(folder, max_frames=T)
+    with pytest.raises(DataError) as info:
+        source.load(bad)
+    message = str(info.value)
+    assert str(folder / f"{bad}.mp4") in message and RE_ENCODE_HINT in message
+    for phrase in phrases:
+        assert phrase in message
+    for video_id in GOOD:
+        frames, mask = source.load(video_id)
+        assert frames.shape[0] == T and mask.sum() == T and frames.any()
+    pairs = [ann.TrainPair(v, (f"caption of {v}",)) for v in (GOOD[0], bad, GOOD[1])]
+    train = RetrievalTrainDataset(pairs, source, ClipTransform(IMAGE), tokenizer, L)
+    item = train[1]  # the bad sample is replaced by the next readable one, never a zero video
+    assert train.video_ids[int(item["video_index"])] == GOOD[1] and item["video"].abs().sum() > 0
+    assert train.samples_skipped == 1 and train.bad_video_ids == {bad}
+
+
+def test_random_bytes_named_mp4(synthetic_small, tmp_path, tokenizer):
+    folder = video_folder(synthetic_small, tmp_path)
+    (folder / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    check_video_error(folder, "noise", tokenizer, "cannot be opened as a video")
+
+
+def test_zero_length_video(synthetic_small, tmp_path, tokenizer):
+    folder = video_folder(synthetic_small, tmp_path)
+    (folder / "empty.mp4").write_bytes(b"")
+    check_video_error(folder, "empty", tokenizer, "zero-length video file")
+
+
+def test_header_only_mp4_without_frames(synthetic_small, tmp_path, tokenizer):
+    folder = video_folder(synthetic_small, tmp_path)
+    container = av.open(str(folder / "header.mp4"), "w")
+    stream = container.add_stream("libx264", rate=10)
+    stream.width = stream.height = IMAGE
+    stream.pix_fmt = "yuv420p"
+    container.start_encoding()
+    container.close()
+    assert (folder / "header.mp4").stat().st_size > 0
+    check_video_error(folder, "header", tokenizer, "has no video stream")
+
+
+def test_mp4_whose_frames_are_cut_off(synthetic_small, tmp_path, tokenizer):
+    """The header (moov first) promises frames, but the file ends where the frame data starts: 0 decodable."""
+    folder = video_folder(synthetic_small, tmp_path)
+    full = tmp_path / "full.mp4"
+    container = av.open(str(full), "w", options={"movflags": "faststart"})
+    stream = container.add_stream("libx264", rate=10)
+    stream.width = stream.height = IMAGE
+    stream.pix_fmt = "yuv420p"
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+    container.close()
+    data = full.read_bytes()
+    (folder / "cut.mp4").write_bytes(data[: data.index(b"mdat") + 4])
+    check_video_error(folder, "cut", tokenizer, "the video stream holds no frames")
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def shard_copy(synthetic: Path, tmp_path: Path) -> tuple[Path, ShardReader]:
+    """A private copy of the synthetic shards (the index's shard paths resolve beside the copied index)."""
+    folder = tmp_path / "tfrecord"
+    shutil.copytree(synthetic / "webvid" / "tfrecord", folder)
+    return folder, ShardReader(folder / "path.index")
+
+
+def check_shard_error(index: Path, bad: str, *phrases: str) -> None:
+    """Reading ``bad`` raises one DataError naming shard, offset and video; every other video still reads."""
+    reader = ShardReader(index)
+    entry = reader.entry(bad)
+    with pytest.raises(DataError) as info:
+        reader.read(bad)
+    message = str(info.value)
+    assert str(reader.shard_path(entry)) in message and f"offset {entry.offset}" in message
+    assert repr(bad) in message and SHARD_HINT in message
+    for phrase in phrases:
+        assert phrase in message
+    others = [v for v in reader.video_ids if v != bad]
+    assert all(reader.read(v, [0]).shape[0] == 1 for v in others)
+
+
+def test_truncated_tfrecord_record(synthetic_small, tmp_path):
+    folder, reader = shard_copy(synthetic_small, tmp_path)
+    last = max(reader.video_ids, key=lambda v: reader.entry(v).offset)
+    shard = reader.shard_path(reader.entry(last))
+    cut = reader.entry(last).offset + (shard.stat().st_size - reader.entry(last).offset) // 2
+    os.truncate(shard, cut)
+    check_shard_error(folder / "path.index", last, "truncated record")
+
+
+def test_bit_flipped_tfrecord_record(synthetic_small, tmp_path):
+    folder, reader = shard_copy(synthetic_small, tmp_path)
+    victim = reader.video_ids[5]
+    shard = reader.shard_path(reader.entry(victim))
+    data = bytearray(shard.read_bytes())
+    data[reader.entry(victim).offset + 100] ^= 0x10  # one bit inside the payload
+    shard.write_bytes(bytes(data))
+    check_shard_error(folder / "path.index", victim, "payload checksum mismatch")
+
+
+def test_index_offset_past_the_end_of_the_shard(synthetic_small, tmp_path, tokenizer):
+    folder, reader = shard_copy(synthetic_small, tmp_path)
+    index = folder / "path.index"
+    shard = reader.shard_path(reader.entry(reader.video_ids[0]))
+    with index.open("a") as f:
+        f.write(f"ghost\t{shard.name}\t{shard.stat().st_size + 1000}\n")
+    check_shard_error(index, "ghost", "past the end")
+    source = ShardVideoSource(index, max_frames=T)
+    pairs = [ann.TrainPair(v, (f"caption of {v}",)) for v in ("video3", "ghost", "video4")]
+    train = RetrievalTrainDataset(pairs, source, ClipTransform(IMAGE), tokenizer, L)
+    assert train.video_ids[int(train[1]["video_index"])] == "video4" and train.samples_skipped == 1
+
+
+# ------------------------------------------------------------------------------------------------ annotations
+
+
+def corrupt_copy(original: Path, tmp_path: Path, edit) -> Path:
+    """A copy of an annotation file with ``edit(text) -> text`` applied."""
+    path = tmp_path / original.name
+    path.write_text(edit(original.read_text()))
+    return path
+
+
+def test_msrvtt_data_json_invalid_json(synthetic_small, tmp_path):
+    original = synthetic_small / "msrvtt" / "MSRVTT_data.json"
+    path = corrupt_copy(original, tmp_path, lambda text: text.replace('"sentences":', '"sentences"::', 1))
+    with pytest.raises(DataError) as info:
+        ann.read_msrvtt_data(path)
+    assert str(info.value).startswith(f"{path}: line ") and "invalid JSON" in str(info.value)
+    assert len(ann.read_msrvtt_data(original).sentences) > 0  # the original still parses
+
+
+def test_msrvtt_data_json_bad_entry(synthetic_small, tmp_path):
+    original = synthetic_small / "msrvtt" / "MSRVTT_data.json"
+    data = json.loads(original.read_text())
+    del data["sentences"][7]["caption"]
+    path = tmp_path / "MSRVTT_data.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"sentences entry 7: missing key 'caption'; fix the entry") as info:
+        ann.read_msrvtt_data(path)
+    assert str(path) in str(info.value)
+
+
+def test_jsfusion_csv_row_with_extra_field(synthetic_small, tmp_path):
+    original = synthetic_small / "msrvtt" / "MSRVTT_JSFUSION_test.csv"
+    lines = original.read_text().splitlines()
+    lines[4] += ",an extra, unquoted field"
+    path = tmp_path / original.name
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"line 5: wrong number of fields; fix the row") as info:
+        ann.read_msrvtt_jsfusion(path)
+    assert str(path) in str(info.value)
+    assert len(ann.read_msrvtt_jsfusion(original).texts) == len(lines) - 1
+
+
+def test_qa_jsonl_line_that_is_not_json(synthetic_small, tmp_path):
+    original = synthetic_small / "msrvtt_qa" / "test.jsonl"
+    lines = original.read_text().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]
+    path = tmp_path / original.name
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"line 3: invalid JSON .*; fix the line") as info:
+        ann.read_qa_jsonl(path)
+    assert str(path) in str(info.value)
+
+
+def test_qa_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"video_id": "v", "question": "q?", "answer": "a"}\n7\n')
+    with pytest.raises(DataError, match=r"line 2: expected an object, got int"):
+        ann.read_qa_jsonl(path)
+
+
+def test_webvid_json_entry_of_the_wrong_type(synthetic_small, tmp_path):
+    original = synthetic_small / "webvid" / "frozen_train_labels.json"
+    data = json.loads(original.read_text())
+    data[2]["caption"] = 17
+    path = tmp_path / original.name
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"entry 2: 'caption' has type int; fix the entry") as info:
+        ann.read_webvid_captions(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_video_ids_in_a_split_file(synthetic_small, tmp_path):
+    data = ann.read_msrvtt_data(synthetic_small / "msrvtt" / "MSRVTT_data.json")
+    train_csv = tmp_path / "MSRVTT_train.9k.csv"
+    train_csv.write_text("video_id\nvideo0\nvideo999\nvideo1\nvideo998\n")
+    ids = ann.read_video_id_csv(train_csv)
+    with pytest.raises(DataError) as info:
+        ann.msrvtt_train_pairs(ids, data, False, train_csv)
+    assert str(info.value).startswith(f"{train_csv}: 2 video id(s) have no video, e.g. ['video998', 'video999']")
+    assert "remove those rows" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def tiny_args(tmp_path: Path, *extra: str):
+    return build_parser("clip").parse_args(
+        ["--do_eval", "--output_dir", str(tmp_path / "out"), "--clip_config", TINY, "--max_frames", str(T),
+         "--max_words", str(L), "--loose_type", *extra]
+    )  # fmt: skip
+
+
+def test_init_model_with_wrong_shapes(synthetic_small, tmp_path):
+    state = build_model(tiny_args(tmp_path), with_fusion=False).state_dict()
+    bad = {k: v.clone().contiguous() for k, v in state.items()}
+    bad["encoder.clip.text_projection"] = torch.zeros(3, 5)
+    path = tmp_path / "stage1.safetensors"
+    save_file(bad, str(path))
+    argv = ["--do_eval", "--output_dir", str(tmp_path / "run"), "--clip_config", TINY, "--loose_type",
+            "--val_csv", str(synthetic_small / "msrvtt" / "MSRVTT_JSFUSION_test.csv"),
+            "--features_path", str(synthetic_small / "videos"), "--init_model", str(path)]  # fmt: skip
+    with pytest.raises(CheckpointError) as info:
+        main_task_clip.main(argv)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 1 tensors have the wrong shape")
+    assert "encoder.clip.text_projection: checkpoint (3, 5) vs model (64, 64)" in message
+    assert "Build the model with the flags it was trained with" in message
+
+
+def test_init_model_with_missing_keys(tmp_path, caplog):
+    args = tiny_args(tmp_path)
+    source = build_model(args, with_fusion=False)
+    state = source.state_dict()
+    dropped = sorted(k for k in state if ".visual." in k)
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if k not in dropped}, str(path))
+    args.init_model = str(path)
+    target = build_model(tiny_args(tmp_path), with_fusion=False)
+    with caplog.at_level(logging.WARNING, logger="engine.checkpoint"):
+        report = load_init_model(args, target)
+    assert report.missing == [k for k in state if k in dropped] and report.loaded == len(state) - len(dropped)
+    assert f"{len(dropped)} model tensors were not in {path}" in caplog.text
+    loaded = target.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state if k not in dropped)  # the rest did load
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def test_max_words_beyond_the_positional_table_of_the_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"--max_words 100 is longer than the text positional table \(77"):
+        main_task_clip.main(["--do_eval", "--output_dir", str(tmp_path), "--clip_config", TINY, "--max_words", "100"])
+
+
+def test_max_words_beyond_the_positional_table_of_the_weights(tmp_path):
+    config = json.loads(Path(TINY).read_text())
+    clip = load_clip(config=CLIPConfig(**{**config, "context_length": SMALL_CONTEXT}))
+    weights = tmp_path / "small-context.pt"
+    torch.save(clip.state_dict(), weights)
+    argv = ["--do_eval", "--output_dir", str(tmp_path / "run"), "--visual_pretrain_path", str(weights),
+            "--max_words", str(SMALL_CONTEXT + 4), "--max_frames", str(T)]  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        main_task_clip.main(argv)
+    assert str(info.value) == (
+        f"--max_words {SMALL_CONTEXT + 4} is longer than the text positional table of {weights} ({SMALL_CONTEXT} "
+        f"positions): use --max_words <= {SMALL_CONTEXT}"
+    )
+
+
+def test_rerank_topk_larger_than_the_test_set_is_clamped_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="engine.flags"):
+        assert effective_rerank_topk(32, 10, 12, "test.csv") == 10
+        assert effective_rerank_topk(8, 10, 12, "test.csv") == 8
+        assert effective_rerank_topk(0, 10, 12, "test.csv") == 0
+    assert len(caplog.records) == 1
+    assert "--rerank_topk 32 is larger than the test set of test.csv (10 captions, 12 videos)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluation_refuses_missing_videos_unless_allowed(synthetic_small, tmp_path):
+    """main_task_clip --do_eval on a copy of the synthetic test videos with one deleted and one corrupted."""
+    csv = synthetic_small / "msrvtt" / "MSRVTT_JSFUSION_test.csv"
+    test_ids = ann.read_msrvtt_jsfusion(csv).video_ids
+    deleted, corrupted = test_ids[3], test_ids[7]
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for video_id in test_ids:
+        if video_id != deleted and video_id != corrupted:
+            (folder / f"{video_id}.mp4").symlink_to(synthetic_small / "videos" / f"{video_id}.mp4")
+    (folder / f"{corrupted}.mp4").write_bytes(b"\x00" * 2048)
+    argv = ["--do_eval", "--clip_config", TINY, "--val_csv", str(csv), "--features_path", str(folder),
+            "--max_frames", str(T), "--max_words", str(L), "--batch_size_val", "4", "--num_thread_reader", "0",
+            "--loose_type", "--seed", "0"]  # fmt: skip
+    with pytest.raises(DataError) as info:
+        main_task_clip.main([*argv, "--output_dir", str(tmp_path / "strict")])
+    message = str(info.value)
+    assert f"no video for id {deleted!r}" in message and "--allow_missing_eval_videos" in message
+    assert not (tmp_path / "strict" / "eval_results.json").exists()
+
+    metrics = main_task_clip.main([*argv, "--output_dir", str(tmp_path / "tolerant"), "--allow_missing_eval_videos"])
+    results = json.loads((tmp_path / "tolerant" / "eval_results.json").read_text())
+    assert sorted(metrics["dropped_videos"]) == sorted(results["dropped_videos"]) == sorted([deleted, corrupted])
+    assert results["num_videos"] == len(test_ids) - 2

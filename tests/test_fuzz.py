@@ -1,0 +1,236 @@
+"""Fuzz tests (hypothesis, bounded): the shard reader, the record decoder, the annotation parsers and the restricted
+unpickler take arbitrary bytes / text. Any input either parses or raises the project's own error type, never another
+exception, and never hangs (each example has a deadline far above its normal cost).
+
+``decode_video_example`` works on a bare payload with no file to name: its documented error is
+``tfrecord_io.RecordError``, which ``ShardReader`` turns into a ``DataError`` naming shard, offset and video (the
+shard-level targets check that wrapped form).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dataloaders import annotations as ann
+from dataloaders.errors import MemBridgeError
+from dataloaders.safe_pickle import safe_load_pickle
+from dataloaders.tfrecord_io import (
+    RecordError,
+    ShardReader,
+    ShardWriter,
+    decode_video_example,
+    encode_video_example,
+    frame_record,
+    iter_records,
+)
+
+EXAMPLES = 150
+PARSER_EXAMPLES = 100  # per annotation parser (ten of them)
+DEADLINE = timedelta(seconds=5)  # a normal example takes milliseconds: this only catches hangs
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=DEADLINE,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+FRAME_SIZE = 16
+
+
+def _frames(n: int, size: int = FRAME_SIZE) -> np.ndarray:
+    return np.random.default_rng(n).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+
+
+VALID_PAYLOADS = {
+    "jpeg": encode_video_example(_frames(2), "jpeg"),
+    "raw": encode_video_example(_frames(1, 256), "raw"),
+}
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
+    """``valid`` with a few bytes overwritten, then maybe truncated or extended."""
+    data = bytearray(valid)
+    for position, value in draw(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), max_size=6)):
+        data[position] = value
+    cut = draw(st.one_of(st.none(), st.integers(0, len(data))))
+    tail = draw(st.binary(max_size=16))
+    return bytes(data[:cut]) + tail
+
+
+def payloads() -> st.SearchStrategy[bytes]:
+    return st.one_of(st.binary(max_size=512), *(mutated(valid) for valid in VALID_PAYLOADS.values()))
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+@FUZZ
+@given(payload=payloads(), indices=st.sampled_from([None, [0], [0, 0]]))
+def test_decode_video_example_decodes_or_raises_record_error(payload: bytes, indices: list[int] | None) -> None:
+    """Indices are valid for any record (a parsed record holds at least one frame); out-of-range indices are a
+    caller's error (IndexError), not bad data."""
+    try:
+        frames, encoding = decode_video_example(payload, indices)
+    except RecordError:
+        return
+    assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3
+    assert encoding in ("raw", "jpeg")
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard of three valid jpeg records and its index."""
+    folder = tmp_path_factory.mktemp("fuzz_shard")
+    with ShardWriter(folder / "path") as writer:
+        for n in (1, 2, 3):
+            writer.write(f"v{n}", encode_video_example(_frames(n), "jpeg"))
+    return folder
+
+
+@FUZZ
+@given(data=st.data())
+def test_shard_reader_reads_or_raises_data_error(shard_folder: Path, data: st.DataObject) -> None:
+    """A mutated shard (bytes overwritten, cut, extended) behind a valid index: every video reads or raises."""
+    (shard,) = shard_folder.glob("path-*.tfrecord")
+    original = shard_folder / "original.bin"
+    if not original.exists():
+        original.write_bytes(shard.read_bytes())
+    shard.write_bytes(data.draw(mutated(original.read_bytes())))
+    reader = ShardReader(shard_folder / "path.index")
+    try:
+        for video_id in reader.video_ids:
+            try:
+                frames = reader.read(video_id)
+            except MemBridgeError:
+                continue
+            assert frames.dtype == np.uint8 and frames.ndim == 4
+    finally:
+        reader.close()
+
+
+@FUZZ
+@given(
+    data=st.one_of(
+        st.binary(max_size=256), st.lists(payloads(), max_size=3).map(lambda ps: b"".join(map(frame_record, ps)))
+    )
+)
+def test_iter_records_yields_or_raises_data_error(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz-iter.tfrecord"
+    path.write_bytes(data)
+    try:
+        for offset, payload in iter_records(path):
+            assert 0 <= offset < len(data) and len(payload) <= len(data)
+    except MemBridgeError:
+        pass
+
+
+@FUZZ
+@given(text=st.text(max_size=200))
+def test_shard_index_parses_or_raises_data_error(shard_folder: Path, text: str) -> None:
+    index = shard_folder / "fuzz.index"
+    index.write_text(text, encoding="utf-8")
+    try:
+        reader = ShardReader(index)
+    except MemBridgeError:
+        return
+    reader.close()
+
+
+# ------------------------------------------------------------------------------------------------ annotations
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ("video_id", "caption", "question", "answer", "answer_type", "video", "description", "split", "sentences",
+          "videos")  # fmt: skip
+shaped_entries = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5)
+json_documents = st.one_of(
+    json_values,
+    st.lists(shaped_entries, max_size=4),
+    st.fixed_dictionaries(
+        {"videos": st.lists(shaped_entries, max_size=3), "sentences": st.lists(shaped_entries, max_size=3)}
+    ),
+).map(json.dumps)
+csv_rows = st.lists(
+    st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8), min_size=1, max_size=6),
+    max_size=5,
+)
+
+
+def _csv_text(header: str, rows: list[list[str]]) -> str:
+    return header + "\n" + "\n".join(",".join(row) for row in rows) + "\n"
+
+
+def _jsonl_text(lines: list[str]) -> str:
+    return "\n".join(lines) + "\n"
+
+
+TEXT_PARSERS: dict[str, tuple[str, Callable[[Path], object]]] = {
+    "webvid json": ("frozen_train_labels.json", ann.read_webvid_captions),
+    "MSRVTT_data.json": ("MSRVTT_data.json", ann.read_msrvtt_data),
+    "JSFUSION csv": ("MSRVTT_JSFUSION_test.csv", ann.read_msrvtt_jsfusion),
+    "train csv": ("MSRVTT_train.9k.csv", ann.read_video_id_csv),
+    "QA jsonl": ("test.jsonl", ann.read_qa_jsonl),
+    "ans2label": ("train_ans2label.json", ann.read_ans2label),
+    "LSMDC tsv": ("LSMDC16_challenge_1000_publictect.csv", ann.read_lsmdc),
+    "DiDeMo json": ("test_data.json", ann.read_didemo_paragraphs),
+    "split list": ("test_list.txt", ann.read_video_list),
+    "MSVD captions json": ("raw-captions.json", lambda path: ann.read_msvd_captions(path.parent)),
+}
+
+
+def any_text_for(name: str) -> st.SearchStrategy[str]:
+    """Free text plus inputs shaped like the parser's format, so fuzzing reaches past the first check."""
+    shaped = {
+        "JSFUSION csv": csv_rows.map(lambda rows: _csv_text("key,vid_key,video_id,sentence", rows)),
+        "train csv": csv_rows.map(lambda rows: _csv_text("video_id", rows)),
+        "QA jsonl": st.lists(json_documents | st.text(max_size=20), max_size=4).map(_jsonl_text),
+        "LSMDC tsv": st.lists(st.lists(st.text(max_size=6), max_size=7).map("\t".join), max_size=4).map(_jsonl_text),
+    }
+    return st.one_of(st.text(max_size=300), json_documents, shaped.get(name, json_documents))
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_PARSERS))
+def test_annotation_parsers_parse_or_raise_data_error(tmp_path: Path, name: str) -> None:
+    filename, parse = TEXT_PARSERS[name]
+    path = tmp_path / filename
+
+    @settings(FUZZ, max_examples=PARSER_EXAMPLES)
+    @given(text=any_text_for(name))
+    def run(text: str) -> None:
+        path.write_text(text, encoding="utf-8")
+        try:
+            parse(path)
+        except MemBridgeError:
+            pass
+
+    run()
+
+
+@FUZZ
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from([0, 2, 4, 5]).flatmap(
+            lambda protocol: mutated(pickle.dumps({"vid": [["a", "dog"], ["runs"]], "n": (1, 2.5, None)}, protocol))
+        ),
+    )
+)
+def test_safe_load_pickle_loads_or_raises_data_error(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz-raw-captions.pkl"
+    path.write_bytes(data)
+    try:
+        safe_load_pickle(path)
+    except MemBridgeError:
+        pass
