@@ -201,7 +201,9 @@ def _check_file(path: str | os.PathLike) -> Path:
     """The path as a Path, or DataError if it is missing, not a file or empty."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: video file not found: check --video_dir / the annotation's video id")
+        raise DataError(
+            f"{path}: video file not found: check --features_path (or --webvid_video_dir) / the annotation's video id"
+        )
     if not path.is_file():
         raise DataError(f"{path}: is not a file: point the video folder at the video files themselves")
     if path.stat().st_size == 0:
@@ -461,7 +463,7 @@ class FileVideoSource:
     ) -> None:
         self.video_dir = Path(video_dir)
         if not self.video_dir.is_dir():
-            raise DataError(f"{self.video_dir}: video folder not found: check --video_dir")
+            raise DataError(f"{self.video_dir}: video folder not found: check --features_path (or --webvid_video_dir)")
         _check_max_frames(max_frames)
         if backend not in BACKENDS:
             raise ConfigError(f"decode backend {backend!r} is not one of {BACKENDS}: fix the flag")
@@ -485,7 +487,7 @@ class FileVideoSource:
                 return candidate
         raise DataError(
             f"{self.video_dir}: no video for id {video_id!r} (looked for {', '.join(self.extensions)}): "
-            "check --video_dir and that the id in the annotation file matches a file name"
+            "check --features_path (or --webvid_video_dir) and that the id in the annotation file matches a file name"
         )
 
     def load(

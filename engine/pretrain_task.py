@@ -56,12 +56,14 @@ def held_out_accuracies(
 ) -> dict[str, float]:
     """VTM / MLM / PLM accuracy (%) on held-out (caption, video) pairs, batches sharded across ranks.
 
-    VTM rows are 1 positive + 2 hard negatives per pair, so always answering "no match" scores 66.7%.
+    ``heldout_vtm_acc``: the training task's accuracy (1 positive + 2 hard negatives per pair, so always answering
+    "no match" scores 66.7%). ``heldout_vtm_pair_acc``: how often a caption's match probability with its own video
+    exceeds that with a random other video (chance 50%): the ranking ability that re-ranking relies on.
     """
     n = len(text_to_video)
     starts = list(range(0, n, HELD_OUT_BATCH))
     mine = shard_indices(len(starts), dist.rank, dist.world_size)
-    sums = {key: 0.0 for key in ACCURACY_KEYS}
+    sums = {key: 0.0 for key in (*ACCURACY_KEYS, "vtm_pair_acc")}
     count = 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(HELD_OUT_SEED + dist.rank)
@@ -78,9 +80,30 @@ def held_out_accuracies(
             out = model.stage2_losses(batch, weights=Stage2Weights())
             for key in ACCURACY_KEYS:
                 sums[key] += float(out[key]) * len(idx)
+            sums["vtm_pair_acc"] += float(_pair_wins(model, batch, frame_feats, video_mask, vid))
             count += len(idx)
     finally:
         torch.random.set_rng_state(generator_state)
     totals = all_gather_object({"sums": sums, "count": count})
     total = sum(t["count"] for t in totals)
-    return {f"heldout_{key}": 100.0 * sum(t["sums"][key] for t in totals) / max(1, total) for key in ACCURACY_KEYS}
+    return {f"heldout_{key}": 100.0 * sum(t["sums"][key] for t in totals) / max(1, total) for key in sums}
+
+
+def _pair_wins(
+    model: MemBridgeModel,
+    batch: dict,
+    frame_feats: torch.Tensor,
+    video_mask: torch.Tensor,
+    vid: torch.Tensor,
+) -> int:
+    """Captions of ``batch`` whose match probability with their own video beats a random other video's."""
+    n_videos = frame_feats.shape[0]
+    other = (vid + torch.randint(1, max(2, n_videos), vid.shape, device=vid.device)) % n_videos
+    text_feats, t_eot = model.text_features(batch["text_ids"], batch["text_mask"])
+    fusion = model.fusion
+    rows = torch.arange(len(vid), device=vid.device)
+    probs = []
+    for videos in (vid, other):
+        match = fusion.pair_match_fn(frame_feats[videos], video_mask[videos], text_feats, batch["text_mask"], t_eot)
+        probs.append(match(rows[:, None], rows[:, None]).squeeze(1))
+    return int((probs[0] > probs[1]).sum())

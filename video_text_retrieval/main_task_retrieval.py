@@ -43,9 +43,9 @@ if __package__ in (None, ""):  # run as a file (python video_text_retrieval/main
 
 from dataloaders.errors import ConfigError  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
-from engine.builders import build_dataset, build_model, convert_weights_fp16, seed_everything  # noqa: E402
+from engine.builders import build_dataset, build_model, convert_weights_fp16, setup_runtime  # noqa: E402
 from engine.distributed import DistInfo, cleanup, init_distributed  # noqa: E402
-from engine.flags import build_parser, validate  # noqa: E402
+from engine.flags import build_parser, check_text_length, effective_rerank_topk, validate  # noqa: E402
 from engine.run_logging import setup_logging, write_config  # noqa: E402
 from engine.trainer import fit, run_evaluation  # noqa: E402
 from video_text_retrieval.selection import (  # noqa: E402
@@ -108,6 +108,8 @@ def load_resume_weights(args: argparse.Namespace, task: ContrastiveTask) -> None
 def make_evaluator(args: argparse.Namespace, eval_set, dist: DistInfo, selection: BestValidation | None = None):
     """``evaluate(task) -> metrics`` for the engine; with ``selection`` every run also updates the best weights."""
 
+    topk = effective_rerank_topk(args.rerank_topk, len(eval_set.texts), len(eval_set.video_ids), args.val_csv)
+
     def evaluate(task: ContrastiveTask) -> dict:
         metrics = evaluate_retrieval(
             task.model,
@@ -115,7 +117,7 @@ def make_evaluator(args: argparse.Namespace, eval_set, dist: DistInfo, selection
             dist,
             args.batch_size_val,
             args.num_thread_reader,
-            rerank_topk=args.rerank_topk,
+            rerank_topk=topk,
             allow_missing=args.allow_missing_eval_videos,
         )
         if selection is not None:
@@ -134,9 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
         setup_logging(args.output_dir, dist.rank == 0)
         if dist.rank == 0:
             write_config(args.output_dir, args, dist.world_size)
-        seed_everything(args.seed)
+        setup_runtime(args)
         rerank = args.rerank_topk > 0
         model = build_model(args, with_fusion=rerank)
+        check_text_length(
+            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
+        )
         frozen = model.encoder.freeze_layers(args.freeze_layer_num)
         logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
         if args.precision == "fp16":
