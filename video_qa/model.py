@@ -1,0 +1,147 @@
+"""Video question answering through the MemBridge fusion (DESIGN §2.7): the sequence and the two answer heads.
+
+Sequence (``N = T + 1 + K + L + 1``)::
+
+    [ T frame tokens | v_sep | K bridge tokens | L question tokens | answer slot ]
+
+The bridge tokens are read from the memory with ``v_sep`` and the question's EOT feature (the memory query detaches
+both, as in every fusion path). The question is bidirectional; as in the fusion's evaluation path the positional
+embedding is added everywhere except at ``v_sep`` and the question's EOT. The answer slot is one extra position
+right after the question's EOT (padding after it stays hidden) that carries only its positional embedding, like the
+prediction slot of PLM; its fused state answers the question:
+
+- ``classifier`` (default): :class:`AnswerClassifier` over the answer vocabulary (``train_ans2label.json`` or the
+  most frequent training answers);
+- ``first_token``: the fusion's tied vocabulary head predicts the first BPE token of the answer (the family
+  convention).
+
+There is no published MemBridge QA code, so ``official_quirks`` does not change this path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from dataloaders.errors import ConfigError
+from modules.clip_blocks import LayerNorm
+from modules.fusion import MemBridgeFusion, eot_positions, fusion_attention_mask, video_sep_token
+from modules.membridge import MemBridgeModel
+from modules.video_clip import VideoCLIP
+
+logger = logging.getLogger(__name__)
+
+QA_HEADS = ("classifier", "first_token")
+CLASSIFIER_HIDDEN_FACTOR = 2  # hidden width of the answer classifier, in multiples of D
+ANSWER_SLOTS = 1  # positions the QA sequence adds after the question
+
+
+class AnswerClassifier(nn.Module):
+    """The VQA answer classifier of UNITER / ClipBERT: ``Linear(D, 2D) - GELU - LayerNorm(2D) - Linear(2D, A)``."""
+
+    def __init__(self, width: int, num_answers: int, hidden_factor: int = CLASSIFIER_HIDDEN_FACTOR):
+        super().__init__()
+        if num_answers < 1:
+            raise ConfigError(f"the answer classifier needs at least one answer (got {num_answers})")
+        hidden = hidden_factor * width
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), LayerNorm(hidden), nn.Linear(hidden, num_answers))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        """Answer logits ``[B, A]`` of the fused answer-slot states ``[B, D]``."""
+        return self.net(state)
+
+
+def with_answer_slot(
+    question_feats: torch.Tensor, question_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text slots of the QA sequence: ``(text_feats [B, L+1, D], text_mask [B, L+1], slot [B])``.
+
+    One zero column is appended so that a question filling all ``L`` slots still has its answer slot; ``slot`` is
+    the index right after each question's EOT, where the mask is set to 1 and the features are zero.
+    """
+    b, _, d = question_feats.shape
+    slot = eot_positions(question_mask) + 1
+    rows = torch.arange(b, device=question_feats.device)
+    text_feats = torch.cat([question_feats, question_feats.new_zeros(b, ANSWER_SLOTS, d)], dim=1)
+    text_feats[rows, slot] = 0.0
+    text_mask = torch.cat([question_mask, question_mask.new_zeros(b, ANSWER_SLOTS)], dim=1)
+    text_mask[rows, slot] = 1
+    return text_feats, text_mask, slot
+
+
+class MemBridgeQAModel(MemBridgeModel):
+    """``MemBridgeModel`` plus an answer head; checkpoints hold ``encoder.*``, ``fusion.*`` and ``qa_head.*``.
+
+    ``head`` is one of :data:`QA_HEADS`; ``num_answers`` (the classifier's output size) is required for
+    ``classifier``. CLIP runs with gradient here (downstream fine-tuning trains it at ``lr * coef_lr``).
+    """
+
+    def __init__(
+        self, encoder: VideoCLIP, fusion: MemBridgeFusion, head: str = "classifier", num_answers: int | None = None
+    ):
+        super().__init__(encoder, fusion)
+        if head not in QA_HEADS:
+            raise ConfigError(f"--qa_head {head!r} is not one of {QA_HEADS}")
+        config = fusion.config
+        if config.seq_len + ANSWER_SLOTS > config.context_length:
+            raise ConfigError(
+                f"the QA sequence T+1+K+L+1 = {config.seq_len + ANSWER_SLOTS} is longer than the fusion's "
+                f"{config.context_length} positions: lower --max_frames or --max_words"
+            )
+        self.head = head
+        self.qa_head = None
+        if head == "classifier":
+            if num_answers is None:
+                raise ConfigError("--qa_head classifier needs the size of the answer vocabulary")
+            self.qa_head = AnswerClassifier(config.width, num_answers)
+
+    def encode_question(
+        self, question_ids: torch.Tensor, question_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position CLIP question features ``[B, L, D]`` and the EOT feature ``[B, D]`` (with gradient)."""
+        feats = self.encoder.clip.encode_text_tokens(question_ids)
+        return feats, feats[torch.arange(feats.shape[0], device=feats.device), eot_positions(question_mask)]
+
+    def answer_state(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        question_feats: torch.Tensor,
+        question_mask: torch.Tensor,
+        question_eot: torch.Tensor,
+    ) -> torch.Tensor:
+        """Fused state of the answer slot ``[B, D]`` (see the module docstring for the sequence)."""
+        fusion = self.fusion
+        b, t = video_mask.shape
+        text_feats, text_mask, slot = with_answer_slot(question_feats, question_mask)
+        v_sep = video_sep_token(frame_feats, video_mask)
+        bridges = fusion.bridge_tokens(v_sep, question_eot).to(frame_feats.dtype)
+        x = torch.cat([frame_feats, v_sep.unsqueeze(1), bridges, text_feats.to(frame_feats.dtype)], dim=1)
+        rows = torch.arange(b, device=x.device)
+        keep = torch.ones(b, x.shape[1], dtype=x.dtype, device=x.device)
+        keep[:, t] = 0.0
+        keep[rows, fusion.text_offset(t) + slot - 1] = 0.0  # the question's EOT
+        x = x + fusion.positional_embedding[: x.shape[1]].to(x.dtype) * keep.unsqueeze(-1)
+        mask = fusion_attention_mask(video_mask, text_mask, fusion.num_bridges, causal_text=False)
+        hidden = fusion.transformer(x, mask.to(x.dtype))
+        return hidden[rows, fusion.text_offset(t) + slot]
+
+    def answer_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits ``[B, A]`` (classifier) or ``[B, V]`` (first_token) of a QA batch, and the encoder outputs
+        (``frame_feats [B, T, D]``, ``question_eot [B, D]``) for auxiliary losses."""
+        video_mask, question_mask = batch["video_mask"], batch["question_mask"]
+        frame_feats = self.encoder.encode_video(batch["video"], video_mask)
+        question_feats, question_eot = self.encode_question(batch["question_ids"], question_mask)
+        state = self.answer_state(frame_feats, video_mask, question_feats, question_mask, question_eot)
+        if self.qa_head is not None:
+            logits = self.qa_head(state)
+        else:
+            logits = self.fusion.vocab_logits(state, self.encoder.clip.token_embedding.weight)
+        return logits, {"frame_feats": frame_feats, "question_eot": question_eot}
+
+    def answer_targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Targets ``[B]`` of the head: ``answer_label`` (-1 out of vocabulary) or ``answer_first_token``."""
+        return batch["answer_label"] if self.qa_head is not None else batch["answer_first_token"]
