@@ -54,7 +54,8 @@ def pipeline(tmp_path_factory) -> dict:
          "--coef_lr", "1"],
     )  # fmt: skip
     ckpt = root / "s1" / "ckpt" / (root / "s1" / "ckpt" / "latest").read_text().strip()
-    fusion = [*common, "--cross_config_path", str(REPO / "CLIP-modules" / "fusion-tiny.json"), "--init_model", str(ckpt)]
+    fusion_config = str(REPO / "CLIP-modules" / "fusion-tiny.json")
+    fusion = [*common, "--cross_config_path", fusion_config, "--init_model", str(ckpt)]
     untrained = _run("main_task_fusion.py", ["--do_eval", *fusion, "--output_dir", str(root / "s2u")])
     stage2 = _run(
         "main_task_fusion.py",
