@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import logging
 
-from engine.builders import build_dataset, build_model, convert_weights_fp16, setup_runtime, webvid_source
+from engine.builders import build_dataset, build_model, convert_weights_fp16, start_run, webvid_source
 from engine.distributed import cleanup, init_distributed
 from engine.flags import build_parser, check_text_length, validate
-from engine.run_logging import setup_logging, write_config
 from engine.trainer import fit, run_evaluation
 from video_text_retrieval.task import ContrastiveTask, evaluate_retrieval
 
@@ -45,10 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist = init_distributed()
     try:
         validate(args, dist.world_size)
-        setup_logging(args.output_dir, dist.rank == 0)
-        if dist.rank == 0:
-            write_config(args.output_dir, args, dist.world_size)
-        setup_runtime(args)
+        start_run(args, dist.rank, dist.world_size)
         model = build_model(args, with_fusion=False)
         check_text_length(
             args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"

@@ -32,12 +32,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from engine.builders import build_dataset, build_model, setup_runtime, webvid_source
+from engine.builders import build_dataset, build_model, start_run, webvid_source
 from engine.distributed import cleanup, init_distributed
 from engine.feature_cache import attach_visual_cache
 from engine.flags import build_parser, check_text_length, effective_rerank_topk, validate
 from engine.pretrain_task import FusionPretrainTask, held_out_accuracies
-from engine.run_logging import setup_logging, write_config
 from engine.trainer import fit, run_evaluation
 from modules.membridge import Stage2Weights
 from video_text_retrieval.task import encode_eval_set, evaluate_retrieval
@@ -59,10 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist = init_distributed()
     try:
         validate(args, dist.world_size)
-        setup_logging(args.output_dir, dist.rank == 0)
-        if dist.rank == 0:
-            write_config(args.output_dir, args, dist.world_size)
-        setup_runtime(args)
+        start_run(args, dist.rank, dist.world_size)
         model = build_model(args, with_fusion=True)
         check_text_length(
             args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"

@@ -20,6 +20,7 @@ from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import FileVideoSource
 from engine.checkpoint import load_weights
 from engine.flags import resolve_clip_config
+from engine.run_logging import setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import load_clip
 from modules.fusion import FusionConfig, MemBridgeFusion
@@ -188,6 +189,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def start_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
+    """After the flags are validated: logging (``log.txt`` on rank 0), ``config.json`` (rank 0), threads and seeds."""
+    setup_logging(args.output_dir, rank == 0)
+    if rank == 0:
+        write_config(args.output_dir, args, world_size)
+    setup_runtime(args)
 
 
 def setup_runtime(args: argparse.Namespace) -> None:

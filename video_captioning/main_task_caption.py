@@ -34,10 +34,9 @@ if __package__ in (None, ""):  # run as a file (python video_captioning/main_tas
 
 from dataloaders.errors import ConfigError, DataError  # noqa: E402
 from dataloaders.tokenizer import ClipTokenizer  # noqa: E402
-from engine.builders import build_dataset, convert_weights_fp16, setup_runtime  # noqa: E402
+from engine.builders import build_dataset, convert_weights_fp16, start_run  # noqa: E402
 from engine.distributed import cleanup, init_distributed  # noqa: E402
 from engine.flags import build_parser, check_text_length, validate  # noqa: E402
-from engine.run_logging import setup_logging, write_config  # noqa: E402
 from engine.trainer import fit, run_evaluation  # noqa: E402
 from video_captioning.decoding import DEFAULT_LENGTH_PENALTY  # noqa: E402
 from video_captioning.metrics import CaptionScorer  # noqa: E402
@@ -88,10 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.beam_size < 1:
             raise ConfigError(f"--beam_size must be >= 1 (got {args.beam_size})")
         dataset_key = caption_dataset_key(args.datatype)
-        setup_logging(args.output_dir, dist.rank == 0)
-        if dist.rank == 0:
-            write_config(args.output_dir, args, dist.world_size)
-        setup_runtime(args)
+        start_run(args, dist.rank, dist.world_size)
         model = build_caption_model(args)
         check_text_length(
             args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"

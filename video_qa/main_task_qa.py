@@ -36,10 +36,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataloaders.tokenizer import ClipTokenizer  # noqa: E402
-from engine.builders import build_video_clip, convert_weights_fp16, setup_runtime  # noqa: E402
+from engine.builders import build_video_clip, convert_weights_fp16, start_run  # noqa: E402
 from engine.distributed import cleanup, init_distributed  # noqa: E402
 from engine.flags import build_parser, validate  # noqa: E402
-from engine.run_logging import setup_logging, write_config  # noqa: E402
 from engine.trainer import fit, run_evaluation  # noqa: E402
 from video_qa.model import QA_HEADS  # noqa: E402
 from video_qa.task import (  # noqa: E402
@@ -90,10 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         validate(args, dist.world_size)
         validate_qa_flags(args)
-        setup_logging(args.output_dir, dist.rank == 0)
-        if dist.rank == 0:
-            write_config(args.output_dir, args, dist.world_size)
-        setup_runtime(args)
+        start_run(args, dist.rank, dist.world_size)
         encoder = build_video_clip(args)
         image_size = encoder.clip.config.image_resolution
         paths, tokenizer = qa_data_paths(args), ClipTokenizer()

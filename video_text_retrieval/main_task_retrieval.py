@@ -43,10 +43,9 @@ if __package__ in (None, ""):  # run as a file (python video_text_retrieval/main
 
 from dataloaders.errors import ConfigError  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
-from engine.builders import build_dataset, build_model, convert_weights_fp16, setup_runtime  # noqa: E402
+from engine.builders import build_dataset, build_model, convert_weights_fp16, start_run  # noqa: E402
 from engine.distributed import DistInfo, cleanup, init_distributed  # noqa: E402
 from engine.flags import build_parser, check_text_length, effective_rerank_topk, validate  # noqa: E402
-from engine.run_logging import setup_logging, write_config  # noqa: E402
 from engine.trainer import fit, run_evaluation  # noqa: E402
 from video_text_retrieval.selection import (  # noqa: E402
     BestValidation,
@@ -133,10 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         validate(args, dist.world_size)
         validate_retrieval(args)
-        setup_logging(args.output_dir, dist.rank == 0)
-        if dist.rank == 0:
-            write_config(args.output_dir, args, dist.world_size)
-        setup_runtime(args)
+        start_run(args, dist.rank, dist.world_size)
         rerank = args.rerank_topk > 0
         model = build_model(args, with_fusion=rerank)
         check_text_length(
