@@ -421,14 +421,18 @@ img.thumb.correct { border-color: #0a9a3a; }
 """
 
 
+SAME_AS_BASELINE = 1e-4  # metrics are in % or 0-10 scales: smaller differences are float noise
+
+
 def section_metrics(results: dict[str, Any]) -> str:
     rows = ["<table><tr><th>stage</th><th>metric</th><th>result</th><th>baseline</th><th>baseline is</th></tr>"]
     for row in metric_rows(results):
         lower_better = row.metric.endswith(("MdR", "MnR"))
         css = ""
         if row.baseline is not None:
-            better = row.value < row.baseline if lower_better else row.value > row.baseline
-            css = "better" if better else "worse"
+            # a metric equal to its baseline up to float32 noise (e.g. 66.67 vs 66.666...) is not "better"
+            margin = (row.baseline - row.value if lower_better else row.value - row.baseline) - SAME_AS_BASELINE
+            css = "better" if margin > 0 else "worse"
         rows.append(
             f'<tr class="{css}"><td>{html.escape(row.stage)}</td><td>{html.escape(row.metric)}</td>'
             f'<td class="num result">{format_value(row.value, row.metric)}</td>'
