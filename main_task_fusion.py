@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics.update(
                     held_out_accuracies(
                         task.model, enc.frame_feats, enc.video_mask, enc.text_ids[readable], enc.text_mask[readable],
-                        [eval_set.text_to_video[i] for i in readable], dist,
+                        enc.text_tokens[readable], [eval_set.text_to_video[i] for i in readable], dist,
                     )
                 )  # fmt: skip
                 return metrics

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from engine.distributed import DistInfo, all_gather_object, all_gather_tensor, get_rank, get_world_size, shard_indices
+from modules.fusion import eot_positions
 from modules.membridge import MemBridgeModel, Stage2Weights
 
 HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
@@ -51,10 +52,14 @@ def held_out_accuracies(
     video_mask: torch.Tensor,
     text_ids: torch.Tensor,
     text_mask: torch.Tensor,
+    text_tokens: torch.Tensor,
     text_to_video: list[int],
     dist: DistInfo,
 ) -> dict[str, float]:
     """VTM / MLM / PLM accuracy (%) on held-out (caption, video) pairs, batches sharded across ranks.
+
+    ``text_tokens [Nt, L, D]`` are the captions' per-position CLIP features, already computed by the retrieval
+    evaluation (``encode_eval_set``); they are reused, not recomputed.
 
     ``heldout_vtm_acc``: the training task's accuracy (1 positive + 2 hard negatives per pair, so always answering
     "no match" scores 66.7%). ``heldout_vtm_pair_acc``: how often a caption's match score with its own video exceeds
@@ -66,6 +71,8 @@ def held_out_accuracies(
     mine = shard_indices(len(starts), dist.rank, dist.world_size)
     sums = {key: 0.0 for key in (*ACCURACY_KEYS, "vtm_pair_acc")}
     count = 0
+    t_eot = text_tokens[torch.arange(len(text_tokens), device=text_tokens.device), eot_positions(text_mask)]
+    sim = model.encoder.similarity_logits(t_eot, frame_feats, video_mask)  # [Nt, Nv], hardest negatives from it
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(HELD_OUT_SEED + dist.rank)
     try:
@@ -81,7 +88,9 @@ def held_out_accuracies(
             out = model.stage2_losses(batch, weights=Stage2Weights())
             for key in ACCURACY_KEYS:
                 sums[key] += float(out[key]) * len(idx)
-            sums["vtm_pair_acc"] += float(_pair_wins(model, batch, frame_feats, video_mask, vid))
+            sums["vtm_pair_acc"] += _pair_wins(
+                model, frame_feats, video_mask, vid, text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx]
+            )
             count += len(idx)
     finally:
         torch.random.set_rng_state(generator_state)
@@ -92,20 +101,22 @@ def held_out_accuracies(
 
 def _pair_wins(
     model: MemBridgeModel,
-    batch: dict,
     frame_feats: torch.Tensor,
     video_mask: torch.Tensor,
     vid: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    t_eot: torch.Tensor,
+    sim: torch.Tensor,
 ) -> int:
-    """Captions of ``batch`` whose match score with their own video beats the one with their hardest other video."""
-    text_feats, t_eot = model.text_features(batch["text_ids"], batch["text_mask"])
-    sim = model.encoder.similarity_logits(t_eot, frame_feats, video_mask)
-    sim[torch.arange(len(vid), device=vid.device), vid] = float("-inf")
-    other = sim.argmax(dim=1)
+    """Captions whose match score with their own video ``vid`` beats the one with their hardest other video (the
+    most similar under the dual-encoder similarity ``sim [b, Nv]``)."""
+    other = sim.clone().index_put_((torch.arange(len(vid), device=vid.device), vid), torch.tensor(float("-inf")))
+    other = other.argmax(dim=1)
     margins = []  # match - unmatch logit: finer than the probability, which saturates to exactly 0 or 1
     for videos in (vid, other):
         logits = model.fusion.match_logits(
-            frame_feats[videos], video_mask[videos], text_feats, batch["text_mask"], t_eot, group_size=1
+            frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, group_size=1
         ).float()
         margins.append(logits[:, 1] - logits[:, 0])
     return int((margins[0] > margins[1]).sum())
