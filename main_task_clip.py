@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser("clip", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--train_datatype", default="webvid", help="training set: webvid (shards/videos) or a retrieval dataset key"
-    )
     args = parser.parse_args(argv)
     dist = init_distributed()
     try:

@@ -46,14 +46,6 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser("fusion", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--train_datatype", default="webvid", help="training set: webvid (shards/videos) or a retrieval dataset key"
-    )
-    parser.add_argument(
-        "--visual_cache_dir",
-        default=None,
-        help="where --cache_visual_features keeps its files (default OUTPUT_DIR/visual_cache)",
-    )
     args = parser.parse_args(argv)
     dist = init_distributed()
     try:

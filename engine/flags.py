@@ -208,6 +208,11 @@ def _add_pretrain_fusion_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CLIP is frozen in stage 2: compute per-video frame features once (needs deterministic sampling)",
     )
+    g.add_argument(
+        "--visual_cache_dir",
+        default=None,
+        help="where --cache_visual_features keeps its files (default OUTPUT_DIR/visual_cache)",
+    )
 
 
 def _add_qa_flags(p: argparse.ArgumentParser) -> None:
@@ -232,6 +237,12 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
     _add_train_flags(p)
     if task != "clip":
         _add_fusion_flags(p)
+    if task in ("clip", "fusion"):
+        p.add_argument(
+            "--train_datatype",
+            default="webvid",
+            help="pre-training set: webvid (shards or --webvid_video_dir) or a retrieval dataset key",
+        )
     if task == "fusion":
         _add_pretrain_fusion_flags(p)
     if task == "qa":
