@@ -518,6 +518,24 @@ def _msvd_split_captions(split: str, paths: DataPaths) -> dict[str, list[str]]:
     return ann.msvd_captions_for(ann.read_video_list(list_file), ann.read_msvd_captions(folder), list_file)
 
 
+def _captions_dataset(
+    split: str,
+    captions: Mapping[str, list[str]],
+    video_keys: Mapping[str, str],
+    source: VideoSource,
+    transform: Transform,
+    tokenizer: ClipTokenizer,
+    max_words: int,
+    rng_seed: int,
+) -> RetrievalTrainDataset | RetrievalEvalSet:
+    """Video -> captions of one split: every caption a training pair, or a many-captions-per-video eval set."""
+    if split == "train":
+        pairs = ann.expand_train_pairs(captions)
+        return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed, video_keys)
+    annotations = ann.eval_from_captions(captions)
+    return RetrievalEvalSet.from_annotations(annotations, source, transform, tokenizer, max_words, video_keys)
+
+
 def build_msvd(
     split: str,
     paths: DataPaths,
@@ -533,11 +551,7 @@ def build_msvd(
     _check_split(split, "msvd")
     captions = _msvd_split_captions(split, paths)
     keys = _walked_keys(paths, list(captions), keep_extension=False)
-    if split == "train":
-        pairs = ann.expand_train_pairs(captions)
-        return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed, keys)
-    annotations = ann.eval_from_captions(captions)
-    return RetrievalEvalSet.from_annotations(annotations, source, transform, tokenizer, max_words, keys)
+    return _captions_dataset(split, captions, keys, source, transform, tokenizer, max_words, rng_seed)
 
 
 def build_lsmdc(
@@ -555,11 +569,7 @@ def build_lsmdc(
     _check_split(split, "lsmdc")
     captions = ann.lsmdc_captions(ann.read_lsmdc(paths.require("data_path", "lsmdc") / ann.LSMDC_FILES[split]))
     keys = _walked_keys(paths, list(captions), keep_extension=False)
-    if split == "train":
-        pairs = ann.expand_train_pairs(captions)
-        return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed, keys)
-    annotations = ann.eval_from_captions(captions)
-    return RetrievalEvalSet.from_annotations(annotations, source, transform, tokenizer, max_words, keys)
+    return _captions_dataset(split, captions, keys, source, transform, tokenizer, max_words, rng_seed)
 
 
 def build_didemo(
