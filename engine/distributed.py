@@ -73,6 +73,18 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The ``env://`` rendezvous store, with its keys namespaced by torchrun's restart count.
+
+    After an elastic restart (``torchrun --max-restarts``) the workers of the new attempt talk through the same
+    TCPStore as the failed attempt (the agent keeps it), and the process-group keys of the dead workers are still in
+    it. Without a per-attempt namespace, gloo reads the dead workers' addresses and either fails with "Connection
+    refused" or waits for them until its timeout (30 min). Older torch versions added exactly this prefix themselves.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    return dist.PrefixStore(f"membridge/attempt_{elastic_restart_count()}", store)
+
+
 def init_distributed() -> DistInfo:
     """Join the process group described by the torchrun environment, or run as one process when it is absent.
 
@@ -104,7 +116,9 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if not is_initialized():
         backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend=backend, store=_attempt_store(rank, world_size), rank=rank, world_size=world_size
+        )
         logger.info("joined process group: backend %s, rank %d/%d, device %s", backend, rank, world_size, device)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 

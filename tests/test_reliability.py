@@ -151,20 +151,21 @@ def test_sigkill_two_ranks_then_resume_equals_uninterrupted(synthetic_small, tmp
 
 @pytest.mark.slow
 def test_elastic_restart_resumes_from_the_last_checkpoint(synthetic_small, tmp_path, reference):
-    """A run that crashes once after step 3 (checkpoint at step 2) under ``--max-restarts`` finishes, resuming
+    """A run that crashes once after step 3 (checkpoint at step 2) under ``--max-restarts 1`` finishes, resuming
     from step 2 by itself, and its losses equal the uninterrupted run's.
 
-    Restarts beyond the first are allowed: under load, gloo's connection mesh of a restarted worker group
-    occasionally fails to form ("Connection refused" in ProcessGroupGloo), and torchrun then restarts once more,
-    which is what --max-restarts is for; the run still has to resume and match."""
+    One restart must be enough: the restarted workers meet through the agent's store, which still holds the dead
+    workers' gloo addresses; engine.distributed namespaces the keys per attempt (without that, this run failed with
+    "Connection refused" or hung in gloo's connectFullMesh about one time in four)."""
     out = tmp_path / "elastic"
     crash_at = SAVE_EVERY + 1
     proc = torchrun(
-        out, "--max-restarts", "3",
+        out, "--max-restarts", "1",
         flags=stage1_flags(synthetic_small, out, *RUN_FLAGS), extra_env={FAULT_ENV: str(crash_at)},
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     stderr = finish(proc)
+    assert "Connection refused" not in stderr
     assert f"{FAULT_ENV}={crash_at}: deliberate crash after step {crash_at}" in stderr
     log = (out / "log.txt").read_text()
     assert re.search(rf"torchrun elastic restart \d+: resuming from the last checkpoint in {re.escape(str(out))}", log)
