@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_text_length(
             args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
         )
-        task = FusionPretrainTask(model, Stage2Weights(vtm=args.w_vtm, mlm=args.w_mlm, plm=args.w_plm))
+        task = FusionPretrainTask(model, Stage2Weights(args.w_vtm, args.w_mlm, args.w_plm, args.vtm_negative_scale))
         task.to(dist.device)
         image_size = model.encoder.clip.config.image_resolution
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 from dataloaders.errors import ConfigError
@@ -204,6 +205,13 @@ def _add_pretrain_fusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w_mlm", type=float, default=1.0, help="weight of masked language modelling")
     g.add_argument("--w_plm", type=float, default=1.0, help="weight of prefix language modelling")
     g.add_argument(
+        "--vtm_negative_scale",
+        type=float,
+        default=1.0,
+        help="VTM negatives are drawn from softmax(scale * similarity) of the global batch: 1 = published hard "
+        "negatives, 0 = uniform over the other pairs, >1 harder",
+    )
+    g.add_argument(
         "--cache_visual_features",
         action="store_true",
         help="CLIP is frozen in stage 2: compute per-video frame features once (needs deterministic sampling)",
@@ -303,6 +311,9 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
                 )
     if getattr(args, "rerank_topk", 0) < 0:
         errors.append(f"--rerank_topk must be >= 0 (got {args.rerank_topk})")
+    scale = getattr(args, "vtm_negative_scale", 1.0)
+    if not (math.isfinite(scale) and scale >= 0):
+        errors.append(f"--vtm_negative_scale must be a finite number >= 0 (got {scale})")
     if getattr(args, "cache_visual_features", False) and args.train_frame_order == "shuffle":
         errors.append("--cache_visual_features needs deterministic frames: drop --train_frame_order shuffle")
     if errors:

@@ -64,12 +64,16 @@ def held_out_accuracies(
     ``heldout_vtm_acc``: the training task's accuracy (1 positive + 2 hard negatives per pair, so always answering
     "no match" scores 66.7%). ``heldout_vtm_pair_acc``: how often a caption's match score with its own video exceeds
     that with its hardest other video (the most similar one under the dual encoder, i.e. the kind of negative VTM
-    trains on and re-ranking must separate); chance 50%.
+    trains on and re-ranking must separate); chance 50%. ``heldout_vtm_random_acc``: VTM as a classifier on balanced
+    pairs, each caption with its own video and with one random other video (fixed draw); a constant answer scores
+    50%.
     """
     n = len(text_to_video)
     starts = list(range(0, n, HELD_OUT_BATCH))
     mine = shard_indices(len(starts), dist.rank, dist.world_size)
-    sums = {key: 0.0 for key in (*ACCURACY_KEYS, "vtm_pair_acc")}
+    sums = {key: 0.0 for key in (*ACCURACY_KEYS, "vtm_pair_acc", "vtm_random_acc")}
+    offsets = torch.randint(1, max(2, len(frame_feats)), (n,), generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    random_video = (torch.as_tensor(text_to_video) + offsets) % len(frame_feats)  # never the caption's own video
     count = 0
     t_eot = text_tokens[torch.arange(len(text_tokens), device=text_tokens.device), eot_positions(text_mask)]
     sim = model.encoder.similarity_logits(t_eot, frame_feats, video_mask)  # [Nt, Nv], hardest negatives from it
@@ -88,9 +92,12 @@ def held_out_accuracies(
             out = model.stage2_losses(batch, weights=Stage2Weights())
             for key in ACCURACY_KEYS:
                 sums[key] += float(out[key]) * len(idx)
-            sums["vtm_pair_acc"] += _pair_wins(
-                model, frame_feats, video_mask, vid, text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx]
-            )
+            pair_wins, random_correct = _pair_decisions(
+                model, frame_feats, video_mask, vid, random_video[idx.cpu()].to(vid.device),
+                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx],
+            )  # fmt: skip
+            sums["vtm_pair_acc"] += pair_wins
+            sums["vtm_random_acc"] += random_correct
             count += len(idx)
     finally:
         torch.random.set_rng_state(generator_state)
@@ -99,24 +106,27 @@ def held_out_accuracies(
     return {f"heldout_{key}": 100.0 * sum(t["sums"][key] for t in totals) / max(1, total) for key in sums}
 
 
-def _pair_wins(
+def _pair_decisions(
     model: MemBridgeModel,
     frame_feats: torch.Tensor,
     video_mask: torch.Tensor,
     vid: torch.Tensor,
+    random_vid: torch.Tensor,
     text_tokens: torch.Tensor,
     text_mask: torch.Tensor,
     t_eot: torch.Tensor,
     sim: torch.Tensor,
-) -> int:
-    """Captions whose match score with their own video ``vid`` beats the one with their hardest other video (the
-    most similar under the dual-encoder similarity ``sim [b, Nv]``)."""
-    other = sim.clone().index_put_((torch.arange(len(vid), device=vid.device), vid), torch.tensor(float("-inf")))
-    other = other.argmax(dim=1)
+) -> tuple[int, float]:
+    """For captions whose own videos are ``vid``: how many match their own video better than their hardest other
+    video (the most similar under the dual-encoder similarity ``sim [b, Nv]``), and how many of the 2b balanced
+    decisions (own video: match; ``random_vid``: no match) are right, counted as halves per caption."""
+    hardest = sim.clone().index_put_((torch.arange(len(vid), device=vid.device), vid), torch.tensor(float("-inf")))
+    hardest = hardest.argmax(dim=1)
     margins = []  # match - unmatch logit: finer than the probability, which saturates to exactly 0 or 1
-    for videos in (vid, other):
+    for videos in (vid, hardest, random_vid):
         logits = model.fusion.match_logits(
             frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, group_size=1
         ).float()
         margins.append(logits[:, 1] - logits[:, 0])
-    return int((margins[0] > margins[1]).sum())
+    own, hard, rand = margins
+    return int((own > hard).sum()), 0.5 * float((own > 0).sum() + (rand < 0).sum())

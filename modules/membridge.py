@@ -34,11 +34,16 @@ CACHED_FRAME_FEATURES_KEY = "frame_feats"  # optional batch key [B, T, D] (--cac
 
 @dataclass(frozen=True)
 class Stage2Weights:
-    """Weights of the stage-2 objectives (flags ``--w_vtm --w_mlm --w_plm``); a zero weight skips the objective."""
+    """Weights of the stage-2 objectives (flags ``--w_vtm --w_mlm --w_plm``); a zero weight skips the objective.
+
+    ``vtm_negative_scale`` (``--vtm_negative_scale``) multiplies the similarity logits that VTM negatives are drawn
+    from, ``softmax(scale * sim)``: 1 is the published sampling, 0 draws uniformly from the other pairs of the
+    global batch, larger values draw harder negatives."""
 
     vtm: float = 1.0
     mlm: float = 1.0
     plm: float = 1.0
+    vtm_negative_scale: float = 1.0
 
 
 @dataclass
@@ -131,7 +136,9 @@ class MemBridgeModel(nn.Module):
             with torch.no_grad():
                 sim = self.encoder.similarity_logits(pool.t_eot, pool.frame_feats, pool.video_mask)
             local_size = text_ids.shape[0]
-            neg_video, neg_text = sample_hard_negatives(sim, local_offset, local_size, generator)
+            neg_video, neg_text = sample_hard_negatives(
+                sim * weights.vtm_negative_scale, local_offset, local_size, generator
+            )
             local_index = torch.arange(local_offset, local_offset + local_size, device=sim.device)
             out["vtm"], out["vtm_acc"] = fusion.vtm_loss(
                 pool.frame_feats,

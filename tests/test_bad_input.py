@@ -25,7 +25,7 @@ from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import RE_ENCODE_HINT, FileVideoSource
 from engine.builders import build_model, load_init_model
-from engine.flags import build_parser, effective_rerank_topk
+from engine.flags import build_parser, effective_rerank_topk, validate
 from modules.clip_model import CLIPConfig, load_clip
 from tests.conftest import REPO
 
@@ -328,6 +328,15 @@ def test_max_words_beyond_the_positional_table_of_the_weights(tmp_path):
         f"--max_words {SMALL_CONTEXT + 4} is longer than the text positional table of {weights} ({SMALL_CONTEXT} "
         f"positions): use --max_words <= {SMALL_CONTEXT}"
     )
+
+
+@pytest.mark.parametrize("scale", ["-1", "nan", "inf"])
+def test_vtm_negative_scale_must_be_finite_and_non_negative(tmp_path, scale):
+    args = build_parser("fusion").parse_args(
+        ["--do_train", "--output_dir", str(tmp_path), "--clip_config", TINY, "--vtm_negative_scale", scale]
+    )
+    with pytest.raises(ConfigError, match=rf"--vtm_negative_scale must be a finite number >= 0 \(got {scale}"):
+        validate(args)
 
 
 def test_rerank_topk_larger_than_the_test_set_is_clamped_with_one_warning(caplog):

@@ -21,6 +21,7 @@ from modules.fusion import (
     rerank,
     sample_hard_negatives,
 )
+from modules.membridge import Stage2Weights
 from tests import published_reference as ref
 from tests.fusion_fixtures import FRAMES, REPO, WORDS, stage2_batch, text_batch, tiny_config, tiny_model
 
@@ -290,6 +291,26 @@ def test_rerank_equals_per_query_reference_and_ranks_candidates_first():
 # ---------------------------------------------------------------------------------------------------------------
 
 LENGTHS = [6, 12, 3]
+
+
+def test_vtm_negative_scale_multiplies_the_sampling_logits(monkeypatch):
+    """``Stage2Weights.vtm_negative_scale`` (``--vtm_negative_scale``) scales the similarity the negatives are drawn
+    from: 1 is the published sampling, 0 uniform over the other pairs."""
+    import modules.membridge as membridge
+
+    seen = []
+    real = membridge.sample_hard_negatives
+    monkeypatch.setattr(membridge, "sample_hard_negatives", lambda sim, *a: seen.append(sim.clone()) or real(sim, *a))
+    model = tiny_model()
+    for scale in (1.0, 0.25, 0.0):
+        weights = Stage2Weights(vtm=1.0, mlm=0.0, plm=0.0, vtm_negative_scale=scale)
+        model.stage2_losses(stage2_batch(LENGTHS), torch.Generator().manual_seed(0), weights=weights)
+    published = seen[0]
+    assert published.abs().max() > 0
+    assert torch.allclose(seen[1], 0.25 * published) and torch.equal(seen[2], torch.zeros_like(published))
+    assert Stage2Weights().vtm_negative_scale == 1.0
+    neg_v, neg_t = sample_hard_negatives(torch.zeros(6, 6), 0, 6, torch.Generator().manual_seed(0))
+    assert not (neg_v == torch.arange(6)).any() and not (neg_t == torch.arange(6)).any()
 
 
 @pytest.mark.parametrize("bridge_source", ["memory", "learned", "none"])

@@ -1,8 +1,13 @@
 """Learnability of the two pre-training stages on the default synthetic set (500 videos, 120 test videos), from
-scratch with the tiny model: stage 1 retrieval far above chance; stage 2 MLM / PLM far above the untrained fusion, and
-re-ranking with its VTM head keeps retrieval. (VTM against the hard negatives it trains on stays at its prior at this
-scale: the tiny encoder cannot tell those near-duplicate videos apart; the held-out metrics report it.) One
-module-scoped run (a few minutes on 2 CPU cores) serves every assertion."""
+scratch with the tiny model: stage 1 retrieval far above chance; stage 2 MLM / PLM far above the untrained fusion, VTM
+far above chance on held-out balanced pairs, and re-ranking with its VTM head keeps retrieval. One module-scoped run
+(a few minutes on 2 CPU cores) serves every assertion.
+
+Stage 2 here draws VTM negatives uniformly from the batch (``--vtm_negative_scale 0``). With the published hard
+negatives (scale 1) the tiny VTM does not generalise on this data: every split holds unseen (colour, shape, motion,
+count) combinations, the hardest negative differs from the positive in one attribute, and the tiny fusion memorises
+the training pairs instead (held-out VTM stays at its prior, balanced accuracy 50%; measured in the issue-4 note).
+"""
 
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ def pipeline(tmp_path_factory) -> dict:
     stage2 = _run(
         "main_task_fusion.py",
         ["--do_train", *fusion, "--output_dir", str(root / "s2"), "--epochs", str(STAGE2_EPOCHS), "--fusion_lr",
-         "5e-3", "--cache_visual_features"],
+         "5e-3", "--cache_visual_features", "--vtm_negative_scale", "0"],
     )  # fmt: skip
     return {"manifest": manifest, "stage1": stage1, "untrained": untrained, "stage2": stage2}
 
@@ -84,3 +89,10 @@ def test_reranking_keeps_retrieval(pipeline):
     s2 = pipeline["stage2"]
     assert s2["rerank_t2v_R1"] >= 0.8 * s2["t2v_R1"]
     assert s2["rerank_t2v_R5"] >= 30.0
+
+
+def test_stage2_vtm_far_above_chance_on_held_out_pairs(pipeline):
+    untrained, trained = pipeline["untrained"], pipeline["stage2"]
+    # each held-out caption with its own video and one random other video: a constant answer scores 50%
+    assert trained["heldout_vtm_random_acc"] >= 70.0
+    assert trained["heldout_vtm_random_acc"] >= untrained["heldout_vtm_random_acc"] + 15.0
