@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # MSVD captioning through the MemBridge fusion (the published recipe), launched with torchrun.
-# Usage: DATA_PATH=/data/MSVD PRETRAINED_MODEL=ckpts/stage2/best.safetensors OUTPUT_PATH=ckpts/caption_msvd \
+# Usage: DATA_PATH=/data/MSVD INIT_MODEL=ckpts/stage2/ckpt/step-N OUTPUT_PATH=ckpts/caption_msvd \
 #        NPROC_PER_NODE=8 bash start_caption_msvd.sh [extra flags, e.g. --beam_size 5]
 # DATA_PATH holds {train,val,test}_list.txt + raw-captions.pkl; the videos are in ${VIDEO_PATH}.
 set -euo pipefail
 DATA_PATH=${DATA_PATH:-data/MSVD}
 VIDEO_PATH=${VIDEO_PATH:-${DATA_PATH}/MSVD_Videos}
 OUTPUT_PATH=${OUTPUT_PATH:-ckpts/caption_msvd}
-PRETRAINED_MODEL=${PRETRAINED_MODEL:-ckpts/stage2_fusion/model.safetensors}
+# INIT_MODEL: the stage-2 checkpoint (OUTPUT/ckpt/step-N or a weights file); PRETRAINED_MODEL is accepted as its older name
+INIT_MODEL=${INIT_MODEL:-${PRETRAINED_MODEL:?set INIT_MODEL to the stage-2 checkpoint (OUTPUT/ckpt/step-N or a weights file)}}
 CROSS_CONFIG_PATH=${CROSS_CONFIG_PATH:-./CLIP-modules}
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 NNODES=${NNODES:-1}
@@ -29,5 +30,5 @@ torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPR
     --feature_framerate 1 --coef_lr 1e-3 \
     --freeze_layer_num 0 --slice_framepos 2 \
     --loose_type --linear_patch 2d --sim_header meanP \
-    --init_model "${PRETRAINED_MODEL}" \
+    --init_model "${INIT_MODEL}" \
     "$@"

@@ -248,3 +248,32 @@ def test_fine_tuning_beats_the_untrained_model_by_far(trained, untrained):
     before = json.loads((untrained / "eval_results.json").read_text())["CIDEr"]
     assert before <= UNTRAINED_MAX_CIDER
     assert after >= TRAINED_MIN_CIDER, f"CIDEr after fine-tuning {after:.3f} (untrained {before:.3f})"
+
+
+@pytest.mark.parametrize(("script", "datatype", "epochs"), [("start_caption_msrvtt.sh", "msrvtt", 5),
+                                                             ("start_caption_msvd.sh", "msvd", 10)])  # fmt: skip
+def test_launch_scripts_pass_the_published_recipe_and_the_checkpoint(tmp_path, script, datatype, epochs):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$ARGS_FILE"\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("INIT_MODEL", "PRETRAINED_MODEL")}
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args"), "DATA_PATH": "/data"})
+
+    def launch(**variables: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(REPO / script), "--beam_size", "5"], cwd=REPO, env={**env, **variables},
+            capture_output=True, text=True,
+        )  # fmt: skip
+
+    for name in ("INIT_MODEL", "PRETRAINED_MODEL"):  # PRETRAINED_MODEL: the older name, still accepted
+        proc = launch(**{name: "/ckpt/step-7"})
+        assert proc.returncode == 0, proc.stderr
+        argv = (tmp_path / "args").read_text().splitlines()
+        args = build_caption_parser().parse_args(argv[argv.index("video_captioning/main_task_caption.py") + 1 :])
+        recipe = {"lr": 5e-5, "epochs": epochs, "batch_size": 32, "max_words": 32, "max_frames": 12, "coef_lr": 1e-3}
+        recipe["warmup_proportion"] = 0.2
+        assert {key: getattr(args, key) for key in recipe} == recipe
+        assert (args.datatype, args.init_model, args.beam_size, args.do_train) == (datatype, "/ckpt/step-7", 5, True)
+    missing = launch()
+    assert missing.returncode != 0 and "set INIT_MODEL to the stage-2 checkpoint" in missing.stderr
