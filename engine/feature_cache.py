@@ -131,8 +131,12 @@ def attach_visual_cache(
     dist: DistInfo,
     batch_size: int,
     num_workers: int,
+    encoder_key: str | None = None,
 ) -> CacheReport:
     """Compute (or reuse) the frame features of every video of ``dataset`` and make it return them.
+
+    ``encoder_key``: the encoder's :func:`encoder_fingerprint` when the caller already knows it (search remembers it
+    per weights file); computed here otherwise.
 
     ``dataset`` is a training set with ``pairs`` (``video_id``, ``start``, ``end``) and a ``read_video`` reader;
     afterwards its items carry ``frame_feats`` instead of ``video``.
@@ -142,7 +146,7 @@ def attach_visual_cache(
     clips = {p.video_id: (None if p.start is None and p.end is None else (p.start, p.end)) for p in dataset.pairs}
     keys = {vid: reader.video_keys.get(vid, vid) for vid in video_ids}
     fingerprints = {vid: video_fingerprint(reader.source, vid, keys[vid]) for vid in video_ids}
-    directory = Path(cache_root) / _settings_key(encoder_fingerprint(encoder), settings)
+    directory = Path(cache_root) / _settings_key(encoder_key or encoder_fingerprint(encoder), settings)
 
     old: dict[str, list] = {}
     if (directory / INDEX_FILE).is_file():

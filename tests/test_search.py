@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,29 @@ def test_cache_is_reused_and_invalidated(synthetic_small, runs, stage1, tmp_path
     fused = search.load_search_model(runs["s2"], overrides())
     assert fused.has_fusion
     assert search.index_corpus(fused, videos=str(folder)).cache.computed == 0
+
+
+def test_repeated_queries_do_not_hash_the_encoder_again(synthetic_small, runs, tmp_path, monkeypatch):
+    folder = _folder(synthetic_small, tmp_path)
+    weights_dir = tmp_path / "weights"
+    shutil.copytree(step_dirs(runs["s1"])[-1], weights_dir)
+    model = search.load_search_model(weights_dir, overrides())
+    first = search.index_corpus(model, videos=str(folder))
+    memo = json.loads((folder / search.CACHE_DIRNAME / search.FINGERPRINT_MEMO).read_text())
+    assert list(memo.values()) == [search.encoder_fingerprint(model.model.encoder)]
+
+    calls = []
+    real = search.encoder_fingerprint
+    monkeypatch.setattr(search, "encoder_fingerprint", lambda encoder: calls.append(1) or real(encoder))
+    again = search.index_corpus(model, videos=str(folder))
+    assert calls == [] and (again.cache.computed, again.cache.directory) == (0, first.cache.directory)
+
+    weights = model.weights
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten weights
+    rehashed = search.index_corpus(model, videos=str(folder))
+    assert calls == [1] and rehashed.cache.directory == first.cache.directory  # same tensors, same features
+    (folder / search.CACHE_DIRNAME / search.FINGERPRINT_MEMO).write_text("{not json")  # a damaged memo is rebuilt
+    assert search.index_corpus(model, videos=str(folder)).cache.computed == 0 and calls == [1, 1]
 
 
 def test_cli_prints_a_table_or_json(synthetic_small, runs, tmp_path, capsys):
