@@ -1,13 +1,20 @@
-"""Data loaders for training (distributed, resumable mid-epoch) and sharded evaluation."""
+"""Data loaders for training (distributed, resumable mid-epoch) and sharded evaluation, and the sharded encoding of
+a set of videos that retrieval evaluation and the visual-feature cache share."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm import tqdm
 
-from engine.distributed import shard_indices
+from dataloaders.errors import DataError
+from engine.distributed import DistInfo, all_gather_object, gather_eval_rows, shard_indices
+
+logger = logging.getLogger(__name__)
 
 # Offset mixing the epoch into the loader's generator seed (its draws never touch the global RNG, so a resumed
 # run consumes the global RNG exactly as an uninterrupted one).
@@ -110,3 +117,94 @@ def build_eval_loader(
         generator=torch.Generator().manual_seed(0),  # worker seeds never consume the global (checkpointed) RNG
     )
     return loader, indices
+
+
+# ------------------------------------------------------------------------------------------ encoding a video set
+
+
+def first_readable(videos: Dataset, what: str) -> dict:
+    """The first item of ``videos`` that can be read (its shapes stand in for unreadable ones); ``what`` names the
+    set and the flag to check in the error when none can be read."""
+    for i in range(len(videos)):  # type: ignore[arg-type]
+        try:
+            return videos[i]
+        except DataError:
+            continue
+    raise DataError(f"no video of {what} could be read")
+
+
+class TolerantVideos(Dataset):
+    """Wraps a video dataset (items ``video``, ``video_mask``, ...): an unreadable video yields zeros shaped like
+    ``template`` and ``ok = 0`` instead of raising; readable ones carry ``ok = 1``."""
+
+    def __init__(self, dataset: Dataset, template: dict, what: str):
+        self.dataset = dataset
+        self.template = template
+        self.what = what
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            item = dict(self.dataset[index])
+            item["ok"] = torch.tensor(1)
+        except DataError as exc:
+            logger.warning("%s: video %d left out: %s", self.what, index, exc)
+            item = {k: torch.zeros_like(v) for k, v in self.template.items()}
+            item["ok"] = torch.tensor(0)
+        return item
+
+
+@torch.no_grad()
+def encode_video_set(
+    encoder: nn.Module,
+    videos: Dataset,
+    batch_size: int,
+    num_workers: int,
+    dist: DistInfo,
+    desc: str,
+    hint: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frame features ``[N, T, D]`` (float32), video masks ``[N, T]`` and readable flags ``ok [N]`` of every item of
+    ``videos``, in dataset order, on every rank. Each rank encodes its contiguous shard (``batch_size`` is global).
+
+    A ``DataError`` on any rank (an unreadable video in a set that is not wrapped in :class:`TolerantVideos`) stops
+    every rank with the same error, ``hint`` appended, instead of leaving the other ranks blocked in the gather.
+    """
+    device = dist.device
+    loader, indices = build_eval_loader(
+        videos, max(1, batch_size // dist.world_size), num_workers, dist.rank, dist.world_size
+    )
+    was_training = encoder.training
+    encoder.eval()
+    frames, masks, oks = [], [], []
+    failure = None
+    try:
+        for batch in tqdm(loader, desc=desc, disable=dist.rank != 0, leave=False):
+            video, mask = batch["video"].to(device), batch["video_mask"].to(device)
+            frames.append(encoder.encode_video(video, mask).float())
+            masks.append(mask)
+            ok = batch["ok"].to(device) if "ok" in batch else torch.ones(len(mask), dtype=torch.long, device=device)
+            oks.append(ok)
+    except DataError as exc:
+        failure = str(exc)
+    finally:
+        encoder.train(was_training)
+    failures = all_gather_object(failure) if dist.world_size > 1 else [failure]
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise DataError(f"{desc} stopped on rank {rank}: {message}{hint}")
+    n = len(videos)  # type: ignore[arg-type]
+    if frames:
+        frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
+    else:  # an empty shard: shapes from the first readable video
+        t = first_readable(videos, desc)["video_mask"].shape[0]
+        frame_rows = torch.zeros(0, t, encoder.clip.config.embed_dim, device=device)
+        mask_rows = torch.zeros(0, t, dtype=torch.long, device=device)
+        ok_rows = torch.zeros(0, dtype=torch.long, device=device)
+    return (
+        gather_eval_rows(frame_rows, indices, n),
+        gather_eval_rows(mask_rows, indices, n),
+        gather_eval_rows(ok_rows, indices, n),
+    )

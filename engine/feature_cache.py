@@ -6,7 +6,8 @@ memory-mapped arrays and read back instead of decoding the video and running the
 
 Layout of ``CACHE_ROOT/<key>/`` where ``key`` hashes the encoder weights and the frame-sampling settings:
 ``features.npy`` float32 ``[N, T, D]``, ``masks.npy`` int8 ``[N, T]``, ``index.json``
-``{"videos": {video_id: [row, video_fingerprint]}, ...}``. A video whose fingerprint (file size + mtime, or shard
+``{"videos": {video_id: [row, video_fingerprint]}, ...}`` (row -1: the video could not be read; training skips it as it
+would without the cache). A video whose fingerprint (file size + mtime, or shard
 record location + shard size + mtime) changed is recomputed; other encoder weights or settings give another key.
 Directories are written to a temp name and renamed, so a killed run never leaves a half-written cache.
 """
@@ -26,14 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from engine.data import build_eval_loader
-from engine.distributed import DistInfo, barrier, gather_eval_rows
+from dataloaders.errors import DataError
+from engine.data import TolerantVideos, encode_video_set, first_readable
+from engine.distributed import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
 
 FEATURES_FILE, MASKS_FILE, INDEX_FILE = "features.npy", "masks.npy", "index.json"
+UNREADABLE_ROW = -1  # index row of a video that could not be read (no features stored)
 CACHE_FORMAT = 1
 
 
@@ -49,18 +51,21 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 
 def video_fingerprint(source: Any, video_id: str, key: str) -> str:
     """What identifies the stored video: file path + size + mtime, or shard record location + shard size + mtime."""
-    if hasattr(source, "path_for"):
-        path = Path(source.path_for(key))
-        st = path.stat()
-        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    reader = getattr(source, "reader", None)
-    if reader is not None:
-        from dataloaders.tfrecord_io import resolve_shard
+    try:
+        if hasattr(source, "path_for"):
+            path = Path(source.path_for(key))
+            st = path.stat()
+            return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        reader = getattr(source, "reader", None)
+        if reader is not None:
+            from dataloaders.tfrecord_io import resolve_shard
 
-        entry = reader.entry(key)
-        shard = resolve_shard(entry.shard, Path(reader.index_path).parent)
-        st = shard.stat()
-        return f"{shard.resolve()}:{entry.offset}:{st.st_size}:{st.st_mtime_ns}"
+            entry = reader.entry(key)
+            shard = resolve_shard(entry.shard, Path(reader.index_path).parent)
+            st = shard.stat()
+            return f"{shard.resolve()}:{entry.offset}:{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, DataError):  # a missing file / id: cached as unreadable until it appears
+        return f"missing:{video_id}"
     return f"id:{video_id}"
 
 
@@ -85,6 +90,11 @@ class CachedFrameReader:
         if self._features is None:
             self._open()
         row = self.rows[video_id]
+        if row == UNREADABLE_ROW:
+            raise DataError(
+                f"video {video_id!r} could not be read when the visual feature cache {self.directory} was built (the "
+                "warnings of that run name the reason); fix or remove it, the cache then recomputes it"
+            )
         return torch.from_numpy(np.array(self._features[row])), torch.from_numpy(np.array(self._masks[row], np.int64))
 
     def __getstate__(self) -> dict:
@@ -158,30 +168,20 @@ def attach_visual_cache(
         dataset.read_video = CachedFrameReader(directory)
         return CacheReport(directory, len(reuse), 0)
 
-    feats = masks = None
+    feats = masks = ok = None
     if todo:
         videos = _UniqueVideos(reader, todo, clips)
-        loader, mine = build_eval_loader(
-            videos, max(1, batch_size // dist.world_size), num_workers, dist.rank, dist.world_size
-        )
-        was_training = encoder.training
-        encoder.eval()
-        rows, mrows = [], []
-        for batch in tqdm(loader, desc="cache visual features", disable=dist.rank != 0, leave=False):
-            video, mask = batch["video"].to(dist.device), batch["video_mask"].to(dist.device)
-            rows.append(encoder.encode_video(video, mask).float())
-            mrows.append(mask)
-        encoder.train(was_training)
-        sample = videos[0]
-        t = sample["video_mask"].shape[0]
-        d = encoder.clip.config.embed_dim
-        local = torch.cat(rows) if rows else torch.zeros(0, t, d, device=dist.device)
-        local_m = torch.cat(mrows) if mrows else torch.zeros(0, t, dtype=torch.long, device=dist.device)
-        feats = gather_eval_rows(local, mine, len(todo)).cpu().numpy()
-        masks = gather_eval_rows(local_m, mine, len(todo)).cpu().numpy().astype(np.int8)
+        videos = TolerantVideos(videos, first_readable(videos, "the videos to cache"), "visual feature cache")
+        feats, masks, ok = encode_video_set(encoder, videos, batch_size, num_workers, dist, "cache visual features")
+        feats, masks, ok = feats.cpu().numpy(), masks.cpu().numpy().astype(np.int8), ok.cpu().numpy().astype(bool)
+        if not ok.all():
+            logger.warning(
+                "visual feature cache: %d of %d videos could not be read and are not cached (training skips them, as "
+                "without the cache): %s", int((~ok).sum()), len(todo), [todo[i] for i in np.flatnonzero(~ok)[:20]],
+            )  # fmt: skip
 
     if dist.rank == 0:
-        _write_cache(directory, video_ids, reuse, todo, feats, masks, fingerprints, settings)
+        _write_cache(directory, video_ids, reuse, todo, feats, masks, ok, fingerprints, settings)
     barrier()
     dataset.read_video = CachedFrameReader(directory)
     return CacheReport(directory, len(reuse), len(todo))
@@ -194,23 +194,26 @@ def _write_cache(
     todo: list[str],
     feats: np.ndarray | None,
     masks: np.ndarray | None,
+    ok: np.ndarray | None,
     fingerprints: dict[str, str],
     settings: dict,
 ) -> None:
-    """Merge reused rows and new rows into a fresh directory, then swap it in atomically."""
+    """Merge reused rows and new rows into a fresh directory, then swap it in atomically. Unreadable videos get no
+    row (``UNREADABLE_ROW`` in the index), so they are not decoded again while their fingerprint stays the same."""
     old_feats = np.load(directory / FEATURES_FILE, mmap_mode="r") if reuse else None
     old_masks = np.load(directory / MASKS_FILE, mmap_mode="r") if reuse else None
     sample_feats = feats if feats is not None and len(feats) else old_feats
     sample_masks = masks if masks is not None and len(masks) else old_masks
-    n = len(video_ids)
+    new_row = {vid: i for i, vid in enumerate(todo)}
+    readable = [vid for vid in video_ids if (reuse[vid] != UNREADABLE_ROW if vid in reuse else bool(ok[new_row[vid]]))]
+    n = len(readable)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     out_f = np.lib.format.open_memmap(tmp / FEATURES_FILE, "w+", np.float32, (n, *sample_feats.shape[1:]))
     out_m = np.lib.format.open_memmap(tmp / MASKS_FILE, "w+", np.int8, (n, *sample_masks.shape[1:]))
-    new_row = {vid: i for i, vid in enumerate(todo)}
-    index = {}
-    for row, vid in enumerate(video_ids):
+    index = {vid: [UNREADABLE_ROW, fingerprints[vid]] for vid in video_ids}
+    for row, vid in enumerate(readable):
         if vid in reuse:
             out_f[row], out_m[row] = old_feats[reuse[vid]], old_masks[reuse[vid]]
         else:

@@ -7,12 +7,15 @@ InfoNCE on its slice of a fixed global batch under DDP, and saves what it saw to
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
-from engine import checkpoint, distributed
+from dataloaders.errors import DataError
+from engine import checkpoint, data, distributed
 
 GLOBAL_BATCH = 8
 EVAL_ROWS = 7
@@ -58,6 +61,42 @@ def gathered_step(model: nn.Module, text: torch.Tensor, video: torch.Tensor, red
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+TOY_VIDEOS, BAD_VIDEO = 5, 4  # video 4 is on rank 1's shard
+
+
+class ToyVideos(Dataset):
+    """Video i is filled with the value i; ``BAD_VIDEO`` cannot be read."""
+
+    def __len__(self) -> int:
+        return TOY_VIDEOS
+
+    def __getitem__(self, i: int) -> dict:
+        if i == BAD_VIDEO:
+            raise DataError(f"video {i} is unreadable")
+        return {"video": torch.full((2, 3, 2, 2), float(i)), "video_mask": torch.ones(2, dtype=torch.long)}
+
+
+class ToyEncoder(nn.Module):
+    clip = SimpleNamespace(config=SimpleNamespace(embed_dim=3))
+
+    def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return video.mean(dim=(3, 4))  # [b, T, 3]
+
+
+def encode_toy_videos(info: distributed.DistInfo) -> dict:
+    """encode_video_set over 2 ranks: an unreadable video stops both; tolerated, it is flagged."""
+    out: dict = {}
+    try:
+        data.encode_video_set(ToyEncoder(), ToyVideos(), 2, 0, info, "toy videos", hint=" (a hint)")
+    except DataError as exc:
+        out["encode_error"] = str(exc)
+    tolerant = data.TolerantVideos(ToyVideos(), data.first_readable(ToyVideos(), "toy videos"), "toy videos")
+    out["encode_feats"], out["encode_masks"], out["encode_ok"] = data.encode_video_set(
+        ToyEncoder(), tolerant, 2, 0, info, "toy videos"
+    )
+    return out
+
+
 def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -82,6 +121,8 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
             rows = torch.stack([torch.arange(3.0) + 10 * i for i in indices]) if indices else torch.empty(0, 3)
             result[f"shard_{n}"] = list(indices)
             result[f"rows_{n}"] = distributed.gather_eval_rows(rows, indices, n)
+
+        result.update(encode_toy_videos(info))
 
         model = make_model()
         torch.manual_seed(100 + rank)

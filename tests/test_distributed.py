@@ -106,3 +106,15 @@ def test_incomplete_torchrun_environment_is_a_config_error(monkeypatch: pytest.M
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="RANK, LOCAL_RANK"):
         distributed.init_distributed()
+
+
+def test_video_set_encoding_stops_every_rank_or_flags_the_unreadable_video(two_ranks: list[dict]) -> None:
+    expected = torch.arange(float(worker.TOY_VIDEOS)).reshape(-1, 1, 1).expand(-1, 2, 3).clone()
+    expected[worker.BAD_VIDEO] = 0
+    for result in two_ranks:
+        assert (
+            result["encode_error"] == f"toy videos stopped on rank 1: video {worker.BAD_VIDEO} is unreadable (a hint)"
+        )
+        torch.testing.assert_close(result["encode_feats"], expected)
+        assert result["encode_ok"].tolist() == [1, 1, 1, 1, 0]
+        assert result["encode_masks"].tolist() == [[1, 1]] * 4 + [[0, 0]]

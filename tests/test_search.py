@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -166,6 +167,18 @@ def test_repeated_queries_do_not_hash_the_encoder_again(synthetic_small, runs, t
     assert calls == [1] and rehashed.cache.directory == first.cache.directory  # same tensors, same features
     (folder / search.CACHE_DIRNAME / search.FINGERPRINT_MEMO).write_text("{not json")  # a damaged memo is rebuilt
     assert search.index_corpus(model, videos=str(folder)).cache.computed == 0 and calls == [1, 1]
+
+
+def test_unreadable_videos_are_left_out_of_the_search(synthetic_small, stage1, tmp_path, caplog):
+    folder = _folder(synthetic_small, tmp_path)
+    (folder / "video3.mp4").write_bytes(os.urandom(4096))
+    with caplog.at_level(logging.WARNING):
+        corpus = search.index_corpus(stage1, videos=str(folder))
+    assert "video3.mp4" not in corpus.video_ids and len(corpus.video_ids) == NUM_FOLDER_VIDEOS - 1
+    assert corpus.frame_feats.shape[0] == len(corpus.paths) == NUM_FOLDER_VIDEOS - 1
+    assert "1 videos could not be read and are left out of the search" in caplog.text
+    again = search.index_corpus(stage1, videos=str(folder))  # remembered as unreadable: nothing decoded
+    assert again.cache.computed == 0 and again.video_ids == corpus.video_ids
 
 
 def test_cli_prints_a_table_or_json(synthetic_small, runs, tmp_path, capsys):

@@ -4,6 +4,7 @@ hard negatives with one sample per rank under 2 gloo ranks, and the published co
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from engine.builders import build_dataset, build_model, webvid_source
 from engine.distributed import init_distributed
-from engine.feature_cache import attach_visual_cache
+from engine.feature_cache import UNREADABLE_ROW, attach_visual_cache
 from engine.flags import build_parser
 from tests.conftest import REPO
 
@@ -112,6 +113,54 @@ def test_visual_cache_is_reused_and_invalidated(synthetic_small, tmp_path):
         assert (fourth.directory, fourth.computed) == (third.directory, n_videos)
     finally:
         os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_visual_cache_leaves_out_unreadable_videos_and_training_skips_them(synthetic_small, tmp_path, caplog):
+    """A deleted and a corrupted training video: the cache stores the others, marks these two as unreadable (not
+    decoded again while the files stay the same) and the cached dataset skips them, as the uncached one does."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    labels = json.loads((synthetic_small / "webvid" / "frozen_train_labels.json").read_text())
+    video_ids = list(dict.fromkeys(row["video_id"] if isinstance(row, dict) else row[0] for row in labels))
+    deleted, corrupted = video_ids[1], video_ids[4]
+    for vid in video_ids:
+        if vid not in (deleted, corrupted):
+            (folder / f"{vid}.mp4").symlink_to(synthetic_small / "videos" / f"{vid}.mp4")
+    (folder / f"{corrupted}.mp4").write_bytes(os.urandom(4096))
+
+    def inputs():
+        args = build_parser("fusion").parse_args(
+            [*fusion_flags(synthetic_small, tmp_path), "--webvid_video_dir", str(folder)]
+        )
+        model = build_model(args, with_fusion=True)
+        source = webvid_source(args)
+        return model, build_dataset(args, "webvid", "train", model.encoder.clip.config.image_resolution, source)
+
+    dist = init_distributed()
+    model, dataset = inputs()
+    with caplog.at_level(logging.WARNING):
+        report = attach_visual_cache(dataset, model.encoder, tmp_path / "cache", {"max_frames": 4}, dist, 8, 0)
+    assert report.computed == len(video_ids)
+    assert f"2 of {len(video_ids)} videos could not be read and are not cached" in caplog.text
+    index = json.loads((report.directory / "index.json").read_text())["videos"]
+    assert index[deleted][0] == index[corrupted][0] == UNREADABLE_ROW
+    assert sorted(row for row, _ in index.values() if row != UNREADABLE_ROW) == list(range(len(video_ids) - 2))
+
+    position = {vid: i for i, vid in enumerate(dataset.video_ids)}
+    bad = {position[deleted], position[corrupted]}
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all("frame_feats" in item for item in items)
+    assert not bad & {int(item["video_index"]) for item in items}  # replaced by the next readable samples
+    assert dataset.samples_skipped >= 2
+
+    _, again = inputs()
+    second = attach_visual_cache(again, model.encoder, tmp_path / "cache", {"max_frames": 4}, dist, 8, 0)
+    assert (second.directory, second.computed) == (report.directory, 0)  # the unreadable ones are not retried
+    (folder / f"{corrupted}.mp4").unlink()
+    (folder / f"{corrupted}.mp4").symlink_to(synthetic_small / "videos" / f"{corrupted}.mp4")  # repaired
+    _, repaired = inputs()
+    third = attach_visual_cache(repaired, model.encoder, tmp_path / "cache", {"max_frames": 4}, dist, 8, 0)
+    assert third.computed == 1 and json.loads((third.directory / "index.json").read_text())["videos"][corrupted][0] >= 0
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ from engine.distributed import DistInfo  # noqa: E402
 from engine.feature_cache import (  # noqa: E402
     FEATURES_FILE,
     MASKS_FILE,
+    UNREADABLE_ROW,
     CacheReport,
     attach_visual_cache,
     encoder_fingerprint,
@@ -370,6 +371,13 @@ def index_corpus(
         encoder_key=remembered_encoder_fingerprint(search, cache_root),
     )  # fmt: skip
     logger.info("%d videos: %d from the cache, %d encoded", len(video_ids), report.reused, report.computed)
+    unreadable = {vid for vid in video_ids if corpus.read_video.rows[vid] == UNREADABLE_ROW}
+    if unreadable:
+        logger.warning(
+            "%d videos could not be read and are left out of the search (the warnings above say why): %s",
+            len(unreadable), sorted(unreadable)[:20],
+        )  # fmt: skip
+        video_ids = [vid for vid in video_ids if vid not in unreadable]
     rows = [corpus.read_video.rows[vid] for vid in video_ids]
     feats = np.load(report.directory / FEATURES_FILE, mmap_mode="r")[rows]
     masks = np.load(report.directory / MASKS_FILE, mmap_mode="r")[rows]

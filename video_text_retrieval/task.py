@@ -14,15 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dataloaders.datasets import RetrievalEvalSet
-from dataloaders.errors import DataError
-from engine.data import build_eval_loader
+from engine.data import TolerantVideos, build_eval_loader, encode_video_set, first_readable
 from engine.distributed import (
     DistInfo,
-    all_gather_object,
     all_gather_tensor,
     all_gather_with_grad,
     gather_eval_rows,
@@ -85,29 +82,6 @@ class ContrastiveTask(nn.Module):
         self.model.encoder.clamp_logit_scale_()
 
 
-class _TolerantVideos(Dataset):
-    """Wraps an eval video dataset: an unreadable video yields ``ok = 0`` instead of raising (only used with
-    ``--allow_missing_eval_videos``; the dropped videos are reported)."""
-
-    def __init__(self, dataset: Dataset, template: dict):
-        self.dataset = dataset
-        self.template = template
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            item = dict(self.dataset[index])
-            item["ok"] = torch.tensor(1)
-        except DataError as exc:
-            logger.warning("evaluation video %d dropped: %s", index, exc)
-            item = {k: torch.zeros_like(v) for k, v in self.template.items()}
-            item["video_index"] = torch.tensor(index)
-            item["ok"] = torch.tensor(0)
-        return item
-
-
 @dataclass
 class EncodedEvalSet:
     """Features of a retrieval eval set, on every rank."""
@@ -121,15 +95,6 @@ class EncodedEvalSet:
     video_ok: torch.Tensor  # [Nv] 1 = decoded
 
 
-def _first_readable(dataset: Dataset) -> dict:
-    for i in range(len(dataset)):
-        try:
-            return dataset[i]
-        except DataError:
-            continue
-    raise DataError("no evaluation video could be read: check --features_path")
-
-
 @torch.no_grad()
 def encode_eval_set(
     model: MemBridgeModel, eval_set: RetrievalEvalSet, batch_size: int, num_workers: int, dist: DistInfo,
@@ -140,32 +105,13 @@ def encode_eval_set(
     device = dist.device
     per_rank = max(1, batch_size // dist.world_size)
     videos = eval_set.video_dataset()
+    what = "the evaluation videos (check --features_path)"
     if allow_missing:
-        videos = _TolerantVideos(videos, _first_readable(videos))
-    loader, indices = build_eval_loader(videos, per_rank, num_workers, dist.rank, dist.world_size)
-    frames, masks, oks = [], [], []
-    failure = None
-    try:
-        for batch in tqdm(loader, desc="encode videos", disable=dist.rank != 0, leave=False):
-            video, mask = batch["video"].to(device), batch["video_mask"].to(device)
-            frames.append(encoder.encode_video(video, mask).float())
-            masks.append(mask)
-            ok = batch["ok"].to(device) if "ok" in batch else torch.ones(len(mask), dtype=torch.long, device=device)
-            oks.append(ok)
-    except DataError as exc:
-        failure = str(exc)
-    _raise_on_every_rank(failure, dist)
-    n_v = len(videos)
-    if frames:
-        frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
-    else:
-        t, d = eval_set_shapes(model, videos)
-        frame_rows = torch.zeros(0, t, d, device=device)
-        mask_rows = torch.zeros(0, t, dtype=torch.long, device=device)
-        ok_rows = torch.zeros(0, dtype=torch.long, device=device)
-    frame_feats = gather_eval_rows(frame_rows, indices, n_v)
-    video_mask = gather_eval_rows(mask_rows, indices, n_v)
-    video_ok = gather_eval_rows(ok_rows, indices, n_v)
+        videos = TolerantVideos(videos, first_readable(videos, what), "evaluation")
+    frame_feats, video_mask, video_ok = encode_video_set(
+        encoder, videos, batch_size, num_workers, dist, "encode videos",
+        hint=" (or pass --allow_missing_eval_videos to evaluate without the unreadable videos)",
+    )  # fmt: skip
 
     texts = eval_set.text_dataset()
     loader, indices = build_eval_loader(texts, per_rank, num_workers, dist.rank, dist.world_size)
@@ -186,23 +132,6 @@ def encode_eval_set(
     text_mask = gather_eval_rows(mask_rows, indices, n_t)
     text_feats = text_tokens[torch.arange(n_t, device=device), text_ids.argmax(dim=-1)]
     return EncodedEvalSet(frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok)
-
-
-def _raise_on_every_rank(failure: str | None, dist: DistInfo) -> None:
-    """A video that one rank cannot read stops the evaluation on every rank (instead of leaving the others blocked in
-    the next gather); the message names the video and what to do."""
-    failures = all_gather_object(failure) if dist.world_size > 1 else [failure]
-    for rank, message in enumerate(failures):
-        if message is not None:
-            raise DataError(
-                f"evaluation stopped on rank {rank}: {message} (or pass --allow_missing_eval_videos to evaluate "
-                "without the unreadable videos)"
-            )
-
-
-def eval_set_shapes(model: MemBridgeModel, videos: Dataset) -> tuple[int, int]:
-    """(T, D) of encoded videos, for ranks whose shard is empty (from the first readable video)."""
-    return _first_readable(videos)["video_mask"].shape[0], model.encoder.clip.config.embed_dim
 
 
 def eval_set_text_len(eval_set: RetrievalEvalSet) -> int:
