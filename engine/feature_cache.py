@@ -172,7 +172,7 @@ def attach_visual_cache(
     if todo:
         videos = _UniqueVideos(reader, todo, clips)
         videos = TolerantVideos(videos, first_readable(videos, "the videos to cache"), "visual feature cache")
-        feats, masks, ok = encode_video_set(encoder, videos, batch_size, num_workers, dist, "cache visual features")
+        feats, masks, ok = encode_video_set(encoder, videos, batch_size, num_workers, dist, "caching visual features")
         feats, masks, ok = feats.cpu().numpy(), masks.cpu().numpy().astype(np.int8), ok.cpu().numpy().astype(bool)
         if not ok.all():
             logger.warning(

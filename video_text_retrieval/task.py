@@ -109,7 +109,7 @@ def encode_eval_set(
     if allow_missing:
         videos = TolerantVideos(videos, first_readable(videos, what), "evaluation")
     frame_feats, video_mask, video_ok = encode_video_set(
-        encoder, videos, batch_size, num_workers, dist, "encode videos",
+        encoder, videos, batch_size, num_workers, dist, "encoding the evaluation videos",
         hint=" (or pass --allow_missing_eval_videos to evaluate without the unreadable videos)",
     )  # fmt: skip
 
