@@ -130,7 +130,7 @@ def first_readable(videos: Dataset, what: str) -> dict:
             return videos[i]
         except DataError:
             continue
-    raise DataError(f"no video of {what} could be read")
+    raise DataError(f"no video could be read ({what})")
 
 
 class TolerantVideos(Dataset):
@@ -152,6 +152,8 @@ class TolerantVideos(Dataset):
         except DataError as exc:
             logger.warning("%s: video %d left out: %s", self.what, index, exc)
             item = {k: torch.zeros_like(v) for k, v in self.template.items()}
+            if "video_index" in item:
+                item["video_index"] = torch.tensor(index)
             item["ok"] = torch.tensor(0)
         return item
 

@@ -325,7 +325,7 @@ def open_corpus(
 def remembered_encoder_fingerprint(search: SearchModel, cache_root: Path) -> str:
     """The search model's :func:`encoder_fingerprint`, remembered in ``cache_root/encoder_fingerprints.json`` under its
     weights file (resolved path, size, modification time) and resolved flags, so that a repeated query does not hash
-    every encoder tensor again (1.6 s at ViT-B/16). Rewriting the weights file changes its size or time and the hash
+    every encoder tensor again (about 1 s at ViT-B/16). Rewriting the weights file changes its size or time and the hash
     is recomputed; other weights with the same encoder tensors (a stage-2 checkpoint of a frozen CLIP) get the same
     fingerprint and share the cached features."""
     st = search.weights.stat()

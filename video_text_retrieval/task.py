@@ -105,7 +105,7 @@ def encode_eval_set(
     device = dist.device
     per_rank = max(1, batch_size // dist.world_size)
     videos = eval_set.video_dataset()
-    what = "the evaluation videos (check --features_path)"
+    what = "the evaluation videos: check --features_path"
     if allow_missing:
         videos = TolerantVideos(videos, first_readable(videos, what), "evaluation")
     frame_feats, video_mask, video_ok = encode_video_set(
