@@ -28,7 +28,7 @@ import logging
 
 from engine.builders import build_dataset, build_model, convert_weights_fp16, start_run, webvid_source
 from engine.distributed import cleanup, init_distributed
-from engine.flags import build_parser, check_text_length, validate
+from engine.flags import build_parser, validate
 from engine.trainer import fit, run_evaluation
 from video_text_retrieval.task import ContrastiveTask, evaluate_retrieval
 
@@ -43,9 +43,6 @@ def main(argv: list[str] | None = None) -> dict:
         validate(args, dist.world_size)
         start_run(args, dist.rank, dist.world_size)
         model = build_model(args, with_fusion=False)
-        check_text_length(
-            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
-        )
         encoder = model.encoder
         frozen = encoder.freeze_layers(args.freeze_layer_num)
         logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))

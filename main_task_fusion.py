@@ -35,7 +35,7 @@ from pathlib import Path
 from engine.builders import build_dataset, build_model, start_run, webvid_source
 from engine.distributed import cleanup, init_distributed
 from engine.feature_cache import attach_visual_cache
-from engine.flags import build_parser, check_text_length, effective_rerank_topk, validate
+from engine.flags import build_parser, effective_rerank_topk, validate
 from engine.pretrain_task import FusionPretrainTask, held_out_accuracies
 from engine.trainer import fit, run_evaluation
 from modules.membridge import Stage2Weights
@@ -52,9 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
         validate(args, dist.world_size)
         start_run(args, dist.rank, dist.world_size)
         model = build_model(args, with_fusion=True)
-        check_text_length(
-            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
-        )
         task = FusionPretrainTask(model, Stage2Weights(args.w_vtm, args.w_mlm, args.w_plm, args.vtm_negative_scale))
         task.to(dist.device)
         image_size = model.encoder.clip.config.image_resolution

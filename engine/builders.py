@@ -19,7 +19,7 @@ from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import FileVideoSource
 from engine.checkpoint import load_weights
-from engine.flags import resolve_clip_config
+from engine.flags import check_text_length, resolve_clip_config
 from engine.run_logging import setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import load_clip
@@ -100,8 +100,11 @@ def build_dataset(
 
 
 def build_video_clip(args: argparse.Namespace) -> VideoCLIP:
-    """The CLIP video/text dual encoder: OpenAI weights from --visual_pretrain_path or a config JSON."""
-    clip = load_clip(path=args.visual_pretrain_path, config=resolve_clip_config(args))
+    """The CLIP video/text dual encoder: OpenAI weights from --visual_pretrain_path or a config JSON. ``--max_words``
+    is checked against the text positional table of what was built (every entry script and search build here)."""
+    config = resolve_clip_config(args)
+    clip = load_clip(path=args.visual_pretrain_path, config=config)
+    check_text_length(args.max_words, clip.config.context_length, args.visual_pretrain_path or config)
     return VideoCLIP(
         clip,
         joint_layers=args.joint_layers,
@@ -119,7 +122,7 @@ def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
         num_bridge_tokens=args.num_bridge_tokens,
         memory_size=args.memory_size,
         bridge_source=args.bridge_source,
-        official_quirks=args.official_quirks,
+        official_quirks=args.official_quirks or None,  # the flag turns the quirks on; so does the JSON
         max_frames=args.max_frames,
         max_words=args.max_words,
     )

@@ -24,10 +24,11 @@ from dataloaders.tfrecord_io import ShardReader, ShardVideoSource
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import RE_ENCODE_HINT, FileVideoSource
-from engine.builders import build_model, load_init_model
+from engine.builders import build_model, build_video_clip, load_init_model
 from engine.flags import build_parser, effective_rerank_topk, validate
 from modules.clip_model import CLIPConfig, load_clip
 from tests.conftest import REPO
+from video_qa.main_task_qa import build_qa_parser
 
 TINY = str(REPO / "CLIP-modules" / "tiny.json")
 T, L, IMAGE = 4, 12, 32
@@ -322,12 +323,18 @@ def test_max_words_beyond_the_positional_table_of_the_weights(tmp_path):
     torch.save(clip.state_dict(), weights)
     argv = ["--do_eval", "--output_dir", str(tmp_path / "run"), "--visual_pretrain_path", str(weights),
             "--max_words", str(SMALL_CONTEXT + 4), "--max_frames", str(T)]  # fmt: skip
-    with pytest.raises(ConfigError) as info:
-        main_task_clip.main(argv)
-    assert str(info.value) == (
+    expected = (
         f"--max_words {SMALL_CONTEXT + 4} is longer than the text positional table of {weights} ({SMALL_CONTEXT} "
         f"positions): use --max_words <= {SMALL_CONTEXT}"
     )
+    with pytest.raises(ConfigError) as info:
+        main_task_clip.main(argv)
+    assert str(info.value) == expected
+    # every entry script builds its encoder through build_video_clip (QA directly), which checks it
+    qa_args = build_qa_parser().parse_args(argv)
+    with pytest.raises(ConfigError) as info:
+        build_video_clip(qa_args)
+    assert str(info.value) == expected
 
 
 @pytest.mark.parametrize("scale", ["-1", "nan", "inf"])

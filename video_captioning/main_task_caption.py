@@ -36,7 +36,7 @@ from dataloaders.errors import ConfigError, DataError  # noqa: E402
 from dataloaders.tokenizer import ClipTokenizer  # noqa: E402
 from engine.builders import build_dataset, convert_weights_fp16, start_run  # noqa: E402
 from engine.distributed import cleanup, init_distributed  # noqa: E402
-from engine.flags import build_parser, check_text_length, validate  # noqa: E402
+from engine.flags import build_parser, validate  # noqa: E402
 from engine.trainer import fit, run_evaluation  # noqa: E402
 from video_captioning.decoding import DEFAULT_LENGTH_PENALTY  # noqa: E402
 from video_captioning.metrics import CaptionScorer  # noqa: E402
@@ -89,9 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_key = caption_dataset_key(args.datatype)
         start_run(args, dist.rank, dist.world_size)
         model = build_caption_model(args)
-        check_text_length(
-            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
-        )
         if args.precision == "fp16":
             convert_weights_fp16(model)
         task = CaptionTask(model, args.caption_targets)

@@ -28,12 +28,12 @@ from dataloaders.datasets import DATASETS, DataPaths, QADataset
 from dataloaders.errors import ConfigError
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
-from engine.builders import file_source
+from engine.builders import build_fusion_config, file_source
 from engine.checkpoint import KeyMap, LoadReport, load_weights
 from engine.data import build_eval_loader
 from engine.distributed import DistInfo, all_gather_with_grad, gather_eval_rows
 from engine.trainer import move_to_device
-from modules.fusion import FusionConfig, MemBridgeFusion
+from modules.fusion import MemBridgeFusion
 from modules.losses import contrastive_loss
 from modules.published_keys import convert_published_state_dict
 from modules.video_clip import VideoCLIP
@@ -116,17 +116,9 @@ def num_answer_classes(ans2label: Mapping[str, int]) -> int:
 
 def build_qa_model(args: argparse.Namespace, encoder: VideoCLIP, num_answers: int | None) -> MemBridgeQAModel:
     """The QA model on ``encoder`` with a fusion sized by ``--cross_config_path`` and the fusion flags."""
-    config = FusionConfig.from_json(
-        args.cross_config_path,
-        layers=args.fusion_layers,
-        num_bridge_tokens=args.num_bridge_tokens,
-        memory_size=args.memory_size,
-        bridge_source=args.bridge_source,
-        official_quirks=args.official_quirks or None,
-        max_frames=args.max_frames,
-        max_words=args.max_words,
+    return MemBridgeQAModel(
+        encoder, MemBridgeFusion(build_fusion_config(args)), head=args.qa_head, num_answers=num_answers
     )
-    return MemBridgeQAModel(encoder, MemBridgeFusion(config), head=args.qa_head, num_answers=num_answers)
 
 
 def _published_aware_key_map(fusion_layers: int) -> KeyMap:

@@ -45,7 +45,7 @@ from dataloaders.errors import ConfigError  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.builders import build_dataset, build_model, convert_weights_fp16, start_run  # noqa: E402
 from engine.distributed import DistInfo, cleanup, init_distributed  # noqa: E402
-from engine.flags import build_parser, check_text_length, effective_rerank_topk, validate  # noqa: E402
+from engine.flags import build_parser, effective_rerank_topk, validate  # noqa: E402
 from engine.trainer import fit, run_evaluation  # noqa: E402
 from video_text_retrieval.selection import (  # noqa: E402
     BestValidation,
@@ -135,9 +135,6 @@ def main(argv: list[str] | None = None) -> dict:
         start_run(args, dist.rank, dist.world_size)
         rerank = args.rerank_topk > 0
         model = build_model(args, with_fusion=rerank)
-        check_text_length(
-            args.max_words, model.encoder.clip.config.context_length, args.visual_pretrain_path or "--clip_config"
-        )
         frozen = model.encoder.freeze_layers(args.freeze_layer_num)
         logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
         if args.precision == "fp16":

@@ -60,7 +60,7 @@ from engine.feature_cache import (  # noqa: E402
     attach_visual_cache,
     encoder_fingerprint,
 )
-from engine.flags import REPO_ROOT, build_parser, check_text_length  # noqa: E402
+from engine.flags import REPO_ROOT, build_parser  # noqa: E402
 from engine.run_logging import setup_logging  # noqa: E402
 from modules.clip_model import read_state_dict  # noqa: E402
 from modules.fusion import check_rerank_range, eot_positions, rerank_queries  # noqa: E402
@@ -216,7 +216,6 @@ def load_search_model(checkpoint: str | os.PathLike, overrides: argparse.Namespa
             "pass the architecture flags of the run that wrote it (--clip_config, --cross_config_path, --max_frames)"
         )
     clip = model.encoder.clip
-    check_text_length(flags.max_words, clip.config.context_length, str(weights))
     model.eval()
     logger.info("search model from %s (fusion: %s)", weights, with_fusion)
     return SearchModel(model, flags, weights, ClipTokenizer(), ClipTransform(clip.config.image_resolution))
