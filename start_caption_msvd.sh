@@ -10,14 +10,9 @@ OUTPUT_PATH=${OUTPUT_PATH:-ckpts/caption_msvd}
 # INIT_MODEL: the stage-2 checkpoint (OUTPUT/ckpt/step-N or a weights file); PRETRAINED_MODEL is accepted as its older name
 INIT_MODEL=${INIT_MODEL:-${PRETRAINED_MODEL:?set INIT_MODEL to the stage-2 checkpoint (OUTPUT/ckpt/step-N or a weights file)}}
 CROSS_CONFIG_PATH=${CROSS_CONFIG_PATH:-./CLIP-modules}
-NPROC_PER_NODE=${NPROC_PER_NODE:-1}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
-torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPROC_PER_NODE}" \
-    --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
+launch \
     video_captioning/main_task_caption.py --do_train --num_thread_reader=4 \
     --cross_config_path "${CROSS_CONFIG_PATH}" \
     --epochs=10 --batch_size=32 --n_display=50 \

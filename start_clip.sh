@@ -7,14 +7,9 @@ DATA_PATH=${DATA_PATH:-data}
 OUTPUT_PATH=${OUTPUT_PATH:-ckpts/stage1_clip}
 CLIP_PATH=${CLIP_PATH:-./CLIP-modules/ViT-B-16.pt}
 WEBVID_TFRECORD=${WEBVID_TFRECORD:-WebVid_TFRecord}
-NPROC_PER_NODE=${NPROC_PER_NODE:-1}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
-torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPROC_PER_NODE}" \
-    --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
+launch \
     main_task_clip.py --do_train --num_thread_reader=2 \
     --visual_pretrain_path "${CLIP_PATH}" \
     --cross_config_path ./CLIP-modules \

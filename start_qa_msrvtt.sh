@@ -19,14 +19,9 @@ WARMUP=${WARMUP:-0.1}
 MAX_WORDS=${MAX_WORDS:-32}
 MAX_FRAMES=${MAX_FRAMES:-12}
 NUM_THREAD_READER=${NUM_THREAD_READER:-4}
-NPROC_PER_NODE=${NPROC_PER_NODE:-1}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
-torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPROC_PER_NODE}" \
-    --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
+launch \
     video_qa/main_task_qa.py --do_train --datatype msrvtt_qa --num_thread_reader="${NUM_THREAD_READER}" \
     --epochs="${EPOCHS}" --batch_size="${BATCH_SIZE}" --n_display=50 \
     --cross_config_path "${CROSS_CONFIG_PATH}" \

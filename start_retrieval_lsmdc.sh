@@ -15,14 +15,9 @@ EPOCHS=${EPOCHS:-5}
 BATCH_SIZE=${BATCH_SIZE:-128}
 LR=${LR:-1e-4}
 RERANK_TOPK=${RERANK_TOPK:-32}
-NPROC_PER_NODE=${NPROC_PER_NODE:-1}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
-torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NPROC_PER_NODE}" \
-    --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" \
+launch \
     video_text_retrieval/main_task_retrieval.py --do_train --num_thread_reader=2 \
     --epochs="${EPOCHS}" --batch_size="${BATCH_SIZE}" --n_display=50 \
     --cross_config_path ./CLIP-modules \

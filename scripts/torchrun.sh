@@ -1,0 +1,7 @@
+# Sourced by the start_*.sh launch scripts. `launch SCRIPT FLAGS...` runs torchrun with the node settings taken
+# from the environment: NPROC_PER_NODE (default 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1) and
+# MASTER_PORT (29500). Several nodes: set all five on every node.
+launch() {
+    torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${NPROC_PER_NODE:-1}" \
+        --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" "$@"
+}
