@@ -472,44 +472,62 @@ def _walked_keys(paths: DataPaths, video_ids: Sequence[str], keep_extension: boo
     return {v: str(p.relative_to(root).parent / v) for v, p in found.items()}
 
 
-def build_webvid(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> RetrievalTrainDataset:
+@dataclass(frozen=True)
+class BuildInputs:
+    """What every dataset builder receives (``DATASETS[name](split, paths, source, transform, tokenizer, max_words,
+    expand_sentences=..., num_answers=..., rng_seed=...)``); options a benchmark has no use for (``expand_sentences``
+    outside MSR-VTT, ``num_answers`` outside QA) are ignored."""
+
+    split: str
+    paths: DataPaths
+    source: VideoSource
+    transform: Transform
+    tokenizer: ClipTokenizer
+    max_words: int
+    expand_sentences: bool = False
+    num_answers: int | None = None
+    rng_seed: int = 0
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    def retrieval_train(
+        self, pairs: Sequence[ann.TrainPair], video_keys: Mapping[str, str] | None = None
+    ) -> RetrievalTrainDataset:
+        return RetrievalTrainDataset(
+            pairs, self.source, self.transform, self.tokenizer, self.max_words, self.rng_seed, video_keys
+        )
+
+    def retrieval_eval(self, annotations: Any, video_keys: Mapping[str, str] | None = None) -> RetrievalEvalSet:
+        return RetrievalEvalSet.from_annotations(
+            annotations, self.source, self.transform, self.tokenizer, self.max_words, video_keys
+        )
+
+    def captions(self, references: Mapping[str, list[str]], video_keys: Mapping[str, str] | None = None):
+        return CaptionDataset(
+            references, self.source, self.transform, self.tokenizer, self.max_words, self.train, self.rng_seed,
+            video_keys,
+        )  # fmt: skip
+
+
+def build_webvid(b: BuildInputs) -> RetrievalTrainDataset:
     """WebVid pre-training pairs from ``--webvid_train_json`` (or ``--train_csv``, as the published commands)."""
-    _check_split(split, "webvid", ("train",))
-    path = Path(paths.webvid_train_json) if paths.webvid_train_json else paths.require("train_csv", "webvid")
-    pairs = [ann.TrainPair(v, (c,)) for v, c in ann.read_webvid_captions(path)]
-    return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed)
+    _check_split(b.split, "webvid", ("train",))
+    path = Path(b.paths.webvid_train_json) if b.paths.webvid_train_json else b.paths.require("train_csv", "webvid")
+    return b.retrieval_train([ann.TrainPair(v, (c,)) for v, c in ann.read_webvid_captions(path)])
 
 
-def build_msrvtt(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> RetrievalTrainDataset | RetrievalEvalSet:
+def build_msrvtt(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
     """MSR-VTT: train from ``--train_csv`` + ``--data_path`` (MSRVTT_data.json); val/test = 1k-A ``--val_csv``."""
-    _check_split(split, "msrvtt")
-    if split == "train":
-        train_csv = paths.require("train_csv", "msrvtt")
-        data = ann.read_msrvtt_data(paths.require("data_path", "msrvtt"))
-        pairs = ann.msrvtt_train_pairs(ann.read_video_id_csv(train_csv), data, expand_sentences, train_csv)
-        return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed)
-    annotations = ann.read_msrvtt_jsfusion(paths.require("val_csv", "msrvtt"))
-    return RetrievalEvalSet.from_annotations(annotations, source, transform, tokenizer, max_words)
+    _check_split(b.split, "msrvtt")
+    if b.train:
+        train_csv = b.paths.require("train_csv", "msrvtt")
+        data = ann.read_msrvtt_data(b.paths.require("data_path", "msrvtt"))
+        return b.retrieval_train(
+            ann.msrvtt_train_pairs(ann.read_video_id_csv(train_csv), data, b.expand_sentences, train_csv)
+        )
+    return b.retrieval_eval(ann.read_msrvtt_jsfusion(b.paths.require("val_csv", "msrvtt")))
 
 
 def _msvd_split_captions(split: str, paths: DataPaths) -> dict[str, list[str]]:
@@ -519,185 +537,120 @@ def _msvd_split_captions(split: str, paths: DataPaths) -> dict[str, list[str]]:
 
 
 def _captions_dataset(
-    split: str,
-    captions: Mapping[str, list[str]],
-    video_keys: Mapping[str, str],
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    rng_seed: int,
+    b: BuildInputs, captions: Mapping[str, list[str]], video_keys: Mapping[str, str]
 ) -> RetrievalTrainDataset | RetrievalEvalSet:
     """Video -> captions of one split: every caption a training pair, or a many-captions-per-video eval set."""
-    if split == "train":
-        pairs = ann.expand_train_pairs(captions)
-        return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed, video_keys)
-    annotations = ann.eval_from_captions(captions)
-    return RetrievalEvalSet.from_annotations(annotations, source, transform, tokenizer, max_words, video_keys)
+    if b.train:
+        return b.retrieval_train(ann.expand_train_pairs(captions), video_keys)
+    return b.retrieval_eval(ann.eval_from_captions(captions), video_keys)
 
 
-def build_msvd(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> RetrievalTrainDataset | RetrievalEvalSet:
+def build_msvd(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
     """MSVD from ``--data_path`` (split lists + raw-captions); train on every caption, test on every caption."""
-    _check_split(split, "msvd")
-    captions = _msvd_split_captions(split, paths)
-    keys = _walked_keys(paths, list(captions), keep_extension=False)
-    return _captions_dataset(split, captions, keys, source, transform, tokenizer, max_words, rng_seed)
+    _check_split(b.split, "msvd")
+    captions = _msvd_split_captions(b.split, b.paths)
+    return _captions_dataset(b, captions, _walked_keys(b.paths, list(captions), keep_extension=False))
 
 
-def build_lsmdc(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> RetrievalTrainDataset | RetrievalEvalSet:
+def build_lsmdc(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
     """LSMDC from ``--data_path`` (the three LSMDC16 csv files); clips found under ``--features_path``."""
-    _check_split(split, "lsmdc")
-    captions = ann.lsmdc_captions(ann.read_lsmdc(paths.require("data_path", "lsmdc") / ann.LSMDC_FILES[split]))
-    keys = _walked_keys(paths, list(captions), keep_extension=False)
-    return _captions_dataset(split, captions, keys, source, transform, tokenizer, max_words, rng_seed)
+    _check_split(b.split, "lsmdc")
+    csv = b.paths.require("data_path", "lsmdc") / ann.LSMDC_FILES[b.split]
+    captions = ann.lsmdc_captions(ann.read_lsmdc(csv))
+    return _captions_dataset(b, captions, _walked_keys(b.paths, list(captions), keep_extension=False))
 
 
-def build_didemo(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> RetrievalTrainDataset | RetrievalEvalSet:
+def build_didemo(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
     """DiDeMo paragraphs from ``--data_path`` (``{split}_data.json``, filtered by ``{split}_list.txt`` if present)."""
-    _check_split(split, "didemo")
-    folder = paths.require("data_path", "didemo")
-    list_file = folder / f"{split}_list.txt"
+    _check_split(b.split, "didemo")
+    folder = b.paths.require("data_path", "didemo")
+    list_file = folder / f"{b.split}_list.txt"
     video_ids = ann.read_video_list(list_file) if list_file.is_file() else None
-    paragraphs = ann.read_didemo_paragraphs(folder / f"{split}_data.json", video_ids)
-    keys = _walked_keys(paths, list(paragraphs), keep_extension=True)
-    if split == "train":
-        pairs = ann.didemo_train_pairs(paragraphs)
-        return RetrievalTrainDataset(pairs, source, transform, tokenizer, max_words, rng_seed, keys)
-    annotations = ann.didemo_eval(paragraphs)
-    return RetrievalEvalSet.from_annotations(annotations, source, transform, tokenizer, max_words, keys)
+    paragraphs = ann.read_didemo_paragraphs(folder / f"{b.split}_data.json", video_ids)
+    keys = _walked_keys(b.paths, list(paragraphs), keep_extension=True)
+    if b.train:
+        return b.retrieval_train(ann.didemo_train_pairs(paragraphs), keys)
+    return b.retrieval_eval(ann.didemo_eval(paragraphs), keys)
 
 
 def _build_qa(
-    dataset: str,
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    num_answers: int | None,
-    rng_seed: int,
-    video_keys: Mapping[str, str] | None = None,
+    b: BuildInputs, dataset: str, rows: list | None = None, video_keys: Mapping[str, str] | None = None
 ) -> QADataset:
-    _check_split(split, dataset)
-    rows = ann.read_qa_jsonl(paths.require(f"msrvtt_qa_{split}_json", dataset))
-    if paths.msrvtt_qa_anslabel_json:
-        ans2label = ann.read_ans2label(paths.msrvtt_qa_anslabel_json)
+    """A QA split; ``rows``: the split's questions when the caller has already read them."""
+    _check_split(b.split, dataset)
+    if rows is None:
+        rows = ann.read_qa_jsonl(b.paths.require(f"msrvtt_qa_{b.split}_json", dataset))
+    if b.paths.msrvtt_qa_anslabel_json:
+        ans2label = ann.read_ans2label(b.paths.msrvtt_qa_anslabel_json)
     else:
-        train_rows = rows if split == "train" else ann.read_qa_jsonl(paths.require("msrvtt_qa_train_json", dataset))
-        ans2label = ann.build_answer_vocab(train_rows, num_answers=num_answers)
-    return QADataset(rows, ans2label, source, transform, tokenizer, max_words, split == "train", rng_seed, video_keys)
+        train_rows = rows if b.train else ann.read_qa_jsonl(b.paths.require("msrvtt_qa_train_json", dataset))
+        ans2label = ann.build_answer_vocab(train_rows, num_answers=b.num_answers)
+    return QADataset(rows, ans2label, b.source, b.transform, b.tokenizer, b.max_words, b.train, b.rng_seed, video_keys)
 
 
-def build_msrvtt_qa(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> QADataset:
+def build_msrvtt_qa(b: BuildInputs) -> QADataset:
     """MSRVTT-QA from the ``--msrvtt_qa_*_json`` flags; vocabulary from the ans2label file or the top answers."""
-    return _build_qa("msrvtt_qa", split, paths, source, transform, tokenizer, max_words, num_answers, rng_seed)
+    return _build_qa(b, "msrvtt_qa")
 
 
-def build_msvd_qa(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> QADataset:
+def build_msvd_qa(b: BuildInputs) -> QADataset:
     """MSVD-QA (same file layout and flags as MSRVTT-QA); videos found under ``--features_path``."""
-    _check_split(split, "msvd_qa")
-    rows = ann.read_qa_jsonl(paths.require(f"msrvtt_qa_{split}_json", "msvd_qa"))
-    keys = _walked_keys(paths, _unique([r.video_id for r in rows]), keep_extension=False)
-    return _build_qa("msvd_qa", split, paths, source, transform, tokenizer, max_words, num_answers, rng_seed, keys)
+    _check_split(b.split, "msvd_qa")
+    rows = ann.read_qa_jsonl(b.paths.require(f"msrvtt_qa_{b.split}_json", "msvd_qa"))
+    keys = _walked_keys(b.paths, _unique([r.video_id for r in rows]), keep_extension=False)
+    return _build_qa(b, "msvd_qa", rows, keys)
 
 
-def build_msrvtt_caption(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> CaptionDataset:
+def build_msrvtt_caption(b: BuildInputs) -> CaptionDataset:
     """MSR-VTT captioning: the json's train/validate/test splits with all references (``--data_path``)."""
-    _check_split(split, "msrvtt_caption")
-    data_file = paths.require("data_path", "msrvtt_caption")
-    references = ann.msrvtt_caption_split(ann.read_msrvtt_data(data_file), split, data_file)
-    return CaptionDataset(references, source, transform, tokenizer, max_words, split == "train", rng_seed)
+    _check_split(b.split, "msrvtt_caption")
+    data_file = b.paths.require("data_path", "msrvtt_caption")
+    return b.captions(ann.msrvtt_caption_split(ann.read_msrvtt_data(data_file), b.split, data_file))
 
 
-def build_msvd_caption(
-    split: str,
-    paths: DataPaths,
-    source: VideoSource,
-    transform: Transform,
-    tokenizer: ClipTokenizer,
-    max_words: int,
-    expand_sentences: bool = False,
-    num_answers: int | None = None,
-    rng_seed: int = 0,
-) -> CaptionDataset:
+def build_msvd_caption(b: BuildInputs) -> CaptionDataset:
     """MSVD captioning: the split lists with all references (``--data_path``)."""
-    _check_split(split, "msvd_caption")
-    references = _msvd_split_captions(split, paths)
-    keys = _walked_keys(paths, list(references), keep_extension=False)
-    return CaptionDataset(references, source, transform, tokenizer, max_words, split == "train", rng_seed, keys)
+    _check_split(b.split, "msvd_caption")
+    references = _msvd_split_captions(b.split, b.paths)
+    return b.captions(references, _walked_keys(b.paths, list(references), keep_extension=False))
 
 
-# Builders share one signature so callers need no per-benchmark branches; options a benchmark has no use for
-# (``expand_sentences`` outside MSR-VTT, ``num_answers`` outside QA) are ignored.
+def _registered(
+    builder: Callable[[BuildInputs], Dataset | RetrievalEvalSet],
+) -> Callable[..., Dataset | RetrievalEvalSet]:
+    """The registry's call form of ``builder``: the :class:`BuildInputs` fields as arguments."""
+
+    def build(
+        split: str,
+        paths: DataPaths,
+        source: VideoSource,
+        transform: Transform,
+        tokenizer: ClipTokenizer,
+        max_words: int,
+        expand_sentences: bool = False,
+        num_answers: int | None = None,
+        rng_seed: int = 0,
+    ) -> Dataset | RetrievalEvalSet:
+        return builder(
+            BuildInputs(split, paths, source, transform, tokenizer, max_words, expand_sentences, num_answers, rng_seed)
+        )
+
+    build.__doc__, build.__name__ = builder.__doc__, builder.__name__
+    return build
+
+
+# One call form for every benchmark, so callers need no per-benchmark branches.
 DATASETS: dict[str, Callable[..., Dataset | RetrievalEvalSet]] = {
-    "webvid": build_webvid,
-    "msrvtt": build_msrvtt,
-    "msvd": build_msvd,
-    "lsmdc": build_lsmdc,
-    "didemo": build_didemo,
-    "msrvtt_qa": build_msrvtt_qa,
-    "msvd_qa": build_msvd_qa,
-    "msrvtt_caption": build_msrvtt_caption,
-    "msvd_caption": build_msvd_caption,
+    name: _registered(builder)
+    for name, builder in {
+        "webvid": build_webvid,
+        "msrvtt": build_msrvtt,
+        "msvd": build_msvd,
+        "lsmdc": build_lsmdc,
+        "didemo": build_didemo,
+        "msrvtt_qa": build_msrvtt_qa,
+        "msvd_qa": build_msvd_qa,
+        "msrvtt_caption": build_msrvtt_caption,
+        "msvd_caption": build_msvd_caption,
+    }.items()
 }
