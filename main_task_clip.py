@@ -24,60 +24,24 @@ On the embedded synthetic data with the tiny model (``python -m dataloaders.synt
 
 from __future__ import annotations
 
-import logging
+from engine.builders import build_model, build_pretrain_set
+from engine.flags import build_parser
+from engine.run import Job, cli, prepare_model, run_main
+from video_text_retrieval.settings import build_retrieval_evaluator
+from video_text_retrieval.task import ContrastiveTask
 
-from engine.builders import build_dataset, build_model, convert_weights_fp16, start_run, webvid_source
-from engine.distributed import cleanup, init_distributed
-from engine.flags import build_parser, validate
-from engine.trainer import fit, run_evaluation
-from video_text_retrieval.task import ContrastiveTask, evaluate_retrieval
 
-logger = logging.getLogger(__name__)
+def build(args, dist) -> Job:
+    """CLIP dual encoder (``--freeze_layer_num``, ``--precision``), InfoNCE on the global batch, retrieval test."""
+    model = prepare_model(args, build_model(args, with_fusion=False))
+    size = model.encoder.clip.config.image_resolution
+    test = build_retrieval_evaluator(args, args.datatype, "test", size, dist) if args.val_csv else None
+    return Job(ContrastiveTask(model), train_set=lambda: build_pretrain_set(args, size), test=test)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser("clip", description=__doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    dist = init_distributed()
-    try:
-        validate(args, dist.world_size)
-        start_run(args, dist.rank, dist.world_size)
-        model = build_model(args, with_fusion=False)
-        encoder = model.encoder
-        frozen = encoder.freeze_layers(args.freeze_layer_num)
-        logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
-        if args.precision == "fp16":
-            convert_weights_fp16(model)
-        task = ContrastiveTask(model)
-        image_size = encoder.clip.config.image_resolution
-
-        evaluate = None
-        if args.val_csv:
-            eval_set = build_dataset(args, args.datatype, "test", image_size)
-
-            def evaluate(task: ContrastiveTask) -> dict:
-                return evaluate_retrieval(
-                    task.model,
-                    eval_set,
-                    dist,
-                    args.batch_size_val,
-                    args.num_thread_reader,
-                    allow_missing=args.allow_missing_eval_videos,
-                )
-
-        if args.do_train:
-            source = webvid_source(args) if args.train_datatype == "webvid" else None
-            train_set = build_dataset(args, args.train_datatype, "train", image_size, source=source)
-            metrics = fit(args, task, train_set, dist, evaluate if args.do_eval or args.val_csv else None)
-        else:
-            if evaluate is None:
-                raise SystemExit("--do_eval needs --val_csv (the evaluation annotation file)")
-            task.to(dist.device)
-            metrics = run_evaluation(args, task, evaluate, dist)
-        return metrics
-    finally:
-        cleanup()
+    return run_main(build_parser("clip", description=__doc__.split("\n\n")[0]), build, argv)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

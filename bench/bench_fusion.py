@@ -78,8 +78,8 @@ def _time(fn, steps: int) -> list[float]:
 
 def child_step(model_name: str, cached: bool, steps: int, videos: int, frames: int, words: int) -> dict:
     from engine.optim import build_optimizer
-    from engine.pretrain_task import FusionPretrainTask
     from modules.membridge import Stage2Weights
+    from pretraining.fusion_task import FusionPretrainTask
 
     torch.manual_seed(0)
     model = _build(model_name, frames, words)

@@ -18,13 +18,16 @@ from dataloaders.tfrecord_io import ShardVideoSource
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import FileVideoSource
+from engine import checkpoint as ckpt
 from engine.checkpoint import load_weights
-from engine.flags import check_text_length, resolve_clip_config
+from engine.feature_cache import attach_visual_cache
+from engine.flags import DEFAULT_CLIP_CONFIG_PATH, check_text_length, resolve_clip_config
 from engine.run_logging import setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
-from modules.clip_model import load_clip
-from modules.fusion import FusionConfig, MemBridgeFusion
+from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
+from modules.fusion import FusionConfig
 from modules.membridge import MemBridgeModel
+from modules.model_config import ModelConfig, build_membridge, build_video_encoder, read_model_config
 from modules.published_keys import convert_published_state_dict, is_published_layout
 from modules.video_clip import VideoCLIP
 
@@ -72,6 +75,32 @@ def webvid_source(args: argparse.Namespace):
     )
 
 
+def build_pretrain_set(args: argparse.Namespace, image_size: int, dist=None, frozen_encoder: nn.Module | None = None):
+    """The pre-training set: WebVid (shards at ``--webvid_tfrecord`` or ``--webvid_video_dir``) or the retrieval
+    dataset ``--train_datatype``; with ``--cache_visual_features`` (stage 2) the frame features of
+    ``frozen_encoder`` are attached (see :func:`cache_visual_features`)."""
+    source = webvid_source(args) if args.train_datatype == "webvid" else None
+    dataset = build_dataset(args, args.train_datatype, "train", image_size, source=source)
+    if getattr(args, "cache_visual_features", False):
+        cache_visual_features(args, dataset, frozen_encoder, dist, image_size)
+    return dataset
+
+
+def cache_visual_features(args: argparse.Namespace, train_set, encoder: nn.Module, dist, image_size: int) -> None:
+    """``--cache_visual_features``: per-video frame features of the frozen encoder, computed once and kept under
+    ``--visual_cache_dir`` (default ``OUTPUT_DIR/visual_cache``), keyed by the frame-sampling settings."""
+    settings = {
+        "max_frames": args.max_frames,
+        "slice_framepos": args.slice_framepos,
+        "pad_frames": args.pad_frames,
+        "feature_framerate": args.feature_framerate,
+        "image_size": image_size,
+        "train_datatype": args.train_datatype,
+    }
+    cache_root = Path(args.visual_cache_dir or Path(args.output_dir) / "visual_cache")
+    attach_visual_cache(train_set, encoder, cache_root, settings, dist, args.batch_size_val, args.num_thread_reader)
+
+
 def build_dataset(
     args: argparse.Namespace,
     datatype: str,
@@ -99,19 +128,70 @@ def build_dataset(
     )
 
 
-def build_video_clip(args: argparse.Namespace) -> VideoCLIP:
-    """The CLIP video/text dual encoder: OpenAI weights from --visual_pretrain_path or a config JSON. ``--max_words``
-    is checked against the text positional table of what was built (every entry script and search build here)."""
-    config = resolve_clip_config(args)
-    clip = load_clip(path=args.visual_pretrain_path, config=config)
-    check_text_length(args.max_words, clip.config.context_length, args.visual_pretrain_path or config)
-    return VideoCLIP(
-        clip,
+def clip_architecture(args: argparse.Namespace) -> CLIPConfig | None:
+    """The CLIP sizes to build, from the weights being loaded where there are any.
+
+    ``--visual_pretrain_path``: inferred from that file by ``load_clip`` (None here; an explicit ``--clip_config``
+    sets the head counts and is checked against the file). ``--init_model``: the model config stored with the
+    checkpoint, else the shapes of its CLIP tensors (heads ``width // 64`` unless ``--clip_config`` gives them, which
+    is then checked against the shapes). Otherwise ``--clip_config`` (default ``CLIP-modules/ViT-B-16.json``).
+    """
+    explicit = CLIPConfig.from_json(args.clip_config) if args.clip_config else None
+    if args.visual_pretrain_path:
+        return explicit
+    if args.init_model:
+        stored = read_model_config(args.init_model)
+        inferred = stored.clip if stored is not None else infer_clip_config(args.init_model)
+        if inferred is not None:
+            if explicit is None:
+                logger.info("CLIP sizes from --init_model %s: %s", args.init_model, inferred.to_dict())
+                return inferred
+            check_clip_config(explicit, inferred, args.init_model)
+            return explicit
+    return explicit or CLIPConfig.from_json(resolve_clip_config(args) or DEFAULT_CLIP_CONFIG_PATH)
+
+
+def infer_clip_config(path: str) -> CLIPConfig | None:
+    """CLIP sizes from the CLIP tensors of a weights file (ours or the published layout); None when it has none."""
+    shapes = ckpt.read_weight_shapes(path)
+    state = clip_state_dict(shapes)
+    if "visual.proj" not in state:
+        return None
+    return infer_config(state, str(path))
+
+
+def clip_image_size(args: argparse.Namespace) -> int:
+    """The input resolution of the CLIP the flags build, without building it (datasets need it first)."""
+    config = clip_architecture(args) or infer_clip_config(args.visual_pretrain_path)
+    if config is None:
+        raise ConfigError(f"--visual_pretrain_path {args.visual_pretrain_path} holds no CLIP weights")
+    return config.image_resolution
+
+
+def model_config(args: argparse.Namespace, clip_config: CLIPConfig, with_fusion: bool) -> ModelConfig:
+    """The ModelConfig the flags describe, for a CLIP of ``clip_config``."""
+    return ModelConfig(
+        clip=clip_config,
         joint_layers=args.joint_layers,
         linear_patch=args.linear_patch,
         sim_header=args.sim_header,
         max_frames=args.max_frames,
+        fusion=build_fusion_config(args) if with_fusion else None,
     )
+
+
+def build_clip(args: argparse.Namespace) -> CLIP:
+    """CLIP with OpenAI weights from ``--visual_pretrain_path``, or randomly initialised at the sizes of
+    :func:`clip_architecture`. ``--max_words`` is checked against the text positional table of what was built."""
+    clip = load_clip(path=args.visual_pretrain_path, config=clip_architecture(args))
+    check_text_length(args.max_words, clip.config.context_length, args.visual_pretrain_path or args.clip_config)
+    return clip
+
+
+def build_video_clip(args: argparse.Namespace) -> VideoCLIP:
+    """The CLIP video/text dual encoder of the flags (see :func:`build_clip`)."""
+    clip = build_clip(args)
+    return build_video_encoder(model_config(args, clip.config, with_fusion=False), clip)
 
 
 def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
@@ -129,20 +209,18 @@ def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
 
 
 def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
-    """Dual encoder (+ fusion initialised from the CLIP text blocks), then ``--init_model`` weights.
+    """Dual encoder (+ fusion initialised from the CLIP text blocks), then ``--init_model`` weights. The model
+    carries its ``ModelConfig`` (``model.model_config``), which every checkpoint stores with the weights.
 
     When the loaded weights carry no fusion (a stage-1 checkpoint), the fusion is initialised from the *loaded*
     CLIP text blocks and positional embedding, as stage 2 starts from the stage-1 CLIP.
     """
-    encoder = build_video_clip(args)
-    fusion = MemBridgeFusion(build_fusion_config(args)) if with_fusion else None
-    model = MemBridgeModel(encoder, fusion)
-    if fusion is not None:
-        fusion.init_from_clip(encoder.clip)
+    clip = build_clip(args)
+    model = build_membridge(model_config(args, clip.config, with_fusion), clip)
     report = load_init_model(args, model)
-    if fusion is not None and report is not None and any(k.startswith("fusion.") for k in report.missing):
+    if model.fusion is not None and report is not None and any(k.startswith("fusion.") for k in report.missing):
         logger.info("--init_model has no fusion weights: initialising the fusion from its CLIP text encoder")
-        fusion.init_from_clip(encoder.clip)
+        model.fusion.init_from_clip(model.encoder.clip)
     return model
 
 

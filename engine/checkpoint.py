@@ -35,6 +35,7 @@ from torch import nn
 
 from dataloaders.errors import CheckpointError
 from engine import distributed
+from modules.model_config import model_config_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,8 @@ def _write_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _write_weights(tensors, tmp / WEIGHTS_FILENAME, {ALIASES_METADATA_KEY: json.dumps(aliases)})
+        metadata = {ALIASES_METADATA_KEY: json.dumps(aliases), **model_config_metadata(unwrap_model(model))}
+        _write_weights(tensors, tmp / WEIGHTS_FILENAME, metadata)
         _write_state(state, tmp / STATE_FILENAME)
         _fsync(tmp)
         if final.exists():
@@ -518,3 +520,20 @@ def load_checkpoint(
         restore_rng_state(rng[min(rank, len(rng) - 1)])
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state["extra"]
+
+
+def read_weight_shapes(path: str | os.PathLike[str]) -> dict[str, torch.Size]:
+    """Tensor name -> shape of a weights file or checkpoint directory (safetensors: from the header alone; other
+    formats are read as :func:`load_weights` reads them)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILENAME
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(path, framework="pt") as handle:
+                return {name: torch.Size(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): re-create it") from exc
+    raw, _ = _read_weights(path)
+    tensors, _ = _as_state_dict(raw, path)
+    return {name: tensor.shape for name, tensor in tensors.items()}

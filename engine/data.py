@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -210,3 +211,17 @@ def encode_video_set(
         gather_eval_rows(mask_rows, indices, n),
         gather_eval_rows(ok_rows, indices, n),
     )
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How an evaluation reads its data: the GLOBAL batch (``--batch_size_val``), DataLoader workers per rank
+    (``--num_thread_reader``) and whether unreadable test videos may be left out (``--allow_missing_eval_videos``)."""
+
+    batch_size: int
+    num_workers: int = 0
+    allow_missing: bool = False
+
+    @classmethod
+    def from_flags(cls, args) -> EvalSettings:
+        return cls(args.batch_size_val, args.num_thread_reader, args.allow_missing_eval_videos)

@@ -25,6 +25,7 @@ FRAME_ORDER = {"0": "keep", "1": "reverse", "2": "shuffle"}
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "fp16")
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 DEFAULT_CLIP_CONFIG = "ViT-B-16.json"
+DEFAULT_CLIP_CONFIG_PATH = str(CLIP_MODULES / DEFAULT_CLIP_CONFIG)
 
 # Task names -> which flag groups the entry script exposes.
 TASKS = ("clip", "fusion", "retrieval", "caption", "qa")
@@ -110,7 +111,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--clip_config",
         default=None,
-        help=f"CLIP config JSON used without --visual_pretrain_path (default CLIP-modules/{DEFAULT_CLIP_CONFIG})",
+        help="CLIP config JSON (default CLIP-modules/ViT-B-16.json). With --visual_pretrain_path or --init_model the "
+        "sizes come from those weights and this file only sets the head counts (checked against the weights)",
     )
     g.add_argument(
         "--cross_config_path",
@@ -259,10 +261,13 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
 
 
 def resolve_clip_config(args: argparse.Namespace) -> str | None:
-    """The CLIP config JSON to build from, or None when the sizes come from --visual_pretrain_path."""
-    if args.visual_pretrain_path:
+    """The CLIP config JSON the flags name: ``--clip_config``; else the default, unless weights being loaded
+    (``--visual_pretrain_path``, ``--init_model``) give the sizes (None; see ``engine.builders.clip_architecture``)."""
+    if args.clip_config:
+        return args.clip_config
+    if args.visual_pretrain_path or args.init_model:
         return None
-    return args.clip_config or str(CLIP_MODULES / DEFAULT_CLIP_CONFIG)
+    return DEFAULT_CLIP_CONFIG_PATH
 
 
 def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:

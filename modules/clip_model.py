@@ -360,7 +360,8 @@ def clip_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {key: value for key, value in state.items() if key not in NON_WEIGHT_KEYS}
 
 
-def _check_config(config: CLIPConfig, inferred: CLIPConfig, source: str) -> None:
+def check_clip_config(config: CLIPConfig, inferred: CLIPConfig, source: str) -> None:
+    """CheckpointError unless ``config`` has the shapes inferred from the weights of ``source`` (heads may differ)."""
     shape_fields = [field.name for field in dataclasses.fields(CLIPConfig) if not field.name.endswith("_heads")]
     diffs = [
         f"{name}: config {getattr(config, name)} vs checkpoint {getattr(inferred, name)}"
@@ -392,7 +393,7 @@ def load_clip(path: str | Path | None = None, config: CLIPConfig | str | Path | 
         config = inferred
     else:
         config = _as_config(config)
-        _check_config(config, inferred, source)
+        check_clip_config(config, inferred, source)
     with torch.device("meta"):
         model = CLIP(config)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}

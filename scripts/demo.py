@@ -286,6 +286,7 @@ class Pipeline:
             return ["--output_dir", str(out), "--data_dir", str(self.layout.root)]
 
         caption_script = REPO / "video_captioning" / "main_task_caption.py"
+        caption_module = "video_captioning.main_task_caption"
         return [
             Stage("generate", "generate the synthetic dataset", REPO / "dataloaders" / "synthetic.py", generate,
                   run_dir=False, module="dataloaders.synthetic"),
@@ -295,13 +296,14 @@ class Pipeline:
             Stage("stage2", "stage 2: bridge/memory fusion pre-training", REPO / "main_task_fusion.py", stage2,
                   needs_checkpoint_of="stage1"),
             Stage("retrieval", "text-video retrieval fine-tuning (MSR-VTT layout)",
-                  REPO / "video_text_retrieval" / "main_task_retrieval.py", retrieval, needs_checkpoint_of="stage2"),
+                  REPO / "video_text_retrieval" / "main_task_retrieval.py", retrieval, needs_checkpoint_of="stage2",
+                  module="video_text_retrieval.main_task_retrieval"),
             Stage("captioning", "video captioning fine-tuning", caption_script, captioning,
-                  needs_checkpoint_of="stage2"),
+                  needs_checkpoint_of="stage2", module=caption_module),
             Stage("captioning_untrained", "captioning baseline: an untrained model", caption_script,
-                  captioning_untrained),
+                  captioning_untrained, module=caption_module),
             Stage("qa", "video question answering fine-tuning", REPO / "video_qa" / "main_task_qa.py", qa,
-                  needs_checkpoint_of="stage2"),
+                  needs_checkpoint_of="stage2", module="video_qa.main_task_qa"),
             Stage("report", "report.html", REPO / "scripts" / "report.py", report, run_dir=False),
         ]  # fmt: skip
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.builders import build_model
 from modules.fusion import encode_text_with_probes, plm_targets
 from modules.incremental_text import TextKVCache, extend_text_cache
 from modules.membridge import MemBridgeModel
 from tests.fusion_fixtures import EOT, FRAMES, SOT, WORDS, stage2_batch, text_batch, tiny_model
 from video_captioning.captioner import FusionCaptioner, generate_captions, reorder_state
 from video_captioning.decoding import beam_search, greedy_decode
-from video_captioning.main_task_caption import build_caption_parser
-from video_captioning.task import BestWeights, CaptionTask, build_caption_model
+from video_captioning.task import CaptionTask, build_caption_parser
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -129,28 +129,13 @@ def test_caption_task_trains_fusion_and_video_encoder_only():
     assert all(p.grad is None for p in clip.transformer.parameters())  # text features carry no gradient
 
 
-def test_best_weights_keeps_and_restores_the_best(tmp_path):
-    net = torch.nn.Linear(2, 2)
-    keeper = BestWeights("CIDEr")
-    assert keeper.update(net, {"CIDEr": 0.5})
-    best = net.weight.detach().clone()
-    with torch.no_grad():
-        net.weight.add_(1.0)
-    assert not keeper.update(net, {"CIDEr": 0.4})
-    keeper.restore(net)
-    assert torch.equal(net.weight, best)
-    assert keeper.summary() == {"best_val_CIDEr": 0.5, "best_val_evaluation": 1}
-    keeper.save(tmp_path / "best.safetensors")
-    assert (tmp_path / "best.safetensors").is_file()
-
-
 def _tiny_args(init_model: Path) -> argparse.Namespace:
     flags = f"--do_train --output_dir unused --max_frames 4 --max_words 16 --init_model {init_model} " + TINY_MODEL
     return build_caption_parser().parse_args(flags.split())
 
 
 def test_init_model_loads_stage2_fusion_or_initialises_it_from_clip(stage1_checkpoint, tmp_path):
-    from_stage1 = build_caption_model(_tiny_args(stage1_checkpoint))
+    from_stage1 = build_model(_tiny_args(stage1_checkpoint), with_fusion=True)
     clip_block = from_stage1.encoder.clip.transformer.resblocks[0].state_dict()
     for key, value in from_stage1.fusion.transformer.resblocks[0].state_dict().items():
         assert torch.equal(value, clip_block[key])
@@ -159,7 +144,7 @@ def test_init_model_loads_stage2_fusion_or_initialises_it_from_clip(stage1_check
             param.add_(0.5)
     stage2 = tmp_path / "stage2.safetensors"
     save_file({k: v.contiguous() for k, v in from_stage1.state_dict().items()}, str(stage2))
-    from_stage2 = build_caption_model(_tiny_args(stage2))
+    from_stage2 = build_model(_tiny_args(stage2), with_fusion=True)
     for key, value in from_stage1.fusion.state_dict().items():
         assert torch.equal(from_stage2.fusion.state_dict()[key], value)
 
@@ -184,12 +169,10 @@ UNTRAINED_MAX_CIDER = 0.02  # random tokens
 RUN_TIMEOUT_S = 600
 
 
-def _run(args: list[str], module: bool) -> None:
+def _run(args: list[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    entry = ["-m", "video_captioning.main_task_caption"] if module else ["video_captioning/main_task_caption.py"]
-    proc = subprocess.run(
-        [sys.executable, *entry, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-    )
+    cmd = [sys.executable, "-m", "video_captioning.main_task_caption", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -208,24 +191,24 @@ def stage1_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(synthetic_small, stage1_checkpoint, tmp_path_factory) -> Path:
-    """The published MSVD command (tiny overrides appended), run as a file."""
+    """The published MSVD command (tiny overrides appended)."""
     out = tmp_path_factory.mktemp("caption_msvd")
     data = synthetic_small / "msvd"
     command = PUBLISHED_COMMAND.format(data=data, out=out, init=stage1_checkpoint)
     command += " " + TINY_OVERRIDES.format(videos=synthetic_small / "videos")
-    _run(command.split(), module=False)
+    _run(command.split())
     return out
 
 
 @pytest.fixture(scope="module")
 def untrained(synthetic_small, stage1_checkpoint, tmp_path_factory) -> Path:
-    """``--do_eval`` of the same start weights (fusion never trained), run as a module."""
+    """``--do_eval`` of the same start weights (fusion never trained)."""
     out = tmp_path_factory.mktemp("caption_untrained")
     command = PUBLISHED_COMMAND.format(data=synthetic_small / "msvd", out=out, init=stage1_checkpoint)
     command = (
         command.replace("--do_train", "--do_eval") + " " + TINY_OVERRIDES.format(videos=synthetic_small / "videos")
     )
-    _run(command.split(), module=True)
+    _run(command.split())
     return out
 
 

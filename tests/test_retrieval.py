@@ -19,13 +19,15 @@ from torch import nn
 import main_task_clip
 import main_task_fusion
 from dataloaders.errors import ConfigError, DataError
+from engine.selection import BEST_METRICS_FILE, BEST_MODEL_FILE, BestValidation
 from tests.conftest import REPO
 from video_text_retrieval import main_task_retrieval as retrieval
-from video_text_retrieval.selection import BEST_METRICS_FILE, BEST_MODEL_FILE, BestValidation, check_selection_metric
+from video_text_retrieval import settings as retrieval_settings
+from video_text_retrieval.settings import check_selection_metric
 
 TINY = str(REPO / "CLIP-modules" / "tiny.json")
 FUSION_TINY = str(REPO / "CLIP-modules" / "fusion-tiny.json")
-SCRIPT = REPO / "video_text_retrieval" / "main_task_retrieval.py"
+MODULE = "video_text_retrieval.main_task_retrieval"
 METRIC_KEYS = [f"{d}_{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MdR", "MnR")]
 RERANK_TOPK = "4"
 MODEL_FLAGS = [
@@ -128,7 +130,7 @@ def test_two_gloo_ranks_evaluate_exactly_like_one_process(synthetic_small, finet
     ]  # fmt: skip
     one = retrieval.main([*flags, "--output_dir", str(tmp_path / "one")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", MODULE]
     proc = subprocess.run(
         [*cmd, *flags, "--output_dir", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=300,
@@ -310,6 +312,7 @@ def test_selection_and_flag_checks():
         check_selection_metric("rerank_t2v_R1", 0)
     with pytest.raises(ConfigError, match="not one of"):
         check_selection_metric("t2v_MdR", 32)
-    args = retrieval.build_retrieval_parser().parse_args(["--output_dir", "x", "--datatype", "webvid", "--do_eval"])
+    argv = ["--output_dir", "x", "--datatype", "webvid", "--do_eval"]
+    args = retrieval_settings.build_retrieval_parser().parse_args(argv)
     with pytest.raises(ConfigError, match="retrieval runs on"):
-        retrieval.validate_retrieval(args)
+        retrieval_settings.validate_retrieval(args)

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from dataloaders.datasets import CaptionDataset
-from dataloaders.errors import ConfigError
+from dataloaders.errors import ConfigError, DataError
 from dataloaders.tokenizer import ClipTokenizer
-from engine.builders import build_model
+from engine.builders import build_dataset
 from engine.data import build_eval_loader
 from engine.distributed import DistInfo, all_gather_object, broadcast_object
+from engine.flags import build_parser
 from engine.run_logging import write_json_atomic
 from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
 from modules.membridge import MemBridgeModel
@@ -47,7 +47,6 @@ SELECTION_METRIC = "CIDEr"
 PERCENT = 100.0
 PERCENT_SUFFIX = "_x100"
 CAPTIONS_FILE = "captions_{split}.json"
-BEST_MODEL_FILE = "best_model.safetensors"
 
 
 def caption_dataset_key(datatype: str) -> str:
@@ -65,15 +64,6 @@ def max_caption_tokens(max_words: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def build_caption_model(args: argparse.Namespace) -> MemBridgeModel:
-    """CLIP video encoder + fusion with ``--init_model`` weights (stage 1 or stage 2, ours or published; without
-    fusion weights the fusion starts from the loaded CLIP text blocks), then ``--freeze_layer_num``."""
-    model = build_model(args, with_fusion=True)
-    frozen = model.encoder.freeze_layers(args.freeze_layer_num)
-    logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
-    return model
 
 
 class CaptionTask(nn.Module):
@@ -171,55 +161,10 @@ def caption_videos(
     return {video_id: captions[video_id] for video_id in dataset.video_ids}
 
 
-class BestWeights:
-    """Keeps (on CPU) the weights of the best validation ``metric`` seen so far, and puts them back."""
-
-    def __init__(self, metric: str = SELECTION_METRIC):
-        self.metric = metric
-        self.best: float | None = None
-        self.evaluations = 0
-        self.best_evaluation = 0
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def update(self, model: nn.Module, metrics: Mapping[str, float]) -> bool:
-        """Record one validation run; True when it is the best so far (its weights are then kept)."""
-        self.evaluations += 1
-        value = float(metrics[self.metric])
-        if self.best is not None and value <= self.best:
-            return False
-        self.best, self.best_evaluation = value, self.evaluations
-        self.state = {key: tensor.detach().to("cpu", copy=True) for key, tensor in model.state_dict().items()}
-        logger.info("validation %s %.4f is the best so far (evaluation %d)", self.metric, value, self.evaluations)
-        return True
-
-    def restore(self, model: nn.Module) -> None:
-        """Load the kept weights into ``model`` (nothing to do before any validation run)."""
-        if self.state is not None:
-            model.load_state_dict(self.state)
-            logger.info(
-                "restored the weights of validation run %d (%s %.4f)", self.best_evaluation, self.metric, self.best
-            )
-
-    def save(self, path: Path) -> None:
-        """Write the kept weights as safetensors (loadable with ``--init_model``), via a temp file + rename."""
-        if self.state is None:
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({key: tensor.contiguous() for key, tensor in self.state.items()}, str(tmp))
-        tmp.replace(path)
-
-    def summary(self) -> dict[str, float | int]:
-        """What the test results record about the selection."""
-        if self.best is None:
-            return {}
-        return {f"best_val_{self.metric}": self.best, "best_val_evaluation": self.best_evaluation}
-
-
 class CaptionEvaluator:
     """``evaluate(task) -> metrics`` for the engine: decode a split, score it on rank 0, share the scores.
 
-    Writes ``captions_{split}.json`` (``{video_id: caption}``) to ``output_dir`` on rank 0. With ``selection`` every
-    run updates the best weights. ``extra`` entries are added to the metrics.
+    Writes ``captions_{split}.json`` (``{video_id: caption}``) to ``output_dir`` on rank 0.
     """
 
     def __init__(
@@ -233,7 +178,6 @@ class CaptionEvaluator:
         output_dir: str | Path,
         tokenizer: ClipTokenizer,
         num_workers: int = 0,
-        selection: BestWeights | None = None,
     ) -> None:
         self.dataset = dataset
         self.split = split
@@ -244,8 +188,6 @@ class CaptionEvaluator:
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.num_workers = num_workers
-        self.selection = selection
-        self.extra: dict[str, float | int] = {}
 
     def __call__(self, task: nn.Module) -> dict:
         model = getattr(task, "model", task)
@@ -259,7 +201,67 @@ class CaptionEvaluator:
             metrics = {**scores, **{key + PERCENT_SUFFIX: PERCENT * scores[key] for key in METRIC_KEYS}}
             metrics.update(num_videos=len(captions), beam_size=self.settings.beam_size, split=self.split)
             write_json_atomic(self.output_dir / CAPTIONS_FILE.format(split=self.split), captions)
-        metrics = broadcast_object(metrics)
-        if self.selection is not None:
-            self.selection.update(model, metrics)
-        return {**metrics, **self.extra}
+        return broadcast_object(metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags and recipe pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_caption_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The shared flags plus the decoding flags of captioning."""
+    parser = build_parser("caption", description=description)
+    g = parser.add_argument_group("caption decoding")
+    g.add_argument("--beam_size", type=int, default=1, help="beam width; 1 = greedy search (the family default)")
+    g.add_argument(
+        "--length_penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help="beam search ranks finished captions by sum(logprob) / length**length_penalty",
+    )
+    g.add_argument(
+        "--caption_targets",
+        choices=CAPTION_TARGETS,
+        default=DEFAULT_CAPTION_TARGETS,
+        help="training scores every reference token (all) or a random suffix per reference as in stage-2 PLM",
+    )
+    # Downstream fine-tuning trains the fusion at --lr (the published rule) unless --fusion_lr is given.
+    parser.set_defaults(fusion_lr=None)
+    return parser
+
+
+def validate_caption_flags(args: argparse.Namespace) -> None:
+    """Captioning-only checks (after ``engine.flags.validate``)."""
+    caption_dataset_key(args.datatype)
+    if args.beam_size < 1:
+        raise ConfigError(f"--beam_size must be >= 1 (got {args.beam_size})")
+
+
+def caption_evaluators(
+    args: argparse.Namespace, dist: DistInfo, image_size: int, tokenizer: ClipTokenizer, scorer: CaptionScorer
+) -> tuple[CaptionEvaluator, CaptionEvaluator | None]:
+    """``(test, val)`` evaluators of ``--datatype``; ``val`` is None when the dataset has no validation split (the
+    last weights then decode the test set)."""
+    settings = DecodeSettings(
+        max_len=max_caption_tokens(args.max_words),
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        bos=tokenizer.sot_id,
+    )
+
+    def evaluator(split: str) -> CaptionEvaluator:
+        dataset = build_dataset(args, caption_dataset_key(args.datatype), split, image_size, tokenizer=tokenizer)
+        return CaptionEvaluator(
+            dataset, split, dist, args.batch_size_val, settings, scorer, args.output_dir, tokenizer,
+            args.num_thread_reader,
+        )  # fmt: skip
+
+    test = evaluator("test")
+    if not args.do_train:
+        return test, None
+    try:
+        return test, evaluator("val")
+    except DataError as exc:
+        logger.warning("no validation split (%s): the last weights decode the test set", exc)
+        return test, None

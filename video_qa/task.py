@@ -3,8 +3,9 @@ model selection on val, metrics and the predictions file.
 
 Metrics (``eval_results.json``): ``accuracy`` (%) over **all** test questions, out-of-vocabulary answers counted
 wrong; ``accuracy_<answer_type>`` per type; ``in_vocabulary`` (% of test answers in the answer vocabulary, the
-classifier's ceiling); ``num_questions``. With a val set, the test numbers reported are those of the evaluation
-with the best val accuracy (``val_*`` keys, ``selected_evaluation``); predictions go to ``predictions_test.jsonl``.
+classifier's ceiling); ``num_questions``. With a val set, every epoch is validated and the weights of the best val
+accuracy (``best_val_accuracy``, ``best_val_run``) answer the test set once; predictions go to
+``predictions_test.jsonl``.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ from dataloaders.datasets import DATASETS, DataPaths, QADataset
 from dataloaders.errors import ConfigError
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
-from engine.builders import build_fusion_config, file_source
+from engine.builders import build_clip, file_source, model_config
 from engine.checkpoint import KeyMap, LoadReport, load_weights
-from engine.data import build_eval_loader
+from engine.data import EvalSettings, build_eval_loader
 from engine.distributed import DistInfo, all_gather_with_grad, gather_eval_rows
+from engine.flags import build_parser
 from engine.trainer import move_to_device
 from modules.fusion import MemBridgeFusion
 from modules.losses import contrastive_loss
+from modules.model_config import build_video_encoder
 from modules.published_keys import convert_published_state_dict
-from modules.video_clip import VideoCLIP
-from video_qa.model import MemBridgeQAModel
+from video_qa.model import QA_HEADS, MemBridgeQAModel
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +116,21 @@ def num_answer_classes(ans2label: Mapping[str, int]) -> int:
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-def build_qa_model(args: argparse.Namespace, encoder: VideoCLIP, num_answers: int | None) -> MemBridgeQAModel:
-    """The QA model on ``encoder`` with a fusion sized by ``--cross_config_path`` and the fusion flags."""
-    return MemBridgeQAModel(
-        encoder, MemBridgeFusion(build_fusion_config(args)), head=args.qa_head, num_answers=num_answers
+def build_qa_model(args: argparse.Namespace, num_answers: int | None) -> MemBridgeQAModel:
+    """The QA model of the flags: CLIP (sizes as ``engine.builders.build_clip``), a fusion sized by
+    ``--cross_config_path`` and the fusion flags, the answer head; ``--init_model`` weights (see
+    :func:`init_qa_weights`). It carries its ModelConfig (head settings included) for its checkpoints."""
+    clip = build_clip(args)
+    config = dataclasses.replace(
+        model_config(args, clip.config, with_fusion=True),
+        head={"kind": "qa", "qa_head": args.qa_head, "num_answers": num_answers},
     )
+    model = MemBridgeQAModel(
+        build_video_encoder(config, clip), MemBridgeFusion(config.fusion), head=args.qa_head, num_answers=num_answers
+    )
+    model.model_config = config
+    init_qa_weights(model, args.init_model)
+    return model
 
 
 def _published_aware_key_map(fusion_layers: int) -> KeyMap:
@@ -268,58 +280,80 @@ def write_predictions(path: str | os.PathLike, predictions: Sequence[QAPredictio
     os.replace(tmp, path)
 
 
-class QAEvaluation:
-    """The ``evaluate`` callback of the QA entry script, run on every rank (each takes a shard).
-
-    Each call scores val (when given); when val accuracy improves on every earlier call (or without val), it scores
-    test, keeps those metrics as the selected ones and rank 0 rewrites ``predictions_test.jsonl``. Returns the
-    selected test metrics plus ``val_*`` of the same evaluation, ``selected_evaluation`` (1-based), ``evaluations``
-    and ``last_val_accuracy``.
-    """
+class QAEvaluator:
+    """``evaluate(task) -> metrics`` of one QA split for the engine, each rank scoring a shard; with
+    ``predictions_file`` rank 0 also writes every scored question there (the test split)."""
 
     def __init__(
         self,
-        test_set: QADataset,
-        val_set: QADataset | None,
+        dataset: QADataset,
         dist: DistInfo,
-        batch_size: int,
-        num_workers: int,
-        output_dir: str | os.PathLike,
+        settings: EvalSettings,
         tokenizer: ClipTokenizer,
+        predictions_file: str | os.PathLike | None = None,
     ):
-        self.test_set = test_set
-        self.val_set = val_set
+        self.dataset = dataset
         self.dist = dist
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.output_dir = Path(output_dir)
+        self.settings = settings
         self.tokenizer = tokenizer
-        self.evaluations = 0
-        self.best_val: float | None = None
-        self.selected: dict[str, float | int] = {}
-
-    def score(self, model: MemBridgeQAModel, dataset: QADataset) -> list[QAPrediction]:
-        predicted = predict_answers(model, dataset, self.dist, self.batch_size, self.num_workers)
-        return score_predictions(dataset.rows, predicted, model.head, dataset.ans2label, self.tokenizer)
+        self.predictions_file = predictions_file
 
     def __call__(self, task: nn.Module) -> dict:
         model = task.model
-        self.evaluations += 1
-        val_metrics: dict[str, float | int] = {}
-        if self.val_set is not None:
-            val_metrics = qa_metrics(self.score(model, self.val_set), self.val_set.ans2label)
-            logger.info("QA val accuracy %.2f%% (evaluation %d)", val_metrics["accuracy"], self.evaluations)
-        if self.val_set is None or self.best_val is None or val_metrics["accuracy"] > self.best_val:
-            self.best_val = val_metrics.get("accuracy")
-            test = self.score(model, self.test_set)
-            self.selected = {
-                **qa_metrics(test, self.test_set.ans2label),
-                **{f"val_{name}": value for name, value in val_metrics.items()},
-                "selected_evaluation": self.evaluations,
-            }
-            if self.dist.rank == 0:
-                write_predictions(self.output_dir / PREDICTIONS_FILE, test)
-        result = {**self.selected, "evaluations": self.evaluations}
-        if val_metrics:
-            result["last_val_accuracy"] = val_metrics["accuracy"]
-        return result
+        predicted = predict_answers(model, self.dataset, self.dist, self.settings.batch_size, self.settings.num_workers)
+        scored = score_predictions(self.dataset.rows, predicted, model.head, self.dataset.ans2label, self.tokenizer)
+        if self.predictions_file is not None and self.dist.rank == 0:
+            write_predictions(self.predictions_file, scored)
+        return qa_metrics(scored, self.dataset.ans2label)
+
+
+def build_qa_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The shared ``qa`` flags plus the QA-only ones; ``--datatype`` defaults to ``msrvtt_qa``."""
+    parser = build_parser("qa", description=description)
+    parser.set_defaults(datatype=QA_DATATYPES[0])
+    g = parser.add_argument_group("video QA task")
+    g.add_argument(
+        "--qa_head",
+        choices=QA_HEADS,
+        default=QA_HEADS[0],
+        help="classifier: MLP over the answer vocabulary; first_token: first BPE token through the vocabulary head",
+    )
+    g.add_argument(
+        "--num_answers",
+        type=int,
+        default=None,
+        help="answer vocabulary = the N most frequent training answers (instead of --msrvtt_qa_anslabel_json)",
+    )
+    g.add_argument(
+        "--qa_contrastive_weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary question-video InfoNCE on the dual-encoder embeddings (0: off)",
+    )
+    return parser
+
+
+@dataclass
+class QASplits:
+    """The QA datasets the flags name (each None when its file is not given) and their answer vocabulary."""
+
+    train: QADataset | None
+    val: QADataset | None
+    test: QADataset | None
+
+    @property
+    def ans2label(self) -> Mapping[str, int]:
+        return next(d for d in (self.train, self.test, self.val) if d is not None).ans2label
+
+
+def build_qa_splits(args: argparse.Namespace, image_size: int, tokenizer: ClipTokenizer) -> QASplits:
+    """Train (with ``--do_train``), val and test sets from the published ``--msrvtt_qa_*_json`` flags."""
+    paths = qa_data_paths(args)
+
+    def split(name: str, wanted: bool) -> QADataset | None:
+        return build_qa_dataset(args, name, image_size, paths, tokenizer) if wanted else None
+
+    return QASplits(
+        split("train", args.do_train), split("val", bool(args.msrvtt_qa_val_json)),
+        split("test", bool(args.msrvtt_qa_test_json)),
+    )  # fmt: skip

@@ -36,23 +36,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file (python video_text_retrieval/search.py): find the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from safetensors import safe_open
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from dataloaders.datasets import EVAL_SEED  # noqa: E402
-from dataloaders.errors import CheckpointError, ConfigError, DataError, MemBridgeError  # noqa: E402
-from dataloaders.tfrecord_io import ShardVideoSource, resolve_index_path  # noqa: E402
-from dataloaders.tokenizer import ClipTokenizer  # noqa: E402
-from dataloaders.transforms import ClipTransform  # noqa: E402
-from dataloaders.video_io import DEFAULT_EXTENSIONS, FileVideoSource  # noqa: E402
-from engine import checkpoint as ckpt  # noqa: E402
-from engine.builders import build_model, load_init_model  # noqa: E402
-from engine.distributed import DistInfo  # noqa: E402
-from engine.feature_cache import (  # noqa: E402
+from dataloaders.datasets import EVAL_SEED
+from dataloaders.errors import CheckpointError, ConfigError, DataError, MemBridgeError
+from dataloaders.tfrecord_io import ShardVideoSource, resolve_index_path
+from dataloaders.tokenizer import ClipTokenizer
+from dataloaders.transforms import ClipTransform
+from dataloaders.video_io import DEFAULT_EXTENSIONS, FileVideoSource
+from engine import checkpoint as ckpt
+from engine.builders import build_model, load_init_model
+from engine.distributed import DistInfo
+from engine.feature_cache import (
     FEATURES_FILE,
     MASKS_FILE,
     UNREADABLE_ROW,
@@ -60,12 +57,12 @@ from engine.feature_cache import (  # noqa: E402
     attach_visual_cache,
     encoder_fingerprint,
 )
-from engine.flags import REPO_ROOT, build_parser  # noqa: E402
-from engine.run_logging import setup_logging  # noqa: E402
-from modules.clip_model import read_state_dict  # noqa: E402
-from modules.fusion import check_rerank_range, eot_positions, rerank_queries  # noqa: E402
-from modules.membridge import MemBridgeModel  # noqa: E402
-from modules.published_keys import PUBLISHED_MARKERS  # noqa: E402
+from engine.flags import REPO_ROOT, build_parser
+from engine.run_logging import setup_logging
+from modules.clip_model import read_state_dict
+from modules.fusion import check_rerank_range, eot_positions, rerank_queries
+from modules.membridge import MemBridgeModel
+from modules.published_keys import PUBLISHED_MARKERS
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ the VTM match probability (DESIGN 2.7), the candidate pairs sharded across ranks
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dataloaders.datasets import RetrievalEvalSet
-from engine.data import TolerantVideos, build_eval_loader, encode_video_set, first_readable
+from engine.data import EvalSettings, TolerantVideos, build_eval_loader, encode_video_set, first_readable
 from engine.distributed import (
     DistInfo,
     all_gather_tensor,
@@ -222,3 +223,37 @@ def rerank_similarity(
         part = rerank_queries(rows, match_prob, topk, queries, transposed)
         out.append(gather_eval_rows(part, mine, rows.shape[0]).cpu())
     return out[0], out[1]
+
+
+MetricsHook = Callable[[MemBridgeModel, EncodedEvalSet, RetrievalEvalSet, DistInfo], dict]
+
+
+class RetrievalEvaluator:
+    """``evaluate(task) -> metrics`` of one retrieval split for the engine: encode it once, the dual-encoder metrics,
+    the re-ranked ones (with a fusion and ``rerank_topk > 0``) and ``extra(model, encoded, eval_set, dist)`` (stage 2:
+    the held-out fusion accuracies, on the same features)."""
+
+    def __init__(
+        self,
+        eval_set: RetrievalEvalSet,
+        dist: DistInfo,
+        settings: EvalSettings,
+        rerank_topk: int = 0,
+        extra: MetricsHook | None = None,
+    ) -> None:
+        self.eval_set = eval_set
+        self.dist = dist
+        self.settings = settings
+        self.rerank_topk = rerank_topk
+        self.extra = extra
+
+    def __call__(self, task: nn.Module) -> dict:
+        model = getattr(task, "model", task)
+        s = self.settings
+        enc = encode_eval_set(model, self.eval_set, s.batch_size, s.num_workers, self.dist, s.allow_missing)
+        metrics = evaluate_retrieval(
+            model, self.eval_set, self.dist, s.batch_size, rerank_topk=self.rerank_topk, encoded=enc
+        )
+        if self.extra is not None:
+            metrics.update(self.extra(model, enc, self.eval_set, self.dist))
+        return metrics

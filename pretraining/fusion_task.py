@@ -130,3 +130,13 @@ def _pair_decisions(
         margins.append(logits[:, 1] - logits[:, 0])
     own, hard, rand = margins
     return int((own > hard).sum()), 0.5 * float((own > 0).sum() + (rand < 0).sum())
+
+
+def held_out_metrics(model: MemBridgeModel, enc, eval_set, dist: DistInfo) -> dict[str, float]:
+    """:func:`held_out_accuracies` on the features a retrieval evaluation already computed (``enc``:
+    ``EncodedEvalSet``), for the captions whose video could be read."""
+    readable = [i for i, v in enumerate(eval_set.text_to_video) if bool(enc.video_ok[v])]
+    return held_out_accuracies(
+        model, enc.frame_feats, enc.video_mask, enc.text_ids[readable], enc.text_mask[readable],
+        enc.text_tokens[readable], [eval_set.text_to_video[i] for i in readable], dist,
+    )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Model selection on a validation split: keep the weights of the best validation run, on disk and in memory.
+"""Model selection on a validation split (retrieval, captioning and QA): keep the weights of the best validation run,
+on disk and in memory.
 
 The best weights are written to ``OUTPUT_DIR/best_model.safetensors`` with their validation metrics in
 ``OUTPUT_DIR/best_val.json`` (both through a temp file + rename, rank 0 only), so a run continued with ``--resume``
@@ -19,31 +20,17 @@ from torch import nn
 
 from dataloaders.errors import CheckpointError, ConfigError
 from engine.run_logging import write_json_atomic
+from modules.model_config import model_config_metadata
 
 logger = logging.getLogger(__name__)
 
 BEST_MODEL_FILE = "best_model.safetensors"
 BEST_METRICS_FILE = "best_val.json"
-RECALL_METRICS = tuple(
-    f"{prefix}{direction}_R{k}" for prefix in ("", "rerank_") for direction in ("t2v", "v2t") for k in (1, 5, 10)
-)
-
-
-def default_selection_metric(rerank_topk: int) -> str:
-    """Text->video R@1, re-ranked when re-ranking is on (CLIP4Clip selects on text->video R@1)."""
-    return "rerank_t2v_R1" if rerank_topk > 0 else "t2v_R1"
-
-
-def check_selection_metric(metric: str, rerank_topk: int) -> None:
-    """``metric`` must be a recall (higher is better) that the evaluation produces."""
-    if metric not in RECALL_METRICS:
-        raise ConfigError(f"--selection_metric {metric!r} is not one of {list(RECALL_METRICS)}")
-    if metric.startswith("rerank_") and rerank_topk <= 0:
-        raise ConfigError(f"--selection_metric {metric} needs re-ranking: pass --rerank_topk > 0 or a dual metric")
 
 
 class BestValidation:
-    """Tracks the best validation ``metric`` over a run and keeps (on CPU) the weights that reached it."""
+    """Tracks the best validation ``metric`` (higher is better) over a run and keeps (on CPU) the weights that
+    reached it; a tie keeps the earlier weights."""
 
     def __init__(self, output_dir: str | Path, metric: str, is_main: bool) -> None:
         self.output_dir = Path(output_dir)
@@ -88,7 +75,7 @@ class BestValidation:
         """Record one validation run; True when it is strictly the best so far (its weights are then kept)."""
         self.evaluations += 1
         if self.metric not in metrics:
-            raise ConfigError(f"the validation metrics hold no {self.metric!r}: choose another --selection_metric")
+            raise ConfigError(f"the validation metrics hold no {self.metric!r}; they hold {sorted(metrics)}")
         value = float(metrics[self.metric])
         if self.best is not None and value <= self.best:
             logger.info("validation %s %.4f (best so far %.4f)", self.metric, value, self.best)
@@ -99,7 +86,9 @@ class BestValidation:
         logger.info("validation %s %.4f is the best so far (validation run %d)", self.metric, value, self.evaluations)
         if self.is_main:
             tmp = self.model_file.with_name(f".{self.model_file.name}.tmp")
-            save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp))
+            save_file(
+                {k: v.contiguous() for k, v in self.state.items()}, str(tmp), metadata=model_config_metadata(model)
+            )
             tmp.replace(self.model_file)
             saved = {"metric": self.metric, "value": value, "best_run": self.best_run, "metrics": self.metrics}
             write_json_atomic(self.metrics_file, saved)
