@@ -3,7 +3,7 @@ unpickler take arbitrary bytes / text. Any input either parses or raises the pro
 exception, and never hangs (each example has a deadline far above its normal cost).
 
 ``decode_video_example`` works on a bare payload with no file to name: its documented error is
-``tfrecord_io.RecordError``, which ``ShardReader`` turns into a ``DataError`` naming shard, offset and video (the
+``tfrecord_format.RecordError``, which ``ShardReader`` turns into a ``DataError`` naming shard, offset and video (the
 shard-level targets check that wrapped form).
 """
 
@@ -23,15 +23,8 @@ from hypothesis import strategies as st
 from dataloaders import annotations as ann
 from dataloaders.errors import MemBridgeError
 from dataloaders.safe_pickle import safe_load_pickle
-from dataloaders.tfrecord_io import (
-    RecordError,
-    ShardReader,
-    ShardWriter,
-    decode_video_example,
-    encode_video_example,
-    frame_record,
-    iter_records,
-)
+from dataloaders.tfrecord_format import RecordError, decode_video_example, encode_video_example, frame_record
+from dataloaders.tfrecord_io import ShardReader, ShardWriter, iter_records
 
 EXAMPLES = 150
 PARSER_EXAMPLES = 100  # per annotation parser (ten of them)

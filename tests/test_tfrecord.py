@@ -25,15 +25,12 @@ from tfrecord.reader import tfrecord_loader
 from tfrecord.writer import TFRecordWriter
 
 import frozen_tfrecord
-from dataloaders import video_io
+from dataloaders import shard_build, video_io
 from dataloaders.errors import ConfigError, DataError
-from dataloaders.tfrecord_io import (
+from dataloaders.tfrecord_format import (
     RAW_FRAME_SIZE,
     Feature,
     RecordError,
-    ShardReader,
-    ShardVideoSource,
-    ShardWriter,
     VideoRecord,
     bytes_feature,
     count_frames,
@@ -44,10 +41,15 @@ from dataloaders.tfrecord_io import (
     float_feature,
     frame_record,
     int64_feature,
-    iter_records,
     jpeg_size,
     masked_crc32c,
     parse_video_example,
+)
+from dataloaders.tfrecord_io import (
+    ShardReader,
+    ShardVideoSource,
+    ShardWriter,
+    iter_records,
     read_index,
     verify_index,
 )
@@ -93,8 +95,9 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 10) -> None:
 
 
 def build(argv: list[str], **kwargs) -> dict:
-    """Run the builder from parsed flags (``frozen_tfrecord.build_shards``) and return its summary."""
-    return frozen_tfrecord.build_shards(frozen_tfrecord.build_parser().parse_args(argv), **kwargs)
+    """Run the builder (``shard_build.build_shards``) on the CLI's parsed flags and return its summary."""
+    options = shard_build.BuildOptions.from_namespace(frozen_tfrecord.build_parser().parse_args(argv))
+    return shard_build.build_shards(options, **kwargs)
 
 
 def last_json(out: str) -> dict:
@@ -289,9 +292,7 @@ def test_index_format(tmp_path: Path) -> None:
     assert summary["bytes"] == sum(os.path.getsize(s) for s in {s for s, _ in expected})
     reader = ShardReader(out / "path.index")
     for vid in ids:
-        np.testing.assert_array_equal(
-            reader.read(vid), frozen_tfrecord.read_frame_folder(str(tmp_path / "frames" / vid))
-        )
+        np.testing.assert_array_equal(reader.read(vid), shard_build.read_frame_folder(str(tmp_path / "frames" / vid)))
 
 
 # --------------------------------------------------------------------------------------------- builder: resume
@@ -395,7 +396,7 @@ def test_build_from_videos_and_csv_list(tmp_path: Path) -> None:
     a = reader.read("clip_a")
     assert a.shape == (4, S, S, 3)
     # uniform sampling: linspace(0, 19, 4) -> frames 0, 6, 12, 19 of the clip, squashed to 256
-    expected = frozen_tfrecord.squash_frames(Image.fromarray(f) for f in clip[[0, 6, 12, 19]])
+    expected = shard_build.squash_frames(Image.fromarray(f) for f in clip[[0, 6, 12, 19]])
     assert np.abs(a.astype(int) - expected).mean() < 6  # mpeg4 coding error only
     assert reader.read("clip_b").shape == (4, S, S, 3)  # 5 frames -> 4 uniform
 
@@ -584,13 +585,18 @@ def test_writer_resume_touches_only_its_prefix(tmp_path: Path) -> None:
     assert read_index(tmp_path / "path.index")[0].shard == str(tmp_path / "path-00004.tfrecord")
 
 
-def test_cli_bad_input_is_one_clear_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_bad_input_is_one_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "list.csv").write_text("id,caption\nx,y\n")
     argv = ["--input_dir", str(tmp_path), "--video_list", str(tmp_path / "list.csv"), "--output_dir", str(tmp_path)]
     assert frozen_tfrecord.main(argv) == frozen_tfrecord.EXIT_BAD_INPUT
-    assert f"{tmp_path / 'list.csv'}: no 'video_id' column" in caplog.text
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path / 'list.csv'}: no 'video_id' column (header ['id', 'caption']); add one\n"
+    )
     assert frozen_tfrecord.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
-    assert "not a folder" in caplog.text and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------- partial decoding
@@ -731,7 +737,7 @@ def test_jpeg_frame_size_round_trip_and_verify(tmp_path: Path, capsys: pytest.Ca
     frames, encoding = ShardReader(out / "path.index").read_with_encoding("clip")
     assert encoding == "jpeg" and frames.shape == (6, 64, 64, 3)
     # linspace(0, 11, 6) -> frames 0, 2, 4, 6, 8, 11 of the clip, squashed to 64 x 64
-    expected = frozen_tfrecord.squash_frames((Image.fromarray(f) for f in clip[[0, 2, 4, 6, 8, 11]]), 64)
+    expected = shard_build.squash_frames((Image.fromarray(f) for f in clip[[0, 2, 4, 6, 8, 11]]), 64)
     assert np.abs(frames.astype(int) - expected).mean() < 6  # mpeg4 + JPEG coding error only
     loaded, mask = ShardVideoSource(out / "path.index", max_frames=4).load("clip")
     assert loaded.shape == (4, 64, 64, 3) and mask.tolist() == [1, 1, 1, 1]
@@ -741,12 +747,12 @@ def test_jpeg_frame_size_round_trip_and_verify(tmp_path: Path, capsys: pytest.Ca
     assert summary == {"videos": 1, "frames": 6, "encodings": {"raw": 0, "jpeg": 1}, "errors": []}
 
 
-def test_raw_rejects_other_frame_size(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_raw_rejects_other_frame_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_frame_folders(tmp_path / "frames", 1, n_frames=2)
     out = tmp_path / "out"
     argv = ["--input_dir", str(tmp_path / "frames"), "--output_dir", str(out), "--frame_size", "64"]
     assert frozen_tfrecord.main(argv) == frozen_tfrecord.EXIT_BAD_INPUT
-    assert "--frame_size 64 needs --encoding jpeg" in caplog.text and not out.exists()
+    assert capsys.readouterr().err.startswith("error: --frame_size 64 needs --encoding jpeg") and not out.exists()
     with pytest.raises(ConfigError, match="published layout, always 256x256"):
         build([*argv, "--encoding", "raw"])
     with pytest.raises(ConfigError, match="--frame_size 0"):
