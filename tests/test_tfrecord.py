@@ -862,6 +862,8 @@ def test_index_lines_end_at_newline_only(tmp_path: Path) -> None:
     with ShardWriter(tmp_path / "path") as writer:
         for vid in ids:
             writer.write(vid, encode_video_example(smooth_frames(1, 8, 8), "jpeg"))
+        with pytest.raises(DataError, match="cannot go in the index"):
+            writer.write("\ufeffx", b"")  # would read back without its first character (a byte-order mark)
     index = tmp_path / "path.index"
     assert [e.video_id for e in read_index(index)] == ids
     reader = ShardReader(index)
