@@ -184,8 +184,10 @@ class ShardWriter:
     A shard is written under a temporary name and renamed once it holds ``examples_per_shard`` records (or at
     ``close()``); it is fsynced, with the index, before the rename. Each index line is written after its record has
     been flushed. Opening a prefix that holds an interrupted build resumes it: index lines of complete (renamed)
-    shards are kept, the trailing temporary shard and its index lines are discarded, and writing continues with
-    the next shard number, so the finished output equals an uninterrupted build.
+    shards are kept, the trailing temporary shard and its index lines are discarded, a torn last index line (one
+    without its newline) is dropped and the index rewritten, and writing continues with the next shard number, so
+    the finished output equals an uninterrupted build. A writer does not lock its folder: one writer per prefix at a
+    time (``dataloaders.shard_build`` takes a folder lock).
     """
 
     def __init__(self, output_prefix: str | os.PathLike, examples_per_shard: int = DEFAULT_EXAMPLES_PER_SHARD):
@@ -223,7 +225,7 @@ class ShardWriter:
         return found
 
     def _recover(self) -> list[IndexEntry]:
-        """Keep the index lines of complete shards; drop a trailing temporary shard and its lines."""
+        """Keep the index lines of complete shards; drop a trailing temporary shard, its lines and a torn last line."""
         for name in self._shard_files(_TEMP_SUFFIX).values():
             logger.info("discarding the incomplete shard %s of an interrupted build", name)
             os.remove(os.path.join(self._dir, name))
