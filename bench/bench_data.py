@@ -50,7 +50,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import frozen_tfrecord  # noqa: E402
-from dataloaders.tfrecord_io import DEFAULT_INDEX_PREFIX, DEFAULT_JPEG_QUALITY, ShardReader, ShardVideoSource  # noqa: E402
+from dataloaders.tfrecord_format import DEFAULT_JPEG_QUALITY  # noqa: E402
+from dataloaders.tfrecord_io import DEFAULT_INDEX_PREFIX, ShardReader, ShardVideoSource  # noqa: E402
 from dataloaders.transforms import TRANSFORM_BACKENDS, ClipTransform  # noqa: E402
 from dataloaders.video_io import DEFAULT_DECODE_THREADS, FileVideoSource  # noqa: E402
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
 import logging
 import os
@@ -49,7 +48,10 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from dataloaders import shard_build
 from dataloaders.errors import ConfigError, DataError
+from dataloaders.tfrecord_format import RAW_FRAME_SIZE
+from dataloaders.tfrecord_io import read_index
 
 logger = logging.getLogger(__name__)
 
@@ -535,32 +537,32 @@ def _write_qa(root: Path, specs: list[SceneSpec], rng: np.random.Generator) -> d
 def _build_shards(
     output_dir: Path, video_dir: Path, video_ids: list[str], encoding: str, num_workers: int, frame_size: int
 ) -> dict[str, Any]:
-    """WebVid-style TFRecord shards of ``video_ids`` via ``frozen_tfrecord.main``; returns its JSON summary.
+    """WebVid-style TFRecord shards of ``video_ids`` via ``shard_build.build_shards``; returns its summary.
 
     Checks that the index lists exactly ``video_ids``.
     """
-    import frozen_tfrecord  # the repository-root entry script; imported late so that this module stays importable
-
     with tempfile.TemporaryDirectory() as scratch:
         video_list = Path(scratch) / "webvid_train_ids.json"
         _write_json(video_list, video_ids)
-        argv = ["--video_dir", str(video_dir), "--output_dir", str(output_dir), "--video_list", str(video_list)]
-        argv += ["--encoding", encoding, "--num_frames", str(WEBVID_NUM_FRAMES), "--num_workers", str(num_workers)]
-        if encoding == "jpeg":  # jpeg records keep the videos' own size; raw is the published 256 x 256 layout
-            argv += ["--frame_size", str(frame_size)]
-        report = io.StringIO()
-        with contextlib.redirect_stdout(report):
-            exit_code = frozen_tfrecord.main(argv)
-    lines = report.getvalue().strip().splitlines()
-    summary = json.loads(lines[-1]) if lines else {}
-    logger.info("frozen_tfrecord exit code %s: %s", exit_code, summary)
+        options = shard_build.BuildOptions(
+            output_dir=output_dir,
+            video_dir=video_dir,
+            video_list=video_list,
+            encoding=encoding,
+            num_frames=WEBVID_NUM_FRAMES,
+            num_workers=num_workers,
+            # jpeg records keep the videos' own size; raw is the published 256 x 256 layout
+            frame_size=frame_size if encoding == "jpeg" else RAW_FRAME_SIZE,
+        )
+        summary = shard_build.build_shards(options)
+    logger.info("shard build: %s", summary)
     index_path = output_dir / "path.index"
-    indexed = [line.split("\t")[0] for line in index_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if exit_code != 0 or sorted(indexed) != sorted(video_ids):
+    indexed = [entry.video_id for entry in read_index(index_path)]
+    if sorted(indexed) != sorted(video_ids):
         missing = sorted(set(video_ids) - set(indexed))[:5]
         raise DataError(
             f"{index_path}: lists {len(indexed)} videos, expected the {len(video_ids)} WebVid training videos "
-            f"(missing e.g. {missing}; frozen_tfrecord exit code {exit_code}); see {output_dir / 'path.skipped.json'} "
+            f"(missing e.g. {missing}); see {output_dir / 'path.skipped.json'} "
             "and re-run the generator"
         )
     return summary

@@ -20,7 +20,14 @@ import main_task_clip
 from dataloaders import annotations as ann
 from dataloaders.datasets import RetrievalTrainDataset
 from dataloaders.errors import CheckpointError, ConfigError, DataError
-from dataloaders.tfrecord_io import ShardReader, ShardVideoSource
+from dataloaders.tfrecord_format import (
+    bytes_feature,
+    decode_example,
+    encode_example,
+    encode_video_example,
+    int64_feature,
+)
+from dataloaders.tfrecord_io import ShardReader, ShardVideoSource, ShardWriter
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import RE_ENCODE_HINT, FileVideoSource
@@ -180,6 +187,34 @@ def test_index_offset_past_the_end_of_the_shard(synthetic_small, tmp_path, token
     pairs = [ann.TrainPair(v, (f"caption of {v}",)) for v in ("video3", "ghost", "video4")]
     train = RetrievalTrainDataset(pairs, source, ClipTransform(IMAGE), tokenizer, L)
     assert train.video_ids[int(train[1]["video_index"])] == "video4" and train.samples_skipped == 1
+
+
+def test_jpeg_record_claiming_huge_frames(synthetic_small, tmp_path, tokenizer):
+    """A record whose header claims 10^6 x 10^6 pixel frames (or 10^9 frames) is refused before anything is allocated
+    from the claim (ShardVideoSource.load would otherwise allocate T x 10^12 x 3 bytes); training skips it."""
+    folder, _ = shard_copy(synthetic_small, tmp_path)
+    jpeg = encode_video_example(np.full((1, 8, 8, 3), 128, dtype=np.uint8), "jpeg")
+    image = decode_example(jpeg)["image"]  # one real 8x8 JPEG
+
+    def record(n: int, h: int, w: int) -> bytes:
+        sizes = {"n_frames": int64_feature(n), "height": int64_feature(h), "width": int64_feature(w)}
+        return encode_example({"image": image, **sizes, "encoding": bytes_feature(b"jpeg")})
+
+    index = folder / "path.index"
+    with ShardWriter(folder / "path") as writer:  # appends a shard to the copied build
+        writer.write("huge_frames", record(1, 10**6, 10**6))
+    check_shard_error(index, "huge_frames", "record claims frames of 1000000x1000000 pixels")
+    with ShardWriter(folder / "path") as writer:
+        many = writer.write("many_frames", record(10**9, 8, 8))
+    with pytest.raises(DataError) as info:
+        ShardReader(index).read("many_frames")
+    assert str(info.value).startswith(f"{many.shard}: record at offset {many.offset} for video 'many_frames'")
+    assert "record claims 1000000000 frames; a record holds 1..100000" in str(info.value)
+    source = ShardVideoSource(index, max_frames=T)
+    pairs = [ann.TrainPair(v, (f"caption of {v}",)) for v in ("video3", "huge_frames", "many_frames", "video4")]
+    train = RetrievalTrainDataset(pairs, source, ClipTransform(IMAGE), tokenizer, L)
+    assert train.video_ids[int(train[1]["video_index"])] == "video4" and train.samples_skipped == 2
+    assert train.bad_video_ids == {"huge_frames", "many_frames"}
 
 
 # ------------------------------------------------------------------------------------------------ annotations

@@ -3,7 +3,7 @@ unpickler take arbitrary bytes / text. Any input either parses or raises the pro
 exception, and never hangs (each example has a deadline far above its normal cost).
 
 ``decode_video_example`` works on a bare payload with no file to name: its documented error is
-``tfrecord_io.RecordError``, which ``ShardReader`` turns into a ``DataError`` naming shard, offset and video (the
+``tfrecord_format.RecordError``, which ``ShardReader`` turns into a ``DataError`` naming shard, offset and video (the
 shard-level targets check that wrapped form).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -21,17 +22,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataloaders import annotations as ann
-from dataloaders.errors import MemBridgeError
+from dataloaders.errors import DataError, MemBridgeError
 from dataloaders.safe_pickle import safe_load_pickle
-from dataloaders.tfrecord_io import (
+from dataloaders.tfrecord_format import (
+    MAX_FRAME_PIXELS,
+    MAX_FRAME_SIDE,
     RecordError,
-    ShardReader,
-    ShardWriter,
+    bytes_feature,
+    decode_example,
     decode_video_example,
+    encode_example,
     encode_video_example,
     frame_record,
-    iter_records,
+    int64_feature,
+    parse_video_example,
 )
+from dataloaders.tfrecord_io import ShardReader, ShardWriter, iter_records, read_index
 
 EXAMPLES = 150
 PARSER_EXAMPLES = 100  # per annotation parser (ten of them)
@@ -143,6 +149,104 @@ def test_shard_index_parses_or_raises_data_error(shard_folder: Path, text: str) 
     except MemBridgeError:
         return
     reader.close()
+
+
+INDEX_ALPHABET = st.sampled_from(
+    [
+        "a",
+        "0",
+        "9",
+        "\t",
+        "\n",
+        "\r",
+        " ",
+        "\ufeff",
+        "\u00b2",
+        "\u0663",
+        "\u2028",
+        "\u2029",
+        "\x85",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+    ]
+)
+
+
+@FUZZ
+@given(
+    data=st.one_of(
+        st.binary(max_size=200),
+        st.text(INDEX_ALPHABET, max_size=80).map(lambda text: text.encode("utf-8")),
+        st.tuples(st.text(INDEX_ALPHABET, max_size=60), st.binary(max_size=4)).map(lambda t: t[0].encode() + t[1]),
+    )
+)
+def test_index_reader_counts_newline_lines_only(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
+    """Any bytes: entries or a DataError; when they parse, one entry per non-blank ``\\n`` line (no other
+    character splits a line), and an error names a line number that exists in the file."""
+    index = tmp_path_factory.getbasetemp() / "fuzz-lines.index"
+    index.write_bytes(data)
+    try:
+        entries = read_index(index)
+    except DataError as err:
+        number = int(re.search(r", line (\d+): ", str(err)).group(1))
+        assert 1 <= number <= data.count(b"\n") + 1
+        return
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    assert len(entries) == sum(1 for line in body.split(b"\n") if line.strip(b" \t\r"))
+    assert all(entry.offset >= 0 and "\n" not in entry.video_id + entry.shard for entry in entries)
+
+
+INDEX_ID = st.text(st.characters(blacklist_characters="\t\r\n", blacklist_categories=("Cs",)), min_size=1, max_size=8)
+
+
+@FUZZ
+@given(
+    rows=st.lists(st.tuples(INDEX_ID, INDEX_ID, st.integers(0, 2**63 - 1)), max_size=6),
+    bom=st.booleans(),
+)
+def test_index_lines_round_trip(tmp_path_factory: pytest.TempPathFactory, rows: list, bom: bool) -> None:
+    """Ids and shard paths holding any character but tab / CR / LF (Unicode separators included) read back as
+    written, with or without a byte-order mark."""
+    rows = [row for row in rows if not row[0].startswith("\ufeff")]  # ShardWriter refuses such an id
+    index = tmp_path_factory.getbasetemp() / "fuzz-round-trip.index"
+    text = "".join(f"{vid}\t{shard}\t{offset}\n" for vid, shard, offset in rows)
+    index.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    assert [(e.video_id, e.shard, e.offset) for e in read_index(index)] == rows
+
+
+SIZE_CLAIMS = st.one_of(
+    st.integers(-3, 20), st.integers(-(2**63), 2**63 - 1), st.sampled_from([MAX_FRAME_SIDE, MAX_FRAME_SIDE + 1, 10**6])
+)
+
+
+@FUZZ
+@given(n=SIZE_CLAIMS, height=SIZE_CLAIMS, width=SIZE_CLAIMS, jpegs=st.integers(1, 3))
+def test_jpeg_record_sizes_parse_within_bounds_or_raise(n: int, height: int, width: int, jpegs: int) -> None:
+    """Any claimed frame count and size (int64): a RecordError, or a record within the bounds (so a decode never
+    allocates more than MAX_FRAME_PIXELS a frame); small ones decode or raise RecordError."""
+    frame = decode_example(VALID_PAYLOADS["jpeg"])["image"].values[0]
+    payload = encode_example(
+        {
+            "image": bytes_feature(*[frame] * jpegs),
+            "n_frames": int64_feature(n),
+            "height": int64_feature(height),
+            "width": int64_feature(width),
+            "encoding": bytes_feature(b"jpeg"),
+        }
+    )
+    try:
+        record = parse_video_example(payload)
+    except RecordError:
+        return
+    assert record.n_frames == n == jpegs and 1 <= record.height <= MAX_FRAME_SIDE and 1 <= record.width
+    assert record.height * record.width <= MAX_FRAME_PIXELS
+    if height * width <= 64 * 64:
+        try:
+            frames = record.decode([0])
+        except RecordError:
+            return
+        assert frames.shape == (1, FRAME_SIZE, FRAME_SIZE, 3)  # only the true size decodes
 
 
 # ------------------------------------------------------------------------------------------------ annotations

@@ -3,6 +3,7 @@ the builder CLI (resume, skipped videos, --verify) and the shard-backed VideoSou
 
 from __future__ import annotations
 
+import fcntl
 import io
 import itertools
 import json
@@ -25,15 +26,15 @@ from tfrecord.reader import tfrecord_loader
 from tfrecord.writer import TFRecordWriter
 
 import frozen_tfrecord
-from dataloaders import video_io
+from dataloaders import shard_build, video_io
 from dataloaders.errors import ConfigError, DataError
-from dataloaders.tfrecord_io import (
+from dataloaders.tfrecord_format import (
+    MAX_FRAME_PIXELS,
+    MAX_FRAME_SIDE,
+    MAX_RECORD_FRAMES,
     RAW_FRAME_SIZE,
     Feature,
     RecordError,
-    ShardReader,
-    ShardVideoSource,
-    ShardWriter,
     VideoRecord,
     bytes_feature,
     count_frames,
@@ -44,13 +45,20 @@ from dataloaders.tfrecord_io import (
     float_feature,
     frame_record,
     int64_feature,
-    iter_records,
     jpeg_size,
     masked_crc32c,
     parse_video_example,
+)
+from dataloaders.tfrecord_io import (
+    ShardReader,
+    ShardVideoSource,
+    ShardWriter,
+    iter_records,
     read_index,
+    split_index,
     verify_index,
 )
+from tests.conftest import REPO
 
 S = RAW_FRAME_SIZE
 
@@ -93,8 +101,9 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 10) -> None:
 
 
 def build(argv: list[str], **kwargs) -> dict:
-    """Run the builder from parsed flags (``frozen_tfrecord.build_shards``) and return its summary."""
-    return frozen_tfrecord.build_shards(frozen_tfrecord.build_parser().parse_args(argv), **kwargs)
+    """Run the builder (``shard_build.build_shards``) on the CLI's parsed flags and return its summary."""
+    options = shard_build.BuildOptions.from_namespace(frozen_tfrecord.build_parser().parse_args(argv))
+    return shard_build.build_shards(options, **kwargs)
 
 
 def last_json(out: str) -> dict:
@@ -289,9 +298,7 @@ def test_index_format(tmp_path: Path) -> None:
     assert summary["bytes"] == sum(os.path.getsize(s) for s in {s for s, _ in expected})
     reader = ShardReader(out / "path.index")
     for vid in ids:
-        np.testing.assert_array_equal(
-            reader.read(vid), frozen_tfrecord.read_frame_folder(str(tmp_path / "frames" / vid))
-        )
+        np.testing.assert_array_equal(reader.read(vid), shard_build.read_frame_folder(str(tmp_path / "frames" / vid)))
 
 
 # --------------------------------------------------------------------------------------------- builder: resume
@@ -341,6 +348,91 @@ def test_resume_after_kill_with_partial_index_line(tmp_path: Path) -> None:
     build([*flags, "--output_dir", str(out)])
     assert _snapshot(out) == _snapshot(tmp_path / "ref")
     assert build([*flags, "--output_dir", str(out)])["videos_written"] == 0  # a finished build has nothing to do
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """``python frozen_tfrecord.py ARGV`` in a fresh process, from the repository root."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "frozen_tfrecord.py"), *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def _index_lines(index: Path) -> list[bytes]:
+    return index.read_bytes().split(b"\n")
+
+
+@pytest.mark.parametrize("torn_at", ["shard_boundary", "inside_a_complete_shard"])
+def test_cli_resume_repairs_a_torn_index_tail(tmp_path: Path, torn_at: str) -> None:
+    """A build killed while writing an index line leaves a partial last line; the rerun drops it and rebuilds that
+    video (before the fix it appended to the partial line, reported success, and the index no longer parsed)."""
+    ids = write_frame_folders(tmp_path / "frames", 5, n_frames=2)
+    flags = ["--input_dir", str(tmp_path / "frames"), "--examples_per_shard", "2", "--encoding", "jpeg"]
+    ref = tmp_path / "ref"
+    assert run_cli(*flags, "--output_dir", str(ref)).returncode == 0
+    out = tmp_path / "torn"
+    assert run_cli(*flags, "--output_dir", str(out)).returncode == 0
+    index = out / "path.index"
+    lines = _index_lines(index)  # five lines and the empty piece after the last newline
+    if torn_at == "shard_boundary":
+        # killed while indexing vid004, the first record of shard 2: shard 2 is still a temporary file and only the
+        # first 9 bytes of its index line ("vid004\t" and 2 bytes of the shard path) reached the disk
+        os.replace(out / "path-00002.tfrecord", out / "path-00002.tfrecord.tmp")
+        torn = b"\n".join(lines[:4]) + b"\n" + lines[4][:9]
+    else:  # vid003's line, the last of the complete shard 1, cut short (so vid004 was never written)
+        os.remove(out / "path-00002.tfrecord")
+        torn = b"\n".join(lines[:3]) + b"\n" + lines[3][:12]
+    index.write_bytes(torn)
+    result = run_cli(*flags, "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = last_json(result.stdout)
+    redone = 1 if torn_at == "shard_boundary" else 2
+    assert (
+        summary["videos_written"] == redone and summary["videos_indexed"] == 5 and summary["resumed_from"] == 5 - redone
+    )
+    reader, reference = ShardReader(index), ShardReader(ref / "path.index")
+    assert reader.video_ids == ids and all(line.count(b"\t") == 2 for line in _index_lines(index)[:-1])
+    for vid in ids:
+        np.testing.assert_array_equal(reader.read(vid), reference.read(vid))
+    assert verify_index(index)["errors"] == []
+    if torn_at == "shard_boundary":  # the rebuilt shard 2 equals the uninterrupted build's, byte for byte
+        assert _snapshot(out) == _snapshot(ref)
+    assert not (out / shard_build.LOCK_NAME).exists()
+
+
+def test_cli_refuses_a_second_build_into_a_locked_folder(tmp_path: Path) -> None:
+    """While a build holds the output folder's lock, another build into it is refused with one error line."""
+    write_frame_folders(tmp_path / "frames", 2, n_frames=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "path.index").write_text("keep\tpath-00000.tfrecord\t0\n")  # an earlier build's files stay untouched
+    (out / "path-00000.tfrecord.tmp").write_bytes(b"partial")
+    before = _snapshot(out)
+    flags = ["--input_dir", str(tmp_path / "frames"), "--output_dir", str(out)]
+    with open(out / shard_build.LOCK_NAME, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running build holds
+        result = run_cli(*flags)
+        assert result.returncode == frozen_tfrecord.EXIT_BAD_INPUT and result.stdout == ""
+        assert result.stderr.splitlines() == [
+            f"error: {out}: another shard build is writing into this folder (it holds {out / shard_build.LOCK_NAME}); "
+            "wait for it to finish, or pass another --output_dir"
+        ]
+        assert _snapshot(out) == {**before, shard_build.LOCK_NAME: b""}
+    result = run_cli(*flags)  # lock released: the build runs (resuming over the earlier files) and removes the lock
+    assert result.returncode == 0, result.stderr
+    assert ShardReader(out / "path.index").video_ids == ["vid000", "vid001"]  # "keep" pointed at an incomplete shard
+    assert not (out / shard_build.LOCK_NAME).exists()
+
+
+def test_output_lock_in_process(tmp_path: Path) -> None:
+    """The lock is exclusive between open files (and so between processes); it is free again after the block."""
+    with shard_build.output_lock(tmp_path / "new") as lock_path:
+        assert lock_path == tmp_path / "new" / shard_build.LOCK_NAME and lock_path.exists()
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'new'}: another shard build is writing")):
+            with shard_build.output_lock(tmp_path / "new"):
+                pass
+    assert not lock_path.exists()
+    with shard_build.output_lock(tmp_path / "new"):
+        pass
 
 
 def test_parallel_build_equals_serial(tmp_path: Path) -> None:
@@ -395,7 +487,7 @@ def test_build_from_videos_and_csv_list(tmp_path: Path) -> None:
     a = reader.read("clip_a")
     assert a.shape == (4, S, S, 3)
     # uniform sampling: linspace(0, 19, 4) -> frames 0, 6, 12, 19 of the clip, squashed to 256
-    expected = frozen_tfrecord.squash_frames(Image.fromarray(f) for f in clip[[0, 6, 12, 19]])
+    expected = shard_build.squash_frames(Image.fromarray(f) for f in clip[[0, 6, 12, 19]])
     assert np.abs(a.astype(int) - expected).mean() < 6  # mpeg4 coding error only
     assert reader.read("clip_b").shape == (4, S, S, 3)  # 5 frames -> 4 uniform
 
@@ -584,13 +676,18 @@ def test_writer_resume_touches_only_its_prefix(tmp_path: Path) -> None:
     assert read_index(tmp_path / "path.index")[0].shard == str(tmp_path / "path-00004.tfrecord")
 
 
-def test_cli_bad_input_is_one_clear_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_bad_input_is_one_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "list.csv").write_text("id,caption\nx,y\n")
     argv = ["--input_dir", str(tmp_path), "--video_list", str(tmp_path / "list.csv"), "--output_dir", str(tmp_path)]
     assert frozen_tfrecord.main(argv) == frozen_tfrecord.EXIT_BAD_INPUT
-    assert f"{tmp_path / 'list.csv'}: no 'video_id' column" in caplog.text
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path / 'list.csv'}: no 'video_id' column (header ['id', 'caption']); add one\n"
+    )
     assert frozen_tfrecord.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
-    assert "not a folder" in caplog.text and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------- partial decoding
@@ -731,7 +828,7 @@ def test_jpeg_frame_size_round_trip_and_verify(tmp_path: Path, capsys: pytest.Ca
     frames, encoding = ShardReader(out / "path.index").read_with_encoding("clip")
     assert encoding == "jpeg" and frames.shape == (6, 64, 64, 3)
     # linspace(0, 11, 6) -> frames 0, 2, 4, 6, 8, 11 of the clip, squashed to 64 x 64
-    expected = frozen_tfrecord.squash_frames((Image.fromarray(f) for f in clip[[0, 2, 4, 6, 8, 11]]), 64)
+    expected = shard_build.squash_frames((Image.fromarray(f) for f in clip[[0, 2, 4, 6, 8, 11]]), 64)
     assert np.abs(frames.astype(int) - expected).mean() < 6  # mpeg4 + JPEG coding error only
     loaded, mask = ShardVideoSource(out / "path.index", max_frames=4).load("clip")
     assert loaded.shape == (4, 64, 64, 3) and mask.tolist() == [1, 1, 1, 1]
@@ -741,15 +838,116 @@ def test_jpeg_frame_size_round_trip_and_verify(tmp_path: Path, capsys: pytest.Ca
     assert summary == {"videos": 1, "frames": 6, "encodings": {"raw": 0, "jpeg": 1}, "errors": []}
 
 
-def test_raw_rejects_other_frame_size(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_raw_rejects_other_frame_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_frame_folders(tmp_path / "frames", 1, n_frames=2)
     out = tmp_path / "out"
     argv = ["--input_dir", str(tmp_path / "frames"), "--output_dir", str(out), "--frame_size", "64"]
     assert frozen_tfrecord.main(argv) == frozen_tfrecord.EXIT_BAD_INPUT
-    assert "--frame_size 64 needs --encoding jpeg" in caplog.text and not out.exists()
+    assert capsys.readouterr().err.startswith("error: --frame_size 64 needs --encoding jpeg") and not out.exists()
     with pytest.raises(ConfigError, match="published layout, always 256x256"):
         build([*argv, "--encoding", "raw"])
     with pytest.raises(ConfigError, match="--frame_size 0"):
         build([*argv[:-1], "0", "--encoding", "jpeg"])
     assert build([*argv[:-1], str(S)])["videos_written"] == 1  # raw at the published size is fine
     assert ShardReader(out / "path.index").read("vid000").shape == (2, S, S, 3)
+
+
+# ------------------------------------------------------------------------------------------- index text, record sizes
+
+SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"  # each ends a line for str.splitlines(), none for an index
+
+
+def test_index_lines_end_at_newline_only(tmp_path: Path) -> None:
+    ids = [f"v{i}{sep}x" for i, sep in enumerate(SEPARATORS)]
+    with ShardWriter(tmp_path / "path") as writer:
+        for vid in ids:
+            writer.write(vid, encode_video_example(smooth_frames(1, 8, 8), "jpeg"))
+        with pytest.raises(DataError, match="cannot go in the index"):
+            writer.write("\ufeffx", b"")  # would read back without its first character (a byte-order mark)
+    index = tmp_path / "path.index"
+    assert [e.video_id for e in read_index(index)] == ids
+    reader = ShardReader(index)
+    assert reader.video_ids == ids and reader.read(ids[0]).shape == (1, 8, 8, 3)
+    # a bad line after lines holding separators is reported with its real line number (10, not 18)
+    text = index.read_text(encoding="utf-8")
+    index.write_text(text + "\nbroken line\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{index}, line 10: expected 'video_id<TAB>shard<TAB>offset'")):
+        read_index(index)
+    # a UTF-8 byte-order mark and CRLF line ends are accepted; a last line without a newline counts
+    index.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8").rstrip(b"\r\n"))
+    assert [e.video_id for e in read_index(index)] == ids
+    # an offset must be ASCII digits ("\u00b2".isdigit() is True, int("\u00b2") fails), at most 19 of them
+    for offset in ("\u00b2", "\u0663", "1" * 20, "-1", ""):
+        index.write_text(f"a\tpath-00000.tfrecord\t{offset}\n", encoding="utf-8")
+        with pytest.raises(DataError, match="line 1: expected"):
+            read_index(index)
+
+
+def test_non_utf8_index_is_one_clear_error(tmp_path: Path) -> None:
+    index = tmp_path / "path.index"
+    index.write_bytes(b"a\tpath-00000.tfrecord\t0\nb\xe9\tpath-00000.tfrecord\t9\n")  # Latin-1 "\xe9"
+    with pytest.raises(DataError) as info:
+        read_index(index)
+    assert str(info.value).startswith(f"{index}, line 2: not UTF-8 text (invalid continuation byte at byte 1 ")
+    assert "rebuild the index with frozen_tfrecord.py" in str(info.value)
+    assert verify_index(index)["errors"][0]["error"] == str(info.value)
+
+
+def test_split_index_keeps_the_tail_apart() -> None:
+    assert split_index(b"a\tb\t1\n\n  \nc\td\t2\r\nc\td", "I") == ([(1, "a\tb\t1"), (4, "c\td\t2")], b"c\td")
+    assert split_index(b"\xef\xbb\xbf", "I") == ([], b"")
+    assert split_index(b"x\n\xe9", "I") == ([(1, "x")], b"\xe9")  # a torn tail is never decoded
+
+
+def _jpeg_record(n_frames: int, height: int, width: int, jpegs: int = 1) -> bytes:
+    frame = io.BytesIO()
+    Image.fromarray(smooth_frames(1, 8, 8)[0]).save(frame, format="JPEG")
+    return encode_example(
+        {
+            "image": bytes_feature(*[frame.getvalue()] * jpegs),
+            "n_frames": int64_feature(n_frames),
+            "height": int64_feature(height),
+            "width": int64_feature(width),
+            "encoding": bytes_feature(b"jpeg"),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("claim", "message"),
+    [
+        ((10**9, 8, 8), "record claims 1000000000 frames; a record holds 1..100000"),
+        ((MAX_RECORD_FRAMES + 1, 8, 8), f"record claims {MAX_RECORD_FRAMES + 1} frames"),
+        ((0, 8, 8), "record claims 0 frames"),
+        ((1, 10**6, 10**6), "record claims frames of 1000000x1000000 pixels; sides must be 1..16384"),
+        ((1, MAX_FRAME_SIDE + 1, 1), f"frames of {MAX_FRAME_SIDE + 1}x1 pixels"),
+        ((1, 8192, 8193), "frames of 8192x8193 pixels"),  # each side allowed, the product is not
+        ((1, -8, 8), "frames of -8x8 pixels"),
+    ],
+)
+def test_jpeg_record_sizes_are_bounded_before_allocation(claim: tuple[int, int, int], message: str) -> None:
+    with pytest.raises(RecordError, match=re.escape(message)):
+        parse_video_example(_jpeg_record(*claim))
+
+
+def test_jpeg_record_size_bounds_are_inclusive() -> None:
+    assert MAX_FRAME_PIXELS == 8192 * 8192
+    record = parse_video_example(_jpeg_record(1, 8192, 8192))  # parsing allocates nothing from the claim
+    assert (record.n_frames, record.height, record.width) == (1, 8192, 8192)
+    with pytest.raises(RecordError, match=re.escape("frame 0 is (8, 8), record says (8192, 8192)")):
+        record.decode([0])  # the frame header disagrees: refused before decoding (the 192 MiB buffer is allocated)
+    assert parse_video_example(_jpeg_record(3, 8, 8, jpegs=3)).decode().shape == (3, 8, 8, 3)
+
+
+def test_shard_record_claiming_huge_frames_is_a_data_error_naming_shard_and_offset(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path / "path") as writer:
+        writer.write("good", _jpeg_record(1, 8, 8))
+        bad = writer.write("huge", _jpeg_record(1, 10**6, 10**6))
+    reader = ShardReader(tmp_path / "path.index")
+    with pytest.raises(DataError) as info:
+        reader.read("huge")
+    assert str(info.value).startswith(f"{bad.shard}: record at offset {bad.offset} for video 'huge' does not decode")
+    assert "1000000x1000000 pixels" in str(info.value)
+    with pytest.raises(DataError, match="1000000x1000000 pixels"):
+        ShardVideoSource(tmp_path / "path.index", max_frames=4).load("huge")
+    assert reader.read("good").shape == (1, 8, 8, 3)
