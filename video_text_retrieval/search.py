@@ -26,6 +26,7 @@ Command lines (the tiny model on the synthetic data, ``python -m dataloaders.syn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ from engine.run_logging import setup_logging
 from modules.clip_model import read_state_dict
 from modules.fusion import check_rerank_range, eot_positions, rerank_queries
 from modules.membridge import MemBridgeModel
+from modules.model_config import build_membridge, read_model_config
 from modules.published_keys import PUBLISHED_MARKERS
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ ARCHITECTURE_FLAGS = (
 SAMPLING_FLAGS = ("feature_framerate", "slice_framepos", "eval_frame_order", "pad_frames")
 FINGERPRINT_MEMO = "encoder_fingerprints.json"  # weights file -> encoder fingerprint
 OVERRIDE_FLAGS = ("clip_config", "cross_config_path", "max_frames", "max_words", "rerank_topk")
+ARCHITECTURE_OVERRIDES = ("clip_config", "cross_config_path", "max_frames")  # these rebuild from the run's flags
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -199,9 +202,38 @@ def model_flags(weights: Path, overrides: argparse.Namespace) -> argparse.Namesp
     return argparse.Namespace(**flags)
 
 
+def stored_model(weights: Path, overrides: argparse.Namespace) -> tuple[MemBridgeModel, argparse.Namespace] | None:
+    """The model rebuilt from the ModelConfig stored with ``weights`` (checkpoints written by this project), every
+    tensor loaded; the frame-sampling flags still come from the run's config.json / the engine defaults. None when
+    the file records no config or the command line overrides the architecture."""
+    config = read_model_config(weights)
+    if config is None or any(getattr(overrides, name, None) is not None for name in ARCHITECTURE_OVERRIDES):
+        return None
+    model = build_membridge(dataclasses.replace(config, head=None))
+    ckpt.load_weights(weights, model, strict=True)
+    parser = build_parser("retrieval")
+    flags = {name: parser.get_default(name) for name in (*SAMPLING_FLAGS, "rerank_topk", "max_words")}
+    found = find_run_flags(weights)
+    flags.update({name: found[0][name] for name in flags if found is not None and name in found[0]})
+    if overrides.rerank_topk is not None:
+        flags["rerank_topk"] = overrides.rerank_topk
+    if config.fusion is not None:
+        flags["max_words"] = config.fusion.max_words
+    flags.update(max_frames=config.max_frames, max_words=overrides.max_words or flags["max_words"])
+    return model, argparse.Namespace(**flags)
+
+
 def load_search_model(checkpoint: str | os.PathLike, overrides: argparse.Namespace) -> SearchModel:
-    """Build the model of ``checkpoint`` (with its fusion when the weights hold one) and load every tensor."""
+    """Build the model of ``checkpoint`` (with its fusion when the weights hold one) and load every tensor: from the
+    model config stored with the weights, else from the run's flags (:func:`model_flags`)."""
     weights = resolve_weights(checkpoint)
+    rebuilt = stored_model(weights, overrides)
+    if rebuilt is not None:
+        model, flags = rebuilt
+        model.eval()
+        logger.info("search model from %s, built from its stored model config", weights)
+        clip = model.encoder.clip
+        return SearchModel(model, flags, weights, ClipTokenizer(), ClipTransform(clip.config.image_resolution))
     flags = model_flags(weights, overrides)
     with_fusion = holds_fusion(weight_names(weights))
     model = build_model(flags, with_fusion=with_fusion)
