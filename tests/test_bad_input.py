@@ -299,66 +299,58 @@ def written(path: Path, text: str | bytes) -> Path:
 
 # Each reader with a file of three real lines: line 1 a valid row whose text holds every separator, line 2 valid,
 # line 3 malformed. The error must say line 3 (splitlines() would count 10 and more lines before it).
-LINE_READERS = {
-    "QA jsonl": (
-        "msrvtt_qa",
-        lambda d: DataPaths(
-            msrvtt_qa_test_json=str(written(d / "test.jsonl", "\n".join(
-                [qa_line("v1", f"what{SEPARATORS}is it?"), qa_line("v2", "who?"), '{"video_id": "v3", "question"']
-            ) + "\n")),
-            msrvtt_qa_anslabel_json=str(written(d / "train_ans2label.json", '{"yes": 0}')),
-        ),  # fmt: skip
-        "test.jsonl",
-        "invalid JSON",
-    ),
+QA_LINES = [qa_line("v1", f"what{SEPARATORS}is it?"), qa_line("v2", "who?"), '{"video_id": "v3", "question"']
+LINE_READERS = {  # reader: (dataset, file, content, phrase of the error)
+    "QA jsonl": ("msrvtt_qa", "test.jsonl", "\n".join(QA_LINES) + "\n", "invalid JSON"),
     "LSMDC tsv": (
         "lsmdc",
-        lambda d: DataPaths(data_path=str(written(d / ann.LSMDC_FILES["test"], (
-            f"c1\t1\t2\t1\t2\tShe{SEPARATORS} runs.\r\nc2\t1\t2\t1\t2\tHe sits.\r\nc3\t1\t2\tonly four\r\n"
-        )).parent)),  # fmt: skip
         ann.LSMDC_FILES["test"],
+        f"c1\t1\t2\t1\t2\tShe{SEPARATORS} runs.\r\nc2\t1\t2\t1\t2\tHe sits.\r\nc3\t1\t2\tonly four\r\n",
         "4 tab-separated fields, expected 6",
     ),
-    "MSVD split list": (
-        "msvd",
-        lambda d: DataPaths(data_path=str(written(d / "test_list.txt", f"vid{SEPARATORS}1\nvid2\nvid3\n").parent)),
-        "test_list.txt",
-        "1 video id(s) have no video",
-    ),
+    "MSVD split list": ("msvd", "test_list.txt", f"vid{SEPARATORS}1\nvid2\nvid3\n", "1 video id(s) have no video"),
     "JSFUSION csv": (
         "msrvtt",
-        lambda d: DataPaths(val_csv=str(written(d / "MSRVTT_JSFUSION_test.csv", (
-            f"key,vid_key,video_id,sentence\nret0,msr1,video1,a{SEPARATORS}dog\nret1,msr2,video2,x,extra\n"
-        )))),  # fmt: skip
         "MSRVTT_JSFUSION_test.csv",
+        f"key,vid_key,video_id,sentence\nret0,msr1,video1,a{SEPARATORS}dog\nret1,msr2,video2,x,extra\n",
         "wrong number of fields",
     ),
 }
 
 
+def line_reader_paths(reader: str, folder: Path) -> DataPaths:
+    """The reader's file written into ``folder`` (with what its dataset also needs) and the flags naming it."""
+    _, filename, content, _ = LINE_READERS[reader]
+    path = written(folder / filename, content)
+    if reader == "QA jsonl":
+        labels = written(folder / "train_ans2label.json", '{"yes": 0}')
+        return DataPaths(msrvtt_qa_test_json=str(path), msrvtt_qa_anslabel_json=str(labels))
+    if reader == "JSFUSION csv":
+        return DataPaths(val_csv=str(path))
+    if reader == "MSVD split list":  # captions for the id holding the separators and for vid2, none for vid3
+        written(folder / "raw-captions.json", json.dumps({f"vid{SEPARATORS}1": [["a"]], "vid2": [["b"]]}))
+    return DataPaths(data_path=str(folder))
+
+
 @pytest.mark.parametrize("reader", sorted(LINE_READERS))
 def test_unicode_line_separators_inside_a_row_do_not_split_it(tmp_path, reader):
-    dataset, make_paths, filename, phrase = LINE_READERS[reader]
+    dataset, filename, _, phrase = LINE_READERS[reader]
     folder = tmp_path / "data"
-    paths = make_paths(folder)
-    if reader == "MSVD split list":  # captions for vid2 and vid3, and for the id holding the separators
-        written(folder / "raw-captions.json", json.dumps({f"vid{SEPARATORS}1": [["a"]], "vid2": [["b"]]}))
     with pytest.raises(DataError) as info:
-        build(dataset, "test", paths)
+        build(dataset, "test", line_reader_paths(reader, folder))
     message = str(info.value)
     assert str(folder / filename) in message and phrase in message
-    if reader != "MSVD split list":  # the list's error is about its ids, not a line
+    if reader != "MSVD split list":
         assert "line 3" in message and "line 1" not in message
-    else:
-        assert "'vid3'" in message
+    else:  # the list's error is about its ids: one unknown id, read whole
+        assert "['vid3']" in message
     assert textio.split_lines(f"a{SEPARATORS}b\r\nc\rd\n") == [f"a{SEPARATORS}b", "c", "d"]
 
 
 def test_unicode_line_separators_are_kept_inside_the_rows(tmp_path):
     """The valid rows read whole: their text still holds every separator (one row, one caption)."""
-    csv_file = written(tmp_path / "MSRVTT_JSFUSION_test.csv", (
-        f"key,vid_key,video_id,sentence\r\nret0,msr1,video1,a{SEPARATORS}dog\r\nret1,msr2,video2,\"two\nlines\"\r\n"
-    ))  # fmt: skip
+    rows = f'ret0,msr1,video1,a{SEPARATORS}dog\r\nret1,msr2,video2,"two\nlines"\r\n'
+    csv_file = written(tmp_path / "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\r\n" + rows)
     evaluation = build("msrvtt", "test", DataPaths(val_csv=str(csv_file)))
     assert evaluation.texts == [f"a{SEPARATORS}dog", "two\nlines"] and evaluation.video_ids == ["video1", "video2"]
     qa = written(tmp_path / "test.jsonl", qa_line("v1", f"what{SEPARATORS}?") + "\n" + qa_line("v2", "who?") + "\n")
