@@ -179,7 +179,8 @@ def _read_csv(path: str | Path, columns: Sequence[str]) -> list[tuple[int, dict[
                 raise _fail(path, f"line {line}", "wrong number of fields", "fix the row (quote fields holding commas)")
             rows.append((line, row))
     except csv.Error as exc:  # a field over csv.field_size_limit(), a NUL byte, a quote inside an unquoted field
-        raise _fail(path, f"line {reader.line_num}", f"unreadable CSV ({exc})", "fix the row") from exc
+        line = reader.reader.line_num  # DictReader's own count is only updated after a row is read
+        raise _fail(path, f"line {line}", f"unreadable CSV ({exc})", "fix the row") from exc
     return rows
 
 
