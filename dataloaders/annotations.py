@@ -1,7 +1,9 @@
 """Pure parsers of every benchmark's annotation files (DESIGN §3.3), returning plain lists and dataclasses.
 
 Every malformed input raises ``DataError`` naming the file, the row (1-based line for text files, 0-based entry
-for JSON lists) and what to do. Nothing here decodes video or tokenizes text.
+for JSON lists) and what to do. Nothing here decodes video or tokenizes text. Files are read through
+``dataloaders/textio.py``: UTF-8 with an optional BOM, split on real line endings only (never on U+2028 and the other
+``str.splitlines`` separators), JSON nesting bounded.
 
 Video-id conventions follow CLIP4Clip: MSR-VTT/MSVD/LSMDC ids are file names without extension (LSMDC clips are
 nested by movie folder, found by walking ``features_path``); DiDeMo ids are the ``video`` field verbatim, which
