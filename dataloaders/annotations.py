@@ -1,7 +1,9 @@
 """Pure parsers of every benchmark's annotation files (DESIGN §3.3), returning plain lists and dataclasses.
 
 Every malformed input raises ``DataError`` naming the file, the row (1-based line for text files, 0-based entry
-for JSON lists) and what to do. Nothing here decodes video or tokenizes text.
+for JSON lists) and what to do. Nothing here decodes video or tokenizes text. Files are read through
+``dataloaders/textio.py``: UTF-8 with an optional BOM, split on real line endings only (never on U+2028 and the other
+``str.splitlines`` separators), JSON nesting bounded.
 
 Video-id conventions follow CLIP4Clip: MSR-VTT/MSVD/LSMDC ids are file names without extension (LSMDC clips are
 nested by movie folder, found by walking ``features_path``); DiDeMo ids are the ``video`` field verbatim, which
@@ -11,7 +13,7 @@ is the full file name.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import os
 import re
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dataloaders import textio
 from dataloaders.errors import DataError
 from dataloaders.safe_pickle import safe_load_pickle
 
@@ -40,6 +43,7 @@ MSVD_CAPTION_JSON = "raw-captions.json"
 MSVD_CAPTION_PICKLE = "raw-captions.pkl"
 DIDEMO_CLIP = (0.0, 30.0)  # seconds; DiDeMo videos were truncated to 30 s for annotation
 CHECK_IDS_SHOWN = 5  # unknown ids listed in a check_ids message
+ANSWER_INDEX_FACTOR, ANSWER_INDEX_SLACK = 4, 1024  # answer indices lie below FACTOR * answers + SLACK
 
 
 class VideoCaption(NamedTuple):
@@ -127,21 +131,19 @@ def _fail(path: str | Path, where: str, what: str, todo: str) -> DataError:
     return DataError(f"{path}: {where}: {what}; {todo}")
 
 
+_PATH_HINT = "check --data_path / --train_csv / --val_csv"
+
+
 def _read_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found; check --data_path / --train_csv / --val_csv") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc}); re-create or re-download the file") from exc
+    return textio.read_text(path, _PATH_HINT)
+
+
+def _read_lines(path: str | Path) -> list[str]:
+    return textio.read_text_lines(path, _PATH_HINT)
 
 
 def _load_json(path: str | Path) -> Any:
-    text = _read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, f"line {exc.lineno}", f"invalid JSON ({exc.msg})", "fix or re-download the file") from exc
+    return textio.load_json(path, _PATH_HINT)
 
 
 def _field(path: str | Path, where: str, entry: Any, key: str, kinds: type | tuple[type, ...] = str) -> Any:
@@ -165,18 +167,22 @@ def _video_id(path: str | Path, where: str, entry: Any, key: str = "video_id") -
 
 def _read_csv(path: str | Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """Rows of a headed CSV as ``(line number, row)``, checking the header has ``columns``."""
-    lines = _read_text(path).splitlines()
-    reader = csv.DictReader(lines)
-    header = reader.fieldnames or []
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise _fail(path, "line 1", f"header {header} lacks column(s) {missing}", "use the original file")
+    # csv reads the real lines itself (newline=""): a quoted field may hold a line break or U+2028.
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     rows = []
-    for row in reader:
-        line = reader.line_num
-        if None in row or any(row[c] is None for c in columns):
-            raise _fail(path, f"line {line}", "wrong number of fields", "fix the row (quote fields holding commas)")
-        rows.append((line, row))
+    try:
+        header = reader.fieldnames or []
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise _fail(path, "line 1", f"header {header} lacks column(s) {missing}", "use the original file")
+        for row in reader:
+            line = reader.line_num
+            if None in row or any(row[c] is None for c in columns):
+                raise _fail(path, f"line {line}", "wrong number of fields", "fix the row (quote fields holding commas)")
+            rows.append((line, row))
+    except csv.Error as exc:  # a field over csv.field_size_limit(), a NUL byte, a quote inside an unquoted field
+        line = reader.reader.line_num  # DictReader's own count is only updated after a row is read
+        raise _fail(path, f"line {line}", f"unreadable CSV ({exc})", "fix the row") from exc
     return rows
 
 
@@ -215,7 +221,7 @@ def index_video_files(root: str | Path, video_ids: Collection[str], keep_extensi
 
 def read_video_list(path: str | Path) -> list[str]:
     """One video id per line (``{train,val,test}_list.txt``); blank lines are skipped."""
-    ids = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    ids = [line.strip() for line in _read_lines(path) if line.strip()]
     if not ids:
         raise DataError(f"{path}: lists no video ids; use the original split file")
     return ids
@@ -385,10 +391,10 @@ def read_lsmdc(path: str | Path) -> list[LSMDCRow]:
     """A tab-separated LSMDC file: ``clip_id, start_aligned, end_aligned, start_extracted, end_extracted,
     sentence``. A clip id may repeat with several sentences."""
     rows = []
-    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
+    for line_no, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
-        fields = [field.strip() for field in line.rstrip("\r\n").split("\t")]
+        fields = [field.strip() for field in line.split("\t")]
         if len(fields) != len(LSMDC_COLUMNS):
             raise _fail(
                 path,
@@ -459,14 +465,11 @@ def read_qa_jsonl(path: str | Path) -> list[QARow]:
     ``answer_type`` may be absent (it is then ``""``); it only groups accuracy by question type.
     """
     rows = []
-    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
+    for line_no, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         where = f"line {line_no}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _fail(path, where, f"invalid JSON ({exc.msg})", "fix the line") from exc
+        entry = textio.parse_json(line, path, line_no, todo="fix the line")
         if not isinstance(entry, dict):
             raise _fail(path, where, f"expected an object, got {type(entry).__name__}", "fix the line")
         answer_type = _field(path, where, entry, "answer_type") if "answer_type" in entry else ""
@@ -483,15 +486,31 @@ def read_qa_jsonl(path: str | Path) -> list[QARow]:
     return rows
 
 
+def answer_index_limit(num_answers: int) -> int:
+    """Indices of a vocabulary of ``num_answers`` answers lie below this (the classifier has one output per index up
+    to the largest, so a sparse numbering must not make it much wider than the vocabulary)."""
+    return ANSWER_INDEX_FACTOR * num_answers + ANSWER_INDEX_SLACK
+
+
 def read_ans2label(path: str | Path) -> dict[str, int]:
-    """``train_ans2label.json``: ``{answer: index}`` with distinct non-negative integer indices."""
+    """``train_ans2label.json``: ``{answer: index}`` with distinct non-negative integer indices below
+    ``answer_index_limit(len(file))`` (gaps are allowed, a classifier of 10**12 outputs is not)."""
     data = _load_json(path)
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty JSON object {{answer: index}}")
+    limit = answer_index_limit(len(data))
     seen: dict[int, str] = {}
     for answer, label in data.items():
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise _fail(path, f"answer {answer!r}", f"index {label!r} is not a non-negative integer", "fix it")
+        if label >= limit:
+            raise _fail(
+                path,
+                f"answer {answer!r}",
+                f"index {label} is far beyond the file's {len(data)} answers (indices must be below {limit}: the "
+                "classifier gets one output per index up to the largest)",
+                f"number the answers 0..{len(data) - 1}",
+            )
         if label in seen:
             raise _fail(path, f"answer {answer!r}", f"index {label} also used by {seen[label]!r}", "fix it")
         seen[label] = answer

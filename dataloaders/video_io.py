@@ -447,6 +447,17 @@ def load_video(
     return frames, mask
 
 
+def _check_contained(video_id: str, video_dir: Path) -> None:
+    """DataError unless ``video_dir / video_id`` stays inside ``video_dir`` by its spelling (relative, no ``..``)."""
+    parts = video_id.replace("\\", "/").split("/")
+    if "\0" in video_id or os.path.isabs(video_id) or ".." in parts:
+        raise DataError(
+            f"{video_dir}: video id {video_id!r} from the annotation file points outside the video folder (an "
+            "absolute path, a '..' part or a NUL byte); video ids must be file names inside --features_path (or "
+            "--webvid_video_dir): fix or remove that annotation row"
+        )
+
+
 class FileVideoSource:
     """A folder of videos ``<video_dir>/<video_id><ext>`` read with the published sampling (a ``VideoSource``)."""
 
@@ -477,7 +488,13 @@ class FileVideoSource:
 
     def path_for(self, video_id: str) -> Path:
         """``video_dir/video_id`` when the id already names a file (DiDeMo ids carry their extension), else the first
-        existing ``video_dir/video_id + ext`` over ``extensions``; DataError if none exists."""
+        existing ``video_dir/video_id + ext`` over ``extensions``; DataError if none exists.
+
+        Ids come from annotation files: an absolute id, one with a ``..`` part or a NUL byte is a DataError (a
+        training set skips it like an unreadable video), so no id reaches a file outside ``video_dir``. Ids may
+        name sub-folders (LSMDC movie folders); links placed inside ``video_dir`` are followed as the user set them.
+        """
+        _check_contained(video_id, self.video_dir)
         exact = self.video_dir / video_id
         if exact.is_file():
             return exact

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dataloaders import annotations as ann
+from dataloaders import textio
 from dataloaders.errors import DataError
 
 
@@ -361,3 +362,59 @@ def test_real_didemo_val_paragraphs(realdata):
         "man with hat waves right hand up and down a man with a hat looking at a wavy object."
     )
     assert next(iter(paragraphs)) == entries[0]["video"]
+
+
+# ----------------------------------------------------------------------------------------------- shared text reading
+
+
+def test_split_lines_splits_on_real_line_endings_only():
+    separators = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+    text = f"one{separators}row\r\ntwo\rthree\n\nfive"
+    assert textio.split_lines(text) == [f"one{separators}row", "two", "three", "", "five"]
+    assert len(text.splitlines()) == 13  # what the readers used to count
+    assert textio.split_lines("a\n") == ["a"] and textio.split_lines("") == []
+
+
+def test_read_text_drops_a_bom_and_names_bad_bytes(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_bytes(b"\xef\xbb\xbfvideo1\nvideo2\n")
+    assert ann.read_video_list(path) == ["video1", "video2"]
+    path.write_bytes(b"\xef\xbb\xbfvideo1\nvid\xffeo2\n")  # byte 3 + 7 + 3 = 13, line 2
+    with pytest.raises(DataError, match=r"list.txt: line 2 \(byte 13\): not UTF-8 text \(byte 0xff"):
+        ann.read_video_list(path)
+    with pytest.raises(DataError, match=r"absent.txt: file not found; check --data_path"):
+        ann.read_video_list(tmp_path / "absent.txt")
+
+
+def test_parse_json_names_lines_and_bounds_nesting(tmp_path):
+    assert textio.parse_json('{"a": ["[[[[", "\\"]]"]}', "f") == {"a": ["[[[[", '"]]']}
+    assert textio.parse_json("[" * 64 + "]" * 64, "f") == json.loads("[" * 64 + "]" * 64)
+    with pytest.raises(DataError, match=r"^f: line 3: JSON nested deeper than 64 levels"):
+        textio.parse_json("{\n" + '"a": {"b": [\n' + "[" * 70, "f")
+    with pytest.raises(DataError, match=r"^f: line 12: invalid JSON \(Expecting value\); fix the line$"):
+        textio.parse_json('{"a": }', "f", first_line=12, todo="fix the line")
+    with pytest.raises(DataError, match=r"^f: line 7: JSON that cannot be read \(Exceeds the limit"):
+        textio.parse_json("1" * 5000, "f", first_line=7)
+    path = _write(tmp_path / "val.jsonl", '{"video_id": "v", "question": "q", "answer": ' + "1" * 5000 + "}\n")
+    with pytest.raises(DataError, match="val.jsonl: line 1: JSON that cannot be read"):
+        ann.read_qa_jsonl(path)
+
+
+def test_csv_field_over_the_size_limit_is_a_data_error(tmp_path):
+    path = _write(tmp_path / "MSRVTT_train.9k.csv", "video_id\nvideo1\n" + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"MSRVTT_train.9k.csv: line 3: unreadable CSV \(field larger than"):
+        ann.read_video_id_csv(path)
+    good = '\ufeffvideo_id\r\n"video\u20281"\r\n"video\n2"\r\nvideo3\r\n'
+    assert ann.read_video_id_csv(_write(tmp_path / "ok.csv", good)) == ["video\u20281", "video\n2", "video3"]
+    _write(path, good + '\r\n""\r\n')
+    with pytest.raises(DataError, match=r"line 7: empty video_id"):  # a quoted row of two lines counts two
+        ann.read_video_id_csv(path)
+
+
+def test_answer_indices_are_bounded_by_the_answer_count(tmp_path):
+    assert ann.answer_index_limit(3) == 4 * 3 + 1024
+    labels = _write(tmp_path / "train_ans2label.json", json.dumps({"a": 0, "b": 1, "c": 1035}))
+    assert ann.read_ans2label(labels) == {"a": 0, "b": 1, "c": 1035}
+    _write(labels, json.dumps({"a": 0, "b": 1, "c": 1036}))
+    with pytest.raises(DataError, match=r"train_ans2label.json: answer 'c': index 1036 is far beyond the file's 3"):
+        ann.read_ans2label(labels)

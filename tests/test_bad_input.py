@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from safetensors.torch import save_file
 
 import main_task_clip
 from dataloaders import annotations as ann
-from dataloaders.datasets import RetrievalTrainDataset
+from dataloaders import textio
+from dataloaders.datasets import DATASETS, DataPaths, RetrievalTrainDataset
 from dataloaders.errors import CheckpointError, ConfigError, DataError
 from dataloaders.tfrecord_format import (
     bytes_feature,
@@ -297,6 +299,192 @@ def test_unknown_video_ids_in_a_split_file(synthetic_small, tmp_path):
         ann.msrvtt_train_pairs(ids, data, False, train_csv)
     assert str(info.value).startswith(f"{train_csv}: 2 video id(s) have no video, e.g. ['video998', 'video999']")
     assert "remove those rows" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ annotation text
+
+SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"  # str.splitlines() splits on each of these
+
+
+def build(name: str, split: str, paths: DataPaths, source=None):
+    """A dataset built the way the entry scripts build it: through the registry, from written files."""
+    source = source if source is not None else NoVideos()
+    return DATASETS[name](split, paths, source, ClipTransform(IMAGE), ClipTokenizer(), L)
+
+
+class NoVideos:
+    """A video source for parser-only tests: every load fails like an unreadable video."""
+
+    def load(self, video_id, start=None, end=None, rng=None):
+        raise DataError(f"no video for {video_id!r} in this test")
+
+
+def qa_line(video_id: str, question: str, answer: str = "yes") -> str:
+    return json.dumps({"video_id": video_id, "question": question, "answer": answer}, ensure_ascii=False)
+
+
+def written(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+# Each reader with a file of three real lines: line 1 a valid row whose text holds every separator, line 2 valid,
+# line 3 malformed. The error must say line 3 (splitlines() would count 10 and more lines before it).
+QA_LINES = [qa_line("v1", f"what{SEPARATORS}is it?"), qa_line("v2", "who?"), '{"video_id": "v3", "question"']
+LINE_READERS = {  # reader: (dataset, file, content, phrase of the error)
+    "QA jsonl": ("msrvtt_qa", "test.jsonl", "\n".join(QA_LINES) + "\n", "invalid JSON"),
+    "LSMDC tsv": (
+        "lsmdc",
+        ann.LSMDC_FILES["test"],
+        f"c1\t1\t2\t1\t2\tShe{SEPARATORS} runs.\r\nc2\t1\t2\t1\t2\tHe sits.\r\nc3\t1\t2\tonly four\r\n",
+        "4 tab-separated fields, expected 6",
+    ),
+    "MSVD split list": ("msvd", "test_list.txt", f"vid{SEPARATORS}1\nvid2\nvid3\n", "1 video id(s) have no video"),
+    "JSFUSION csv": (
+        "msrvtt",
+        "MSRVTT_JSFUSION_test.csv",
+        f"key,vid_key,video_id,sentence\nret0,msr1,video1,a{SEPARATORS}dog\nret1,msr2,video2,x,extra\n",
+        "wrong number of fields",
+    ),
+}
+
+
+def line_reader_paths(reader: str, folder: Path) -> DataPaths:
+    """The reader's file written into ``folder`` (with what its dataset also needs) and the flags naming it."""
+    _, filename, content, _ = LINE_READERS[reader]
+    path = written(folder / filename, content)
+    if reader == "QA jsonl":
+        labels = written(folder / "train_ans2label.json", '{"yes": 0}')
+        return DataPaths(msrvtt_qa_test_json=str(path), msrvtt_qa_anslabel_json=str(labels))
+    if reader == "JSFUSION csv":
+        return DataPaths(val_csv=str(path))
+    if reader == "MSVD split list":  # captions for the id holding the separators and for vid2, none for vid3
+        written(folder / "raw-captions.json", json.dumps({f"vid{SEPARATORS}1": [["a"]], "vid2": [["b"]]}))
+    return DataPaths(data_path=str(folder))
+
+
+@pytest.mark.parametrize("reader", sorted(LINE_READERS))
+def test_unicode_line_separators_inside_a_row_do_not_split_it(tmp_path, reader):
+    dataset, filename, _, phrase = LINE_READERS[reader]
+    folder = tmp_path / "data"
+    with pytest.raises(DataError) as info:
+        build(dataset, "test", line_reader_paths(reader, folder))
+    message = str(info.value)
+    assert str(folder / filename) in message and phrase in message
+    if reader != "MSVD split list":
+        assert "line 3" in message and "line 1" not in message
+    else:  # the list's error is about its ids: one unknown id, read whole
+        assert "['vid3']" in message
+    assert textio.split_lines(f"a{SEPARATORS}b\r\nc\rd\n") == [f"a{SEPARATORS}b", "c", "d"]
+
+
+def test_unicode_line_separators_are_kept_inside_the_rows(tmp_path):
+    """The valid rows read whole: their text still holds every separator (one row, one caption)."""
+    rows = f'ret0,msr1,video1,a{SEPARATORS}dog\r\nret1,msr2,video2,"two\nlines"\r\n'
+    csv_file = written(tmp_path / "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\r\n" + rows)
+    evaluation = build("msrvtt", "test", DataPaths(val_csv=str(csv_file)))
+    assert evaluation.texts == [f"a{SEPARATORS}dog", "two\nlines"] and evaluation.video_ids == ["video1", "video2"]
+    qa = written(tmp_path / "test.jsonl", qa_line("v1", f"what{SEPARATORS}?") + "\n" + qa_line("v2", "who?") + "\n")
+    labels = written(tmp_path / "train_ans2label.json", '{"yes": 0}')
+    questions = build("msrvtt_qa", "test", DataPaths(msrvtt_qa_test_json=str(qa), msrvtt_qa_anslabel_json=str(labels)))
+    assert [r.question for r in questions.rows] == [f"what{SEPARATORS}?", "who?"]
+
+
+def test_utf8_byte_order_mark_in_csv_and_json(tmp_path):
+    """Spreadsheet exports start with a BOM: the first header name and json.loads must not see it."""
+    bom = "\ufeff"
+    data = {"videos": [{"video_id": "video0", "split": "train"}], "sentences": [{"video_id": "video0", "caption": "c"}]}
+    paths = DataPaths(
+        train_csv=str(written(tmp_path / "MSRVTT_train.9k.csv", bom + "video_id\r\nvideo0\r\n")),
+        data_path=str(written(tmp_path / "MSRVTT_data.json", bom + json.dumps(data))),
+    )
+    assert build("msrvtt", "train", paths).pairs == [ann.TrainPair("video0", ("c",))]
+    webvid = written(tmp_path / "frozen_train_labels.json", bom + json.dumps([{"video_id": 7, "caption": "sky"}]))
+    assert build("webvid", "train", DataPaths(train_csv=str(webvid))).pairs == [ann.TrainPair("7", ("sky",))]
+    lsmdc = written(tmp_path / "lsmdc" / ann.LSMDC_FILES["val"], bom + "c1\t1\t2\t1\t2\tShe runs.\n")
+    assert build("lsmdc", "val", DataPaths(data_path=str(lsmdc.parent))).video_ids == ["c1"]
+
+
+def test_non_utf8_annotation_file_names_the_line_and_byte(tmp_path):
+    text = "c1\t1\t2\t1\t2\tShe runs.\nc2\t1\t2\t1\t2\tHe sits.\nc3\t1\t2\t1\t2\tCaf\xe9 scene.\n"
+    lsmdc = written(tmp_path / ann.LSMDC_FILES["test"], text.encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        build("lsmdc", "test", DataPaths(data_path=str(tmp_path)))
+    offset = text.index("\xe9")  # latin-1: one byte a character
+    assert str(info.value).startswith(f"{lsmdc}: line 3 (byte {offset}): not UTF-8 text (byte 0xe9")
+    assert "save the file as UTF-8" in str(info.value)
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+def test_deeply_nested_json_is_refused_before_parsing(tmp_path, depth):
+    webvid = written(tmp_path / "frozen_train_labels.json", "\n" + "[" * depth + "]" * depth)
+    with pytest.raises(DataError) as info:
+        build("webvid", "train", DataPaths(train_csv=str(webvid)))
+    assert str(info.value).startswith(f"{webvid}: line 2: JSON nested deeper than 64 levels")
+    nested = {"video_id": "v1", "question": "q?", "answer": "yes", "extra": json.loads("[" * 63 + "]" * 63)}
+    qa = written(tmp_path / "test.jsonl", json.dumps(nested) + "\n" + qa_line("v2", "[" * 80) + "\n" + "[" * depth)
+    labels = written(tmp_path / "train_ans2label.json", '{"yes": 0}')
+    with pytest.raises(DataError) as info:  # 64 levels and brackets inside strings are fine; line 3 is not
+        build("msrvtt_qa", "test", DataPaths(msrvtt_qa_test_json=str(qa), msrvtt_qa_anslabel_json=str(labels)))
+    assert str(info.value).startswith(f"{qa}: line 3: JSON nested deeper than 64 levels")
+
+
+def test_answer_index_far_beyond_the_vocabulary_size(tmp_path):
+    """A 10**12 index would make a 10**12-output classifier: refused naming the file and the answer."""
+    qa = written(tmp_path / "test.jsonl", qa_line("v1", "q?", "cat") + "\n")
+    labels = written(tmp_path / "train_ans2label.json", json.dumps({"cat": 0, "dog": 10**12, "fish": 5}))
+    paths = DataPaths(msrvtt_qa_test_json=str(qa), msrvtt_qa_anslabel_json=str(labels))
+    with pytest.raises(DataError) as info:
+        build("msrvtt_qa", "test", paths)
+    message = str(info.value)
+    assert message.startswith(f"{labels}: answer 'dog': index 1000000000000 is far beyond the file's 3 answers")
+    assert f"indices must be below {4 * 3 + 1024}" in message and "number the answers 0..2" in message
+    written(labels, json.dumps({"cat": 0, "dog": 1, "fish": 1035}))  # sparse but bounded: still accepted
+    assert build("msrvtt_qa", "test", paths).ans2label == {"cat": 0, "dog": 1, "fish": 1035}
+
+
+def test_billion_laughs_raw_captions_pickle(tmp_path):
+    """Ten references to a list of ten references to ...: 245 bytes that walk as 10**10 words."""
+    caption = ["lol"] * 10
+    for _ in range(9):
+        caption = [caption] * 10
+    data = written(tmp_path / "msvd" / "raw-captions.pkl", pickle.dumps({"vid1": caption}, protocol=4))
+    written(tmp_path / "msvd" / "test_list.txt", "vid1\n")
+    with pytest.raises(DataError) as info:
+        build("msvd", "test", DataPaths(data_path=str(data.parent)))
+    assert str(info.value).startswith(f"{data}: expands to more than ") and "billion laughs" in str(info.value)
+
+
+ESCAPING_IDS = ["../outside.mp4", "/ABS/outside.mp4", "sub/../../outside.mp4", "..", "a\x00b"]
+
+
+@pytest.mark.parametrize("bad_id", ESCAPING_IDS)
+def test_video_ids_cannot_reach_files_outside_the_video_folder(synthetic_small, tmp_path, tokenizer, bad_id):
+    """A DiDeMo id ``as named in the json`` pointing at a real video outside --features_path: a DataError naming the
+    id and the folder, in evaluation; a training set skips it like an unreadable video."""
+    folder = video_folder(synthetic_small, tmp_path)
+    (tmp_path / "outside.mp4").symlink_to(synthetic_small / "videos" / "video2.mp4")
+    bad_id = bad_id.replace("/ABS", str(tmp_path))
+    source = FileVideoSource(folder, max_frames=T)
+    if "\x00" not in bad_id:
+        assert (folder / bad_id).resolve().is_file() or bad_id == ".."  # the file is there to be reached
+    entries = [{"video": v, "description": f"about {v}", "times": [[0, 1]]} for v in (GOOD[0], bad_id, GOOD[1])]
+    data = written(tmp_path / "didemo" / "train_data.json", json.dumps(entries))
+    written(data.parent / "test_data.json", json.dumps(entries))
+    paths = DataPaths(data_path=str(data.parent))
+    evaluation = DATASETS["didemo"]("test", paths, source, ClipTransform(IMAGE), tokenizer, L)
+    videos = evaluation.video_dataset()
+    with pytest.raises(DataError) as info:
+        videos[1]
+    assert str(info.value).startswith(f"{folder}: video id {bad_id!r} from the annotation file points outside")
+    assert videos[0]["video"].abs().sum() > 0
+    train = DATASETS["didemo"]("train", paths, source, ClipTransform(IMAGE), tokenizer, L)
+    item = train[1]  # replaced by the next readable sample
+    assert train.video_ids[int(item["video_index"])] == GOOD[1] and train.bad_video_ids == {bad_id}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -10,6 +10,7 @@ shard-level targets check that wrapped form).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from dataloaders.tfrecord_format import (
     parse_video_example,
 )
 from dataloaders.tfrecord_io import ShardReader, ShardWriter, iter_records, read_index
+from dataloaders.video_io import FileVideoSource
 
 EXAMPLES = 150
 PARSER_EXAMPLES = 100  # per annotation parser (ten of them)
@@ -294,6 +296,14 @@ TEXT_PARSERS: dict[str, tuple[str, Callable[[Path], object]]] = {
 }
 
 
+SEPARATORS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"  # str.splitlines() line breaks that are not line endings
+odd_text = st.one_of(  # brackets, quotes, separators, a BOM, line endings: the characters the text readers handle
+    st.text(alphabet=st.sampled_from(list('[]{}"\\,:\t\r\n a1\ufeff' + SEPARATORS)), max_size=300),
+    st.integers(0, 5000).map(lambda n: "[" * n + "]" * (n % 3)),  # nesting far past the bound
+    st.integers(0, 5000).map(lambda n: '{"a":' * n),
+).map(lambda text: text if text[:1] != "\ufeff" else "\ufeff" + text)
+
+
 def any_text_for(name: str) -> st.SearchStrategy[str]:
     """Free text plus inputs shaped like the parser's format, so fuzzing reaches past the first check."""
     shaped = {
@@ -302,7 +312,7 @@ def any_text_for(name: str) -> st.SearchStrategy[str]:
         "QA jsonl": st.lists(json_documents | st.text(max_size=20), max_size=4).map(_jsonl_text),
         "LSMDC tsv": st.lists(st.lists(st.text(max_size=6), max_size=7).map("\t".join), max_size=4).map(_jsonl_text),
     }
-    return st.one_of(st.text(max_size=300), json_documents, shaped.get(name, json_documents))
+    return st.one_of(st.text(max_size=300), odd_text, json_documents, shaped.get(name, json_documents))
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_PARSERS))
@@ -322,6 +332,92 @@ def test_annotation_parsers_parse_or_raise_data_error(tmp_path: Path, name: str)
     run()
 
 
+@pytest.mark.parametrize("name", sorted(TEXT_PARSERS))
+def test_annotation_parsers_take_any_bytes(tmp_path: Path, name: str) -> None:
+    """Bytes that are not UTF-8 (or are): parse or a ``MemBridgeError``, never ``UnicodeDecodeError``."""
+    filename, parse = TEXT_PARSERS[name]
+    path = tmp_path / filename
+
+    @settings(FUZZ, max_examples=PARSER_EXAMPLES // 2)
+    @given(
+        data=st.one_of(
+            st.binary(max_size=200),
+            any_text_for(name).map(str.encode).flatmap(lambda b: mutated(b) if b else st.just(b)),
+        )
+    )
+    def run(data: bytes) -> None:
+        path.write_bytes(data)
+        try:
+            parse(path)
+        except MemBridgeError:
+            pass
+
+    run()
+
+
+row_text = st.text(alphabet=st.sampled_from(list("abc ?" + SEPARATORS)), min_size=1, max_size=12).filter(str.strip)
+
+
+@FUZZ
+@given(questions=st.lists(row_text, min_size=1, max_size=5), crlf=st.booleans(), bom=st.booleans())
+def test_rows_holding_separators_read_whole(tmp_path_factory: pytest.TempPathFactory, questions, crlf, bom) -> None:
+    """Rows whose text holds Unicode line separators read back one row each, text intact, in the QA jsonl, LSMDC tsv
+    and csv readers (with ``\\r\\n`` or ``\\n`` endings and an optional BOM)."""
+    end, start = ("\r\n" if crlf else "\n"), ("\ufeff" if bom else "")
+    folder = tmp_path_factory.getbasetemp()
+    qa = folder / "sep.jsonl"
+    lines = [
+        json.dumps({"video_id": f"v{i}", "question": q, "answer": "a"}, ensure_ascii=False)
+        for i, q in enumerate(questions)
+    ]
+    qa.write_text(start + end.join(lines) + end, encoding="utf-8", newline="")
+    assert [r.question for r in ann.read_qa_jsonl(qa)] == questions
+    tsv = folder / "sep.tsv"
+    tsv.write_text(start + end.join(f"c{i}\t1\t2\t1\t2\t{q}" for i, q in enumerate(questions)) + end, newline="")
+    assert [r.sentence for r in ann.read_lsmdc(tsv)] == [q.strip() for q in questions]
+    csv_file = folder / "sep.csv"
+    csv_rows = "".join(f"{i},msr{i},video{i},{q}{end}" for i, q in enumerate(questions))
+    csv_file.write_text(f"{start}key,vid_key,video_id,sentence{end}{csv_rows}", encoding="utf-8", newline="")
+    assert ann.read_msrvtt_jsfusion(csv_file).texts == questions
+
+
+@pytest.fixture(scope="module")
+def video_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``root/videos/{a.mp4, sub/b.mp4}`` and ``root/outside.mp4``, a file an id must never reach."""
+    root = tmp_path_factory.mktemp("fuzz_videos")
+    (root / "videos" / "sub").mkdir(parents=True)
+    for path in (root / "videos" / "a.mp4", root / "videos" / "sub" / "b.mp4", root / "outside.mp4"):
+        path.write_bytes(b"not decoded here")
+    return root
+
+
+path_parts = st.sampled_from(["..", ".", "", "a", "a.mp4", "sub", "b", "b.mp4", "outside", "outside.mp4", "\\", "\x00"])
+
+
+@FUZZ
+@given(parts=st.lists(path_parts, min_size=1, max_size=6), absolute=st.booleans())
+def test_video_ids_stay_inside_the_video_folder(video_tree: Path, parts: list[str], absolute: bool) -> None:
+    """Any id built from path parts resolves to a file inside the folder, or is a ``DataError``."""
+    video_id = ("/" if absolute else "") + "/".join(parts)
+    if absolute:
+        video_id = str(video_tree) + video_id
+    source = FileVideoSource(video_tree / "videos", max_frames=1)
+    try:
+        path = source.path_for(video_id)
+    except MemBridgeError:
+        return
+    assert Path(os.path.realpath(path)).is_relative_to(os.path.realpath(video_tree / "videos"))
+
+
+@st.composite
+def memo_bombs(draw: st.DrawFn) -> bytes:
+    """Pickles of lists referencing one shared list many levels down ("billion laughs"), maybe mutated."""
+    value: list = [draw(st.text(max_size=4))] * draw(st.integers(1, 12))
+    for _ in range(draw(st.integers(0, 12))):
+        value = [value] * draw(st.integers(1, 12))
+    return draw(mutated(pickle.dumps({"vid": value}, protocol=draw(st.sampled_from([0, 2, 4, 5])))))
+
+
 @FUZZ
 @given(
     data=st.one_of(
@@ -329,6 +425,7 @@ def test_annotation_parsers_parse_or_raise_data_error(tmp_path: Path, name: str)
         st.sampled_from([0, 2, 4, 5]).flatmap(
             lambda protocol: mutated(pickle.dumps({"vid": [["a", "dog"], ["runs"]], "n": (1, 2.5, None)}, protocol))
         ),
+        memo_bombs(),
     )
 )
 def test_safe_load_pickle_loads_or_raises_data_error(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:

@@ -3,12 +3,13 @@
 import json
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
 
 from dataloaders.errors import DataError
-from dataloaders.safe_pickle import pickle_to_json, safe_load_pickle
+from dataloaders.safe_pickle import EXPANSION_FACTOR, EXPANSION_SLACK, pickle_to_json, safe_load_pickle
 
 RAW_CAPTIONS = {
     "-4wsuPCjDBc_5_15": [["a", "squirrel", "is", "eating", "a", "peanut"], ["a", "chipmunk", "eats"]],
@@ -84,3 +85,67 @@ def test_corrupt_and_missing_files(tmp_path):
         safe_load_pickle(truncated)
     with pytest.raises(DataError, match="not found"):
         safe_load_pickle(tmp_path / "absent.pkl")
+
+
+def _laughs(levels: int, width: int = 10) -> list:
+    """``width`` references to a list of ``width`` references to ... ``levels`` deep: width**levels leaves."""
+    value: list = ["lol"] * width
+    for _ in range(levels - 1):
+        value = [value] * width
+    return value
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_billion_laughs_pickle_is_refused(tmp_path, protocol):
+    path = tmp_path / "raw-captions.pkl"
+    path.write_bytes(pickle.dumps({"vid": _laughs(10)}, protocol=protocol))  # a few hundred bytes, 10**10 leaves
+    assert path.stat().st_size < 1000
+    with pytest.raises(DataError) as info:
+        safe_load_pickle(path)
+    budget = EXPANSION_FACTOR * path.stat().st_size + EXPANSION_SLACK
+    assert str(info.value).startswith(f"{path}: expands to more than {budget} elements or characters from ")
+    small = {"vid": _laughs(3)}  # 1,000 leaves from shared lists: far inside the budget, loads
+    path.write_bytes(pickle.dumps(small, protocol=protocol))
+    assert safe_load_pickle(path) == small
+
+
+def test_shared_long_strings_count_their_characters(tmp_path):
+    """One 100,000-character word referenced 10,000 times: few elements, 10**9 characters when joined."""
+    word = "w" * 100_000
+    path = tmp_path / "raw-captions.pkl"
+    path.write_bytes(pickle.dumps({"vid": [[word] * 10_000]}, protocol=4))
+    with pytest.raises(DataError, match="expands to more than"):
+        safe_load_pickle(path)
+
+
+def test_self_reference_and_deep_nesting_are_refused(tmp_path):
+    loop: list = []
+    loop.append(loop)
+    path = tmp_path / "loop.pkl"
+    path.write_bytes(pickle.dumps(loop, protocol=2))
+    with pytest.raises(DataError, match=r"loop.pkl: nested deeper than 64 levels"):
+        safe_load_pickle(path)
+    deep: list = []
+    for _ in range(63):
+        deep = [deep]
+    path.write_bytes(pickle.dumps(deep, protocol=4))
+    assert safe_load_pickle(path) == deep  # 64 nested lists: the bound itself, as for JSON
+    path.write_bytes(pickle.dumps([deep], protocol=4))
+    with pytest.raises(DataError, match="nested deeper than 64 levels"):
+        safe_load_pickle(path)
+
+
+def test_length_field_beyond_the_file_is_not_allocated(tmp_path):
+    """BINUNICODE8 announcing 2**40 bytes in an 14-byte file: read from memory, truncated, nothing allocated."""
+    path = tmp_path / "huge.pkl"
+    path.write_bytes(b"\x80\x04\x8d" + struct.pack("<Q", 2**40) + b"abc")
+    with pytest.raises(DataError, match=r"huge.pkl: not a readable pickle \(UnpicklingError: pickle data was trunc"):
+        safe_load_pickle(path)
+
+
+def test_real_sized_captions_pickle_loads(tmp_path):
+    """A raw-captions.pkl the size of MSVD's (80,000 captions) is far inside the expansion budget."""
+    captions = {f"vid{i}": [f"a man is doing thing {j} of {i}".split() for j in range(40)] for i in range(2000)}
+    path = tmp_path / "raw-captions.pkl"
+    path.write_bytes(pickle.dumps(captions, protocol=2))
+    assert safe_load_pickle(path) == captions
