@@ -40,6 +40,8 @@ PRETRAIN_TASKS = ("clip", "fusion")  # train on WebVid (the --webvid_* flags)
 RETRIEVAL_EVAL_TASKS = ("clip", "fusion", "retrieval")  # evaluate retrieval (--v2t_protocol)
 V2T_PROTOCOLS = ("group", "caption")  # engine.metrics.V2T_PROTOCOLS (not imported: keeps --help free of torch)
 PUBLISHED_ONLY_GROUP = "published flags without effect here"
+IGNORED_FLAGS = "ignored_flags"  # namespace attribute: the flags given that have no effect (config.json shows them)
+STAGE2_COEF_LR = "stage 2 trains only the fusion; CLIP is frozen"
 STAGE2_LR = 1e-5  # the published stage-2 --lr, which trains the fusion
 MAX_SEED = 2**32  # exclusive; the loader seed is seed * 1_000_003 + epoch and must fit torch's 64-bit seed
 
@@ -151,7 +153,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+class _WithoutEffect(argparse.Action):
+    """Stores the value (``nargs=0``: ``const``, as ``store_true``) and records the flag in ``IGNORED_FLAGS`` of the
+    namespace: the flag was given but has no effect in this task."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        given = getattr(namespace, IGNORED_FLAGS, ())
+        if self.dest not in given:
+            setattr(namespace, IGNORED_FLAGS, (*given, self.dest))
+
+
+def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--do_train", action="store_true", help="train")
     g.add_argument("--do_eval", action="store_true", help="evaluate (alone: evaluate --init_model / --resume)")
@@ -161,7 +174,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size_val", type=int, default=32, help="GLOBAL evaluation batch over all ranks")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate of the non-CLIP parameters")
-    g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
+    if task == "fusion":  # stage 2 trains only the fusion
+        g.add_argument(
+            "--coef_lr", type=float, default=None, action=_WithoutEffect, help=f"no effect: {STAGE2_COEF_LR}"
+        )
+    else:
+        g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
     g.add_argument("--warmup_proportion", type=float, default=0.1, help="share of steps in linear warm-up")
     g.add_argument("--weight_decay", type=float, default=0.2, help="decoupled weight decay (not on bias/LayerNorm)")
     g.add_argument(
@@ -289,9 +307,10 @@ def _add_published_only_flags(p: argparse.ArgumentParser, task: str) -> None:
             continue
         help_text = f"no effect here: {why}"
         if name in ("loose_type", "expand_msrvtt_sentences"):
-            g.add_argument(f"--{name}", action="store_true", help=help_text)
+            g.add_argument(f"--{name}", action=_WithoutEffect, nargs=0, const=True, default=False, help=help_text)
         else:
-            g.add_argument(f"--{name}", default=None, help=help_text)
+            g.add_argument(f"--{name}", action=_WithoutEffect, default=None, help=help_text)
+    p.set_defaults(**{IGNORED_FLAGS: ()})
 
 
 def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
@@ -307,7 +326,7 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_flags(p, task)
     _add_model_flags(p)
-    _add_train_flags(p)
+    _add_train_flags(p, task)
     if task != "clip":
         _add_fusion_flags(p)
     if task in PRETRAIN_TASKS:
@@ -321,10 +340,9 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
     if task == "fusion":
         _add_pretrain_fusion_flags(p)
         # Stage 2 trains only the fusion: at --fusion_lr when given, else at --lr (the published --lr 1e-5).
-        p.set_defaults(lr=STAGE2_LR, fusion_lr=None, coef_lr=None)
+        p.set_defaults(lr=STAGE2_LR, fusion_lr=None)
         _set_help(p, "lr", "learning rate of the fusion (stage 2 trains only the fusion) unless --fusion_lr is given")
         _set_help(p, "fusion_lr", "learning rate of the fusion parameters (None: --lr)")
-        _set_help(p, "coef_lr", "no effect in stage 2 (CLIP is frozen); accepted for the published command, warns")
     if task == "qa":
         _add_qa_flags(p)
     _add_published_only_flags(p, task)
@@ -381,13 +399,9 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
 
 def flags_without_effect(args: argparse.Namespace) -> list[str]:
     """The flags given on the command line that have no effect in this task, each with why."""
-    given = []
-    for name, (_, why) in PUBLISHED_ONLY.items():
-        if getattr(args, name, None) not in (None, False):
-            given.append(f"--{name} ({why})")
-    if _is_stage2(args) and args.coef_lr is not None:
-        given.append("--coef_lr (stage 2 trains only the fusion; CLIP is frozen)")
-    return given
+    why = {name: reason for name, (_, reason) in PUBLISHED_ONLY.items()}
+    why["coef_lr"] = STAGE2_COEF_LR
+    return [f"--{name} ({why[name]})" for name in getattr(args, IGNORED_FLAGS, ())]
 
 
 def warn_published_only(args: argparse.Namespace) -> list[str]:
