@@ -21,9 +21,9 @@ launch \
     --warmup_proportion 0.2 \
     --output_dir "${OUTPUT_PATH}" \
     --lr 5e-5 --max_words 32 --max_frames 12 --batch_size_val 32 \
-    --datatype msvd --expand_msrvtt_sentences \
+    --datatype msvd \
     --feature_framerate 1 --coef_lr 1e-3 \
     --freeze_layer_num 0 --slice_framepos 2 \
-    --loose_type --linear_patch 2d --sim_header meanP \
+    --linear_patch 2d --sim_header meanP \
     --init_model "${INIT_MODEL}" \
     "$@"

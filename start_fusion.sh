@@ -16,15 +16,14 @@ launch \
     --epochs=10 --batch_size=32 --n_display=50 \
     --train_csv "${DATA_PATH}/frozen_train_labels.json" \
     --val_csv "${DATA_PATH}/MSRVTT_JSFUSION_test.csv" \
-    --data_path "${DATA_PATH}/frozen_train_labels.json" \
     --features_path "${DATA_PATH}/MSRVTT_Videos" \
     --webvid_tfrecord "${WEBVID_TFRECORD}" \
     --warmup_proportion 0.2 \
     --output_dir "${OUTPUT_PATH}" \
     --lr 1e-5 --max_words 32 --max_frames 12 --batch_size_val 32 \
-    --datatype msrvtt --expand_msrvtt_sentences \
-    --feature_framerate 2 --coef_lr 1e-3 \
+    --datatype msrvtt \
+    --feature_framerate 2 \
     --freeze_layer_num 0 --slice_framepos 2 \
-    --loose_type --linear_patch 2d --sim_header meanP \
+    --linear_patch 2d --sim_header meanP \
     --init_model "${INIT_MODEL}" \
     "$@"

@@ -9,7 +9,6 @@ OUTPUT_PATH=${OUTPUT_PATH:-ckpts/qa_msrvtt}
 INIT_MODEL=${INIT_MODEL:?set INIT_MODEL to the pre-trained weights (a ckpt/step-N directory or a weights file)}
 FEATURES_PATH=${FEATURES_PATH:-${DATA_PATH}/MSRVTT_Videos}
 CROSS_CONFIG_PATH=${CROSS_CONFIG_PATH:-./CLIP-modules}
-WEBVID_TFRECORD=${WEBVID_TFRECORD:-${DATA_PATH}/WebVid_TFRecord}
 EPOCHS=${EPOCHS:-5}
 BATCH_SIZE=${BATCH_SIZE:-32}
 LR=${LR:-2e-4}
@@ -25,22 +24,17 @@ launch \
     video_qa/main_task_qa.py --do_train --datatype msrvtt_qa --num_thread_reader="${NUM_THREAD_READER}" \
     --epochs="${EPOCHS}" --batch_size="${BATCH_SIZE}" --n_display=50 \
     --cross_config_path "${CROSS_CONFIG_PATH}" \
-    --msrvtt_train_csv "${DATA_PATH}/MSRVTT_train.9k.csv" \
-    --msrvtt_val_csv "${DATA_PATH}/MSRVTT_JSFUSION_test.csv" \
-    --msrvtt_train_json "${DATA_PATH}/MSRVTT_data.json" \
     --msrvtt_qa_train_json "${DATA_PATH}/train.jsonl" \
     --msrvtt_qa_val_json "${DATA_PATH}/val.jsonl" \
     --msrvtt_qa_test_json "${DATA_PATH}/test.jsonl" \
     --msrvtt_qa_anslabel_json "${DATA_PATH}/train_ans2label.json" \
     --msrvtt_features_path "${FEATURES_PATH}" \
-    --webvid_train_json "${DATA_PATH}/frozen_train.json" \
-    --webvid_tfrecord "${WEBVID_TFRECORD}" \
     --warmup_proportion "${WARMUP}" \
     --output_dir "${OUTPUT_PATH}" \
     --lr "${LR}" --fusion_lr "${FUSION_LR}" --max_words "${MAX_WORDS}" --max_frames "${MAX_FRAMES}" \
-    --batch_size_val 32 --expand_msrvtt_sentences \
+    --batch_size_val 32 \
     --feature_framerate 1 --coef_lr "${COEF_LR}" \
     --freeze_layer_num 0 --slice_framepos 2 \
-    --loose_type --linear_patch 2d --sim_header meanP \
+    --linear_patch 2d --sim_header meanP \
     --init_model "${INIT_MODEL}" --eval_every_epoch \
     "$@"

@@ -36,6 +36,6 @@ launch \
     --batch_size_val 32 \
     --feature_framerate 1 --coef_lr "${COEF_LR}" \
     --freeze_layer_num 0 --slice_framepos 2 \
-    --loose_type --linear_patch 2d --sim_header meanP \
+    --linear_patch 2d --sim_header meanP \
     --init_model "${INIT_MODEL}" --eval_every_epoch \
     "$@"

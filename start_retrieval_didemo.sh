@@ -31,7 +31,7 @@ launch \
     --datatype didemo \
     --feature_framerate 1 --coef_lr 1e-3 \
     --freeze_layer_num 0 --slice_framepos 2 \
-    --loose_type --linear_patch 2d --sim_header meanP \
+    --linear_patch 2d --sim_header meanP \
     --rerank_topk "${RERANK_TOPK}" \
     --init_model "${INIT_MODEL}" \
     "$@"

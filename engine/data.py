@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from dataloaders.errors import DataError
 from engine.distributed import DistInfo, all_gather_object, gather_eval_rows, shard_indices
+from engine.metrics import DEFAULT_V2T_PROTOCOL
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +217,15 @@ def encode_video_set(
 @dataclass(frozen=True)
 class EvalSettings:
     """How an evaluation reads its data: the GLOBAL batch (``--batch_size_val``), DataLoader workers per rank
-    (``--num_thread_reader``) and whether unreadable test videos may be left out (``--allow_missing_eval_videos``)."""
+    (``--num_thread_reader``), whether unreadable test videos may be left out (``--allow_missing_eval_videos``) and the
+    multi-caption video->text protocol of retrieval (``--v2t_protocol``, see engine/metrics.py)."""
 
     batch_size: int
     num_workers: int = 0
     allow_missing: bool = False
+    v2t_protocol: str = DEFAULT_V2T_PROTOCOL
 
     @classmethod
     def from_flags(cls, args) -> EvalSettings:
-        return cls(args.batch_size_val, args.num_thread_reader, args.allow_missing_eval_videos)
+        protocol = getattr(args, "v2t_protocol", cls.v2t_protocol)
+        return cls(args.batch_size_val, args.num_thread_reader, args.allow_missing_eval_videos, protocol)

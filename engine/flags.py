@@ -3,6 +3,13 @@
 Flags keep the published names and meanings (CLIP4Clip / MemBridge command lines run unchanged with only the
 launcher replaced). ``--batch_size`` is the *global* batch over all ranks. Published integer codes
 (``--slice_framepos 2``, ``--train_frame_order 0``) stay accepted and are normalised to strings.
+
+Published flags that mean nothing in this code base (``--loose_type``: the similarity path follows ``--sim_header``;
+QA's MSR-VTT retrieval / WebVid paths) sit in one group, "published flags without effect here": they parse, so
+published command lines run unchanged, and :func:`validate` logs one warning naming those given. Our own launch
+scripts do not pass them. Stage 2 (task ``fusion``) trains only the fusion: at ``--fusion_lr`` when given, else at
+``--lr`` (default 1e-5, the published stage-2 rate); ``--coef_lr`` has no effect there (CLIP is frozen) and warns.
+Every numeric flag is checked by :func:`validate` before anything runs.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from dataloaders.errors import ConfigError
@@ -29,6 +37,14 @@ DEFAULT_CLIP_CONFIG_PATH = str(CLIP_MODULES / DEFAULT_CLIP_CONFIG)
 
 # Task names -> which flag groups the entry script exposes.
 TASKS = ("clip", "fusion", "retrieval", "caption", "qa")
+PRETRAIN_TASKS = ("clip", "fusion")  # train on WebVid (the --webvid_* flags)
+RETRIEVAL_EVAL_TASKS = ("clip", "fusion", "retrieval")  # evaluate retrieval (--v2t_protocol)
+V2T_PROTOCOLS = ("group", "caption")  # engine.metrics.V2T_PROTOCOLS (not imported: keeps --help free of torch)
+PUBLISHED_ONLY_GROUP = "published flags without effect here"
+IGNORED_FLAGS = "ignored_flags"  # namespace attribute: the flags given that have no effect (config.json shows them)
+STAGE2_COEF_LR = "stage 2 trains only the fusion; CLIP is frozen"
+STAGE2_LR = 1e-5  # the published stage-2 --lr, which trains the fusion
+MAX_SEED = 2**32  # exclusive; the loader seed is seed * 1_000_003 + epoch and must fit torch's 64-bit seed
 
 
 def _coded_choice(mapping: dict[str, str], name: str):
@@ -47,24 +63,27 @@ def _coded_choice(mapping: dict[str, str], name: str):
     return parse
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def _add_data_flags(p: argparse.ArgumentParser, task: str) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--datatype", default="msrvtt", help="dataset of the evaluation / downstream set (registry key)")
     g.add_argument("--train_csv", default=None, help="training annotation file (pre-training: the WebVid caption JSON)")
     g.add_argument("--val_csv", default=None, help="evaluation annotation file (MSR-VTT: MSRVTT_JSFUSION_test.csv)")
     g.add_argument("--data_path", default=None, help="annotation json or folder (MSRVTT_data.json, MSVD folder, ...)")
     g.add_argument("--features_path", default=None, help="folder of video files of the evaluation/downstream set")
-    g.add_argument(
-        "--webvid_tfrecord",
-        default="WebVid_TFRecord",
-        help="folder holding the WebVid shards and path.index (or the index file itself)",
-    )
-    g.add_argument(
-        "--webvid_video_dir", default=None, help="pre-train from a folder of WebVid videos instead of shards"
-    )
-    g.add_argument(
-        "--webvid_train_json", default=None, help="WebVid caption JSON (frozen_train_labels.json) where a task uses it"
-    )
+    if task in PRETRAIN_TASKS:
+        g.add_argument(
+            "--webvid_tfrecord",
+            default="WebVid_TFRecord",
+            help="folder holding the WebVid shards and path.index (or the index file itself)",
+        )
+        g.add_argument(
+            "--webvid_video_dir", default=None, help="pre-train from a folder of WebVid videos instead of shards"
+        )
+        g.add_argument(
+            "--webvid_train_json",
+            default=None,
+            help="WebVid caption JSON (frozen_train_labels.json; default --train_csv)",
+        )
     g.add_argument("--max_words", type=int, default=32, help="text length L in tokens, SOT and EOT included")
     g.add_argument("--max_frames", type=int, default=12, help="frames T per video")
     g.add_argument("--feature_framerate", type=float, default=1.0, help="frames sampled per second of video")
@@ -92,8 +111,13 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
         default="repeat",
         help="short videos: repeat frames so all T are valid (MemBridge) or pad zero frames with mask 0 (CLIP4Clip)",
     )
-    g.add_argument("--expand_msrvtt_sentences", action="store_true", help="MSR-VTT training: one sample per caption")
-    g.add_argument("--num_thread_reader", type=int, default=1, help="DataLoader worker processes per rank")
+    if task not in ("caption", "qa"):
+        g.add_argument(
+            "--expand_msrvtt_sentences", action="store_true", help="MSR-VTT training: one sample per caption"
+        )
+    g.add_argument(
+        "--num_thread_reader", type=int, default=1, help="DataLoader worker processes per rank (0: load in-process)"
+    )
     g.add_argument(
         "--allow_missing_eval_videos",
         action="store_true",
@@ -123,7 +147,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--joint_layers", type=int, default=2, help="last ViT blocks that attend jointly over all frames")
     g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
     g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
-    g.add_argument("--loose_type", action="store_true", help="dual-encoder (cosine) similarity path")
     g.add_argument(
         "--freeze_layer_num",
         type=int,
@@ -132,7 +155,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+class _WithoutEffect(argparse.Action):
+    """Stores the value (``nargs=0``: ``const``, as ``store_true``) and records the flag in ``IGNORED_FLAGS`` of the
+    namespace: the flag was given but has no effect in this task."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        given = getattr(namespace, IGNORED_FLAGS, ())
+        if self.dest not in given:
+            setattr(namespace, IGNORED_FLAGS, (*given, self.dest))
+
+
+def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--do_train", action="store_true", help="train")
     g.add_argument("--do_eval", action="store_true", help="evaluate (alone: evaluate --init_model / --resume)")
@@ -142,10 +176,17 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size_val", type=int, default=32, help="GLOBAL evaluation batch over all ranks")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate of the non-CLIP parameters")
-    g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
+    if task == "fusion":  # stage 2 trains only the fusion
+        g.add_argument(
+            "--coef_lr", type=float, default=None, action=_WithoutEffect, help=f"no effect: {STAGE2_COEF_LR}"
+        )
+    else:
+        g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
     g.add_argument("--warmup_proportion", type=float, default=0.1, help="share of steps in linear warm-up")
     g.add_argument("--weight_decay", type=float, default=0.2, help="decoupled weight decay (not on bias/LayerNorm)")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 or negative: no clipping)"
+    )
     g.add_argument(
         "--optimizer",
         choices=("bertadam", "adamw"),
@@ -153,7 +194,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="bertadam: the published optimizer (no bias correction); adamw: torch AdamW + warmup-cosine",
     )
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="numeric precision")
-    g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument("--seed", type=int, default=42, help=f"random seed in [0, {MAX_SEED})")
     g.add_argument(
         "--torch_threads",
         type=int,
@@ -227,9 +268,6 @@ def _add_pretrain_fusion_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_qa_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("video QA (published names; MSVD-QA reuses them)")
-    g.add_argument("--msrvtt_train_csv", default=None, help="MSR-VTT train video list (MSRVTT_train.9k.csv)")
-    g.add_argument("--msrvtt_val_csv", default=None, help="MSR-VTT test list (MSRVTT_JSFUSION_test.csv)")
-    g.add_argument("--msrvtt_train_json", default=None, help="MSRVTT_data.json (captions for the auxiliary loss)")
     g.add_argument("--msrvtt_qa_train_json", default=None, help="QA training questions (train.jsonl)")
     g.add_argument("--msrvtt_qa_val_json", default=None, help="QA validation questions (val.jsonl)")
     g.add_argument("--msrvtt_qa_test_json", default=None, help="QA test questions (test.jsonl)")
@@ -237,26 +275,79 @@ def _add_qa_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--msrvtt_features_path", default=None, help="folder of the QA videos")
 
 
+def _add_retrieval_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retrieval evaluation")
+    g.add_argument(
+        "--v2t_protocol",
+        choices=V2T_PROTOCOLS,
+        default="group",
+        help="video->text with several captions per video (MSVD): group ranks each video's caption groups (a group "
+        "scores its best caption; CLIP4Clip multi_sentence, the published numbers), caption ranks the video's best "
+        "caption among all captions; the same with one caption per video",
+    )
+
+
+# flag -> (tasks that accept it without using it, why): the published command lines of those tasks pass it.
+PUBLISHED_ONLY: dict[str, tuple[tuple[str, ...], str]] = {
+    "loose_type": (TASKS, "the dual-encoder (cosine) path is chosen by --sim_header: every header but tightTransf"),
+    "msrvtt_train_csv": (("qa",), "QA trains on the --msrvtt_qa_* question files"),
+    "msrvtt_val_csv": (("qa",), "QA evaluates on the --msrvtt_qa_* question files"),
+    "msrvtt_train_json": (("qa",), "QA has no caption loss here"),
+    "webvid_train_json": (("qa",), "QA does not read WebVid"),
+    "webvid_tfrecord": (("qa",), "QA does not read WebVid"),
+    "expand_msrvtt_sentences": (("caption", "qa"), "captioning trains on every reference; QA reads questions"),
+}
+
+
+def _add_published_only_flags(p: argparse.ArgumentParser, task: str) -> None:
+    g = p.add_argument_group(
+        PUBLISHED_ONLY_GROUP,
+        "accepted so that published command lines run unchanged; each has no effect here and giving one logs a warning",
+    )
+    for name, (tasks, why) in PUBLISHED_ONLY.items():
+        if task not in tasks:
+            continue
+        help_text = f"no effect here: {why}"
+        if name in ("loose_type", "expand_msrvtt_sentences"):
+            g.add_argument(f"--{name}", action=_WithoutEffect, nargs=0, const=True, default=False, help=help_text)
+        else:
+            g.add_argument(f"--{name}", action=_WithoutEffect, default=None, help=help_text)
+    p.set_defaults(**{IGNORED_FLAGS: ()})
+
+
+def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
+    for action in p._actions:
+        if action.dest == dest:
+            action.help = text
+
+
 def build_parser(task: str, description: str | None = None) -> argparse.ArgumentParser:
     """The parser of one entry script. ``task`` is one of :data:`TASKS`."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_data_flags(p)
+    _add_data_flags(p, task)
     _add_model_flags(p)
-    _add_train_flags(p)
+    _add_train_flags(p, task)
     if task != "clip":
         _add_fusion_flags(p)
-    if task in ("clip", "fusion"):
+    if task in PRETRAIN_TASKS:
         p.add_argument(
             "--train_datatype",
             default="webvid",
             help="pre-training set: webvid (shards or --webvid_video_dir) or a retrieval dataset key",
         )
+    if task in RETRIEVAL_EVAL_TASKS:
+        _add_retrieval_eval_flags(p)
     if task == "fusion":
         _add_pretrain_fusion_flags(p)
+        # Stage 2 trains only the fusion: at --fusion_lr when given, else at --lr (the published --lr 1e-5).
+        p.set_defaults(lr=STAGE2_LR, fusion_lr=None)
+        _set_help(p, "lr", "learning rate of the fusion (stage 2 trains only the fusion) unless --fusion_lr is given")
+        _set_help(p, "fusion_lr", "learning rate of the fusion parameters (None: --lr)")
     if task == "qa":
         _add_qa_flags(p)
+    _add_published_only_flags(p, task)
     return p
 
 
@@ -270,14 +361,73 @@ def resolve_clip_config(args: argparse.Namespace) -> str | None:
     return DEFAULT_CLIP_CONFIG_PATH
 
 
+def _is_stage2(args: argparse.Namespace) -> bool:
+    """True for the stage-2 parser (only it has the stage-2 objective flags)."""
+    return hasattr(args, "w_vtm")
+
+
+def _numeric_errors(args: argparse.Namespace) -> list[str]:
+    """One message per numeric flag out of its range (NaN and infinity included), naming the flag."""
+    errors: list[str] = []
+
+    def check(name: str, ok, rule: str) -> None:
+        value = getattr(args, name, None)
+        if value is None:
+            return
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (finite and ok(value)):
+            errors.append(f"--{name} must be {rule} (got {value})")
+
+    for name in ("batch_size", "batch_size_val", "max_frames", "epochs", "gradient_accumulation_steps"):
+        check(name, lambda v: v >= 1, ">= 1")
+    for name in ("n_display", "keep_checkpoints", "max_bad_steps"):
+        check(name, lambda v: v >= 1, ">= 1")
+    for name in ("fusion_layers", "num_bridge_tokens", "memory_size"):
+        check(name, lambda v: v >= 1, ">= 1 when given")
+    for name in ("num_thread_reader", "save_steps", "max_steps", "torch_threads", "joint_layers", "rerank_topk"):
+        check(name, lambda v: v >= 0, ">= 0")
+    check("freeze_layer_num", lambda v: v >= -1, ">= -1 (-1 freezes nothing)")
+    check("seed", lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})")
+    check("lr", lambda v: v > 0, "a finite number > 0")
+    check("fusion_lr", lambda v: v > 0, "a finite number > 0")
+    check("coef_lr", lambda v: v >= 0, "a finite number >= 0")
+    check("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+    check("max_grad_norm", lambda v: True, "a finite number (0 or negative: no clipping)")
+    check("warmup_proportion", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    check("feature_framerate", lambda v: v > 0, "a finite number > 0")
+    for name in ("w_vtm", "w_mlm", "w_plm", "vtm_negative_scale"):
+        check(name, lambda v: v >= 0, "a finite number >= 0")
+    if _is_stage2(args) and not any(getattr(args, w) > 0 for w in ("w_vtm", "w_mlm", "w_plm")):
+        errors.append("--w_vtm, --w_mlm and --w_plm are all 0: stage 2 would train on no loss; set one > 0")
+    return errors
+
+
+def flags_without_effect(args: argparse.Namespace) -> list[str]:
+    """The flags given on the command line that have no effect in this task, each with why."""
+    why = {name: reason for name, (_, reason) in PUBLISHED_ONLY.items()}
+    why["coef_lr"] = STAGE2_COEF_LR
+    return [f"--{name} ({why[name]})" for name in getattr(args, IGNORED_FLAGS, ())]
+
+
+def warn_published_only(args: argparse.Namespace) -> list[str]:
+    """Log ONE warning (on rank 0, ``RANK`` of torchrun) listing the given flags without effect; returns them."""
+    given = flags_without_effect(args)
+    if given and os.environ.get("RANK", "0") == "0":
+        logger.warning(
+            "flags without effect here (accepted for published command lines, ignored): %s", "; ".join(given)
+        )
+    return given
+
+
 def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespace:
-    """Check the flags once; every problem is reported with what to do. Returns ``args`` unchanged."""
+    """Check the flags once; every problem is reported with what to do, then one warning names the given flags that
+    have no effect (:func:`warn_published_only`). Returns ``args`` unchanged."""
     errors: list[str] = []
     if not args.do_train and not args.do_eval:
         errors.append("nothing to do: pass --do_train and/or --do_eval")
-    for name in ("batch_size", "batch_size_val", "max_frames", "epochs", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    errors += _numeric_errors(args)
+    if errors:  # the checks below assume sane numbers
+        raise ConfigError("invalid flags:\n  - " + "\n  - ".join(errors))
     if args.max_words < 3:
         errors.append(f"--max_words must be >= 3 to hold SOT, one word and EOT (got {args.max_words})")
     per_step = world_size * args.gradient_accumulation_steps
@@ -288,12 +438,6 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
         )
     if args.batch_size_val % world_size and args.batch_size_val >= world_size:
         errors.append(f"--batch_size_val {args.batch_size_val} must be divisible by world size {world_size}")
-    if not 0.0 <= args.warmup_proportion < 1.0:
-        errors.append(f"--warmup_proportion must be in [0, 1) (got {args.warmup_proportion})")
-    if args.feature_framerate <= 0:
-        errors.append(f"--feature_framerate must be > 0 (got {args.feature_framerate})")
-    if args.joint_layers < 0:
-        errors.append(f"--joint_layers must be >= 0 (got {args.joint_layers})")
     if args.precision == "fp16" and args.do_train and args.optimizer == "adamw":
         errors.append(
             "--precision fp16 trains half-precision weights: use it with --optimizer bertadam or use amp_fp16"
@@ -314,15 +458,11 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
                     f"--max_words {args.max_words} is longer than the text positional table ({context} positions in "
                     f"{cfg}): use --max_words <= {context}"
                 )
-    if getattr(args, "rerank_topk", 0) < 0:
-        errors.append(f"--rerank_topk must be >= 0 (got {args.rerank_topk})")
-    scale = getattr(args, "vtm_negative_scale", 1.0)
-    if not (math.isfinite(scale) and scale >= 0):
-        errors.append(f"--vtm_negative_scale must be a finite number >= 0 (got {scale})")
     if getattr(args, "cache_visual_features", False) and args.train_frame_order == "shuffle":
         errors.append("--cache_visual_features needs deterministic frames: drop --train_frame_order shuffle")
     if errors:
         raise ConfigError("invalid flags:\n  - " + "\n  - ".join(errors))
+    warn_published_only(args)
     return args
 
 

@@ -9,11 +9,17 @@ ground-truth score equals that of ``m`` other candidates yields ``m + 1`` entrie
 (r = the optimistic rank), and every statistic is taken over the enlarged list of entries. ``ties="clip4clip"``
 reproduces that exactly; without ties both rules agree.
 
-Several captions per video (``text_to_video``, e.g. MSVD): text->video ranks each caption's video among all videos;
-video->text takes, for each video, its best-scored caption and ranks it among all captions
-(``v2t_candidates="captions"``). CLIP4Clip instead scores each video's caption *group* by its best caption and ranks
-the groups, i.e. among the videos' caption sets (``v2t_candidates="videos"``), which is what its published MSVD
-numbers use.
+Several captions per video (``text_to_video``, e.g. MSVD): text->video ranks each caption's video among all videos
+(both protocols). Video->text has two protocols (``v2t_protocol``):
+
+* ``"group"`` (default; CLIP4Clip's ``multi_sentence`` evaluation, which the published CLIP4Clip / MemBridge MSVD
+  numbers use): the captions are grouped per video, a group's score with a video is its best caption's score
+  (CLIP4Clip pads the groups with -inf to ``[Nv, max_caps, Nv]`` and takes the max over the captions), and each
+  video ranks all ``Nv`` caption groups; the metric is the rank of the video's own group.
+* ``"caption"``: each video's best-scored caption is ranked among all ``Nt`` captions (the other videos' captions
+  each count as a candidate).
+
+With one caption per video both protocols are the same.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ logger = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10)
 DIRECTIONS = ("t2v", "v2t")
 TIE_RULES = ("optimistic", "clip4clip")
-V2T_CANDIDATES = ("captions", "videos")
+V2T_PROTOCOLS = ("group", "caption")
+DEFAULT_V2T_PROTOCOL = "group"
+DEFAULT_TIE_RULE = "optimistic"
 DEFAULT_CHUNK = 1024
 
 
@@ -61,28 +69,9 @@ def _ranks_against(
     return higher, equal.sum(1)
 
 
-def retrieval_metrics(
-    sim: torch.Tensor | np.ndarray,
-    text_to_video: Sequence[int] | None = None,
-    ties: str = "optimistic",
-    v2t_candidates: str = "captions",
-) -> dict[str, float]:
-    """Text->video and video->text R@1/5/10, MdR, MnR of a similarity matrix ``sim [Nt, Nv]``.
-
-    Without ``text_to_video`` the matrix is square and caption i belongs to video i. Otherwise caption i belongs
-    to video ``text_to_video[i]`` and every video needs at least one caption. See the module docstring for the
-    rank, tie and multi-caption rules.
-    """
-    if ties not in TIE_RULES:
-        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
-    if v2t_candidates not in V2T_CANDIDATES:
-        raise ValueError(f"v2t_candidates must be one of {V2T_CANDIDATES}, got {v2t_candidates!r}")
-    sim = torch.as_tensor(sim).detach().cpu().double()
-    if sim.dim() != 2:
-        raise ValueError(f"the similarity matrix must be 2-D [texts, videos], got shape {tuple(sim.shape)}")
-    if not bool(torch.isfinite(sim).all()):
-        raise ValueError("the similarity matrix holds NaN or infinite values: check the model outputs")
-    n_text, n_video = sim.shape
+def check_owner(text_to_video: Sequence[int] | torch.Tensor | None, n_text: int, n_video: int) -> torch.Tensor:
+    """``text_to_video`` as a LongTensor ``[Nt]`` (identity when None: a square matrix, caption i of video i), after
+    checking that every index is a video and every video has at least one caption."""
     if text_to_video is None:
         if n_text != n_video:
             raise ValueError(f"a {n_text}x{n_video} matrix needs text_to_video (one video index per caption)")
@@ -96,23 +85,80 @@ def retrieval_metrics(
     per_video = torch.bincount(owner, minlength=n_video)
     if bool((per_video == 0).any()):
         raise ValueError(f"videos {(per_video == 0).nonzero().flatten()[:10].tolist()} have no caption")
+    return owner
+
+
+def group_scores(sim: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``[Nv video queries, Nv caption groups]``: entry ``(v, g)`` is the best score with video ``v`` of a caption of
+    video ``g`` (``sim [Nt, Nv]``, ``owner [Nt]``: each caption's video). CLIP4Clip's
+    ``max(sim_tensor [Nv, max_caps, Nv], dim=1).T`` without the -inf padding."""
+    n_video = sim.shape[1]
+    out = torch.full((n_video, n_video), -torch.inf, dtype=sim.dtype, device=sim.device)
+    return out.scatter_reduce_(1, owner.to(sim.device)[None, :].expand(n_video, -1), sim.T, "amax")
+
+
+def caption_groups(owner: Sequence[int] | torch.Tensor, n_video: int) -> torch.Tensor:
+    """``[Nv, max_caps]`` caption indices of each video in caption order; a shorter group is padded by repeating its
+    first caption (a repeat never changes a max over the group). Every video needs a caption."""
+    owner = torch.as_tensor(list(owner) if not isinstance(owner, torch.Tensor) else owner, dtype=torch.long)
+    counts = torch.bincount(owner, minlength=n_video)
+    if bool((counts == 0).any()):
+        raise ValueError(f"videos {(counts == 0).nonzero().flatten()[:10].tolist()} have no caption")
+    order = torch.argsort(owner, stable=True)  # captions sorted by video, caption order kept within a video
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(int(counts.max()))
+    within = torch.where(slot[None, :] < counts[:, None], slot[None, :], 0)  # past a group's end: its first caption
+    return order[starts[:, None] + within]
+
+
+def v2t_group_metrics(scores: torch.Tensor, ties: str = DEFAULT_TIE_RULE) -> dict[str, float]:
+    """``v2t_*`` statistics of a ``[Nv video queries, Nv caption groups]`` score matrix whose truth is the diagonal
+    (video v's own group is group v), e.g. :func:`group_scores` or its re-ranked version."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+    scores = torch.as_tensor(scores).detach().cpu().double()
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"group scores must be square [videos, groups], got shape {tuple(scores.shape)}")
+    n = scores.shape[0]
+    return _summarise(*_ranks_against(scores, scores.diagonal(), exclude=torch.eye(n, dtype=torch.bool)), ties, "v2t")
+
+
+def retrieval_metrics(
+    sim: torch.Tensor | np.ndarray,
+    text_to_video: Sequence[int] | None = None,
+    ties: str = DEFAULT_TIE_RULE,
+    v2t_protocol: str = DEFAULT_V2T_PROTOCOL,
+) -> dict[str, float]:
+    """Text->video and video->text R@1/5/10, MdR, MnR of a similarity matrix ``sim [Nt, Nv]``.
+
+    Without ``text_to_video`` the matrix is square and caption i belongs to video i. Otherwise caption i belongs
+    to video ``text_to_video[i]`` and every video needs at least one caption. See the module docstring for the
+    rank, tie (``ties``) and multi-caption (``v2t_protocol``: ``group`` or ``caption``) rules.
+    """
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
+    if v2t_protocol not in V2T_PROTOCOLS:
+        raise ValueError(f"v2t_protocol must be one of {V2T_PROTOCOLS}, got {v2t_protocol!r}")
+    sim = torch.as_tensor(sim).detach().cpu().double()
+    if sim.dim() != 2:
+        raise ValueError(f"the similarity matrix must be 2-D [texts, videos], got shape {tuple(sim.shape)}")
+    if not bool(torch.isfinite(sim).all()):
+        raise ValueError("the similarity matrix holds NaN or infinite values: check the model outputs")
+    n_text, n_video = sim.shape
+    owner = check_owner(text_to_video, n_text, n_video)
 
     rows = torch.arange(n_text)
     t2v = _ranks_against(sim, sim[rows, owner], exclude=F.one_hot(owner, n_video).bool())
+    metrics = _summarise(*t2v, ties, "t2v")
 
+    if v2t_protocol == "group":
+        metrics.update(v2t_group_metrics(group_scores(sim, owner), ties))
+        return metrics
     columns = torch.arange(n_video)
     # Best caption score of each video [Nv]: its ground truth for video->text.
     best = torch.full((n_video,), -torch.inf, dtype=sim.dtype).scatter_reduce(0, owner, sim[rows, owner], "amax")
-    if v2t_candidates == "captions":
-        own_caption = owner[:, None] == columns[None, :]  # [Nt, Nv]
-        v2t = _ranks_against(sim.T, best, exclude=own_caption.T)
-    else:
-        group_scores = torch.full((n_video, n_video), -torch.inf, dtype=sim.dtype)  # [video query, caption group]
-        group_scores.scatter_reduce_(1, owner[None, :].expand(n_video, -1), sim.T, "amax")
-        v2t = _ranks_against(group_scores, best, exclude=torch.eye(n_video, dtype=torch.bool))
-
-    metrics = _summarise(*t2v, ties, "t2v")
-    metrics.update(_summarise(*v2t, ties, "v2t"))
+    own_caption = owner[:, None] == columns[None, :]  # [Nt, Nv]
+    metrics.update(_summarise(*_ranks_against(sim.T, best, exclude=own_caption.T), ties, "v2t"))
     return metrics
 
 

@@ -183,7 +183,7 @@ def _no_decay_names(model: nn.Module) -> set[str]:
 def build_param_groups(
     model: nn.Module,
     lr: float,
-    coef_lr: float,
+    coef_lr: float | None,
     weight_decay: float,
     clip_prefix: str = "clip.",
     fusion_prefix: str = "fusion.",
@@ -192,9 +192,11 @@ def build_param_groups(
     """Split trainable parameters into named groups by learning rate and weight decay.
 
     Fusion parameters (name contains ``fusion_prefix``) train at ``fusion_lr`` when it is given, otherwise they
-    follow the rule of the other names; CLIP parameters (name contains ``clip_prefix``) at ``lr * coef_lr``; the
-    rest at ``lr``. Biases, normalisation layers and ``gamma``/``beta`` get no weight decay. Parameters with
-    ``requires_grad=False`` are left out and empty groups are dropped. Each group carries a ``name`` for logging.
+    follow the rule of the other names (so ``fusion_lr=None`` trains the fusion at ``lr``); CLIP parameters (name
+    contains ``clip_prefix``) at ``lr * coef_lr``; the rest at ``lr``. ``coef_lr=None`` (stage 2, where CLIP is
+    frozen) is allowed only when no CLIP parameter trains. Biases, normalisation layers and ``gamma``/``beta`` get
+    no weight decay. Parameters with ``requires_grad=False`` are left out and empty groups are dropped. Each group
+    carries a ``name`` for logging.
     """
     no_decay = _no_decay_names(model)
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -208,7 +210,9 @@ def build_param_groups(
         else:
             part = "other"
         buckets.setdefault((part, name not in no_decay), []).append(param)
-    part_lr = {"fusion": fusion_lr, "clip": lr * coef_lr, "other": lr}
+    if coef_lr is None and any(part == "clip" for part, _ in buckets):
+        raise ConfigError("CLIP parameters train but no --coef_lr was set: pass --coef_lr or freeze the CLIP")
+    part_lr = {"fusion": fusion_lr, "clip": None if coef_lr is None else lr * coef_lr, "other": lr}
     groups = []
     for part in ("clip", "fusion", "other"):
         for decay in (True, False):
@@ -248,7 +252,7 @@ def build_optimizer(
     *,
     optimizer: str,
     lr: float,
-    coef_lr: float,
+    coef_lr: float | None,
     fusion_lr: float | None,
     weight_decay: float,
     warmup_proportion: float,

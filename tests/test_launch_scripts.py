@@ -52,3 +52,38 @@ def test_node_settings_default_to_one_local_process(tmp_path):
 
 def test_the_glob_finds_every_launch_script():  # an empty glob would make the tests above vacuous
     assert len(SCRIPTS) == 10
+
+
+def entry_parser(entry: str):
+    """The argument parser of an entry script."""
+    from engine.flags import build_parser
+
+    if entry == "main_task_clip.py":
+        return build_parser("clip")
+    if entry == "main_task_fusion.py":
+        return build_parser("fusion")
+    if entry == "video_text_retrieval/main_task_retrieval.py":
+        from video_text_retrieval.main_task_retrieval import build_retrieval_parser
+
+        return build_retrieval_parser()
+    if entry == "video_captioning/main_task_caption.py":
+        from video_captioning.main_task_caption import build_caption_parser
+
+        return build_caption_parser()
+    from video_qa.main_task_qa import build_qa_parser
+
+    assert entry == "video_qa/main_task_qa.py", entry
+    return build_qa_parser()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_passes_no_flag_without_effect(tmp_path, script):
+    from engine.flags import flags_without_effect
+
+    argv = launch(tmp_path, script)
+    entry = argv[len(DEFAULT_NODE_FLAGS)]
+    args = entry_parser(entry).parse_args(argv[len(DEFAULT_NODE_FLAGS) + 1 :])
+    assert flags_without_effect(args) == []
+    assert "--loose_type" not in argv
+    if script == "start_fusion.sh":  # stage 2: --lr is the fusion's rate, --coef_lr has no effect
+        assert "--coef_lr" not in argv and args.lr == 1e-5 and args.fusion_lr is None

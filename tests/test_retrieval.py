@@ -316,3 +316,63 @@ def test_selection_and_flag_checks():
     args = retrieval_settings.build_retrieval_parser().parse_args(argv)
     with pytest.raises(ConfigError, match="retrieval runs on"):
         retrieval_settings.validate_retrieval(args)
+
+
+# ---------------------------------------------------------------------------------- video->text group protocol
+
+
+def group_rerank_loop(sim: torch.Tensor, owner: list[int], prob: torch.Tensor, k: int) -> torch.Tensor:
+    """Plain reference: per video, its top-k caption groups re-scored with the best match probability of a caption."""
+    from modules.fusion import RERANK_OFFSET, RERANK_SCALE
+
+    n_video = sim.shape[1]
+    groups = [[c for c in range(len(owner)) if owner[c] == g] for g in range(n_video)]
+    out = torch.zeros(n_video, n_video, dtype=sim.dtype)
+    for v in range(n_video):
+        scores = torch.stack([sim[groups[g], v].max() for g in range(n_video)])
+        out[v] = scores
+        top = sorted(range(n_video), key=lambda g: -float(scores[g]))[:k]
+        weights = torch.softmax(scores[top], 0)
+        for w, g in zip(weights, top, strict=True):
+            out[v, g] = w * RERANK_SCALE * max(float(prob[c, v]) for c in groups[g]) + RERANK_OFFSET
+    return out
+
+
+def test_group_reranking_equals_the_loop_in_any_chunking_and_sharding():
+    from video_text_retrieval.task import rerank_group_queries
+
+    gen = torch.Generator().manual_seed(0)
+    owner = [0, 1, 1, 2, 2, 2, 3, 4, 4, 1, 3]
+    sim = torch.randn(len(owner), 5, generator=gen, dtype=torch.float64)
+    prob = torch.rand(len(owner), 5, generator=gen, dtype=torch.float64)
+
+    def match_prob(text_idx, video_idx):
+        return prob[text_idx, video_idx]
+
+    want = group_rerank_loop(sim, owner, prob, k=3)
+    every = torch.arange(5)
+    torch.testing.assert_close(rerank_group_queries(sim, owner, match_prob, 3, every), want)
+    for chunk in (1, 2, 7):  # chunks of queries, and two "ranks" holding 0-2 and 3-4
+        torch.testing.assert_close(rerank_group_queries(sim, owner, match_prob, 3, every, query_chunk=chunk), want)
+        shards = [rerank_group_queries(sim, owner, match_prob, 3, q, chunk) for q in (every[:3], every[3:])]
+        torch.testing.assert_close(torch.cat(shards), want)
+
+
+def test_single_caption_reranking_is_the_same_under_both_protocols():
+    from modules.fusion import rerank_queries
+    from video_text_retrieval.task import rerank_group_queries, rerank_metrics
+
+    gen = torch.Generator().manual_seed(1)
+    perm = torch.randperm(6, generator=gen).tolist()  # caption i belongs to video perm[i]
+    sim = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    prob = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+
+    def match_prob(text_idx, video_idx):
+        return prob[text_idx, video_idx]
+
+    every = torch.arange(6)
+    t2v = rerank_queries(sim, match_prob, 3, every, False)
+    caption = rerank_queries(sim.t(), match_prob, 3, every, True)  # [Nv, Nt]
+    group = rerank_group_queries(sim, perm, match_prob, 3, every)  # [Nv, Nv groups]
+    torch.testing.assert_close(group[:, perm], caption)  # group perm[i] is caption i
+    assert rerank_metrics(t2v, group, perm, "group") == rerank_metrics(t2v, caption, perm, "caption")

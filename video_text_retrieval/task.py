@@ -4,6 +4,15 @@ Evaluation encodes each video once and each caption once, every rank taking a co
 features on every rank, builds the dual-encoder similarity in chunks (never an Nt x Nv x T tensor) and, when a
 fusion is present and ``rerank_topk > 0``, re-ranks the top-k candidates of every query in both directions with
 the VTM match probability (DESIGN 2.7), the candidate pairs sharded across ranks.
+
+Video->text with several captions per video follows ``v2t_protocol`` (engine/metrics.py): ``group`` (default, the
+published CLIP4Clip / MemBridge protocol) ranks caption groups, ``caption`` ranks single captions. Re-ranking follows
+the same protocol: under ``group`` a video's candidates are its top-k caption *groups* by group score (a group's
+best dual-encoder caption score), and a candidate group is re-scored with the best VTM match probability over all
+of its captions (the VTM analogue of the group score), so a query re-ranks k groups, not k captions that may all
+belong to one or two groups. That costs ``k x captions-per-video`` VTM pairs per video, i.e. about the same as the
+text->video direction (``k`` per caption). Under ``--official_quirks`` the VTM's Q2 normalisation group is then all
+captions of a video's k candidate groups (short groups padded by repeating their first caption).
 """
 
 from __future__ import annotations
@@ -28,8 +37,16 @@ from engine.distributed import (
     get_world_size,
     shard_indices,
 )
-from engine.metrics import retrieval_metrics
-from modules.fusion import check_rerank_range, rerank_queries
+from engine.metrics import (
+    DEFAULT_TIE_RULE,
+    DEFAULT_V2T_PROTOCOL,
+    V2T_PROTOCOLS,
+    caption_groups,
+    group_scores,
+    retrieval_metrics,
+    v2t_group_metrics,
+)
+from modules.fusion import DEFAULT_RERANK_QUERY_CHUNK, check_rerank_range, rerank_queries
 from modules.losses import contrastive_loss
 from modules.membridge import MemBridgeModel, Stage2Weights
 
@@ -177,25 +194,44 @@ def evaluate_retrieval(
     rerank_topk: int = 0,
     allow_missing: bool = False,
     encoded: EncodedEvalSet | None = None,
+    v2t_protocol: str = DEFAULT_V2T_PROTOCOL,
 ) -> dict:
     """R@1/5/10, MdR, MnR in both directions (and re-ranked, ``rerank_*`` keys, with a fusion and ``rerank_topk``).
 
-    ``encoded``: features already computed by :func:`encode_eval_set` (they are not recomputed)."""
+    ``encoded``: features already computed by :func:`encode_eval_set` (they are not recomputed). ``v2t_protocol``:
+    ``group`` or ``caption`` (module docstring). The result also names the protocol (``v2t_protocol``) and the tie
+    rule (``tie_rule``: ``optimistic``, a truth tied with other candidates ranks above them) of its numbers."""
+    if v2t_protocol not in V2T_PROTOCOLS:
+        raise ValueError(f"v2t_protocol must be one of {V2T_PROTOCOLS}, got {v2t_protocol!r}")
     enc = encoded or encode_eval_set(model, eval_set, batch_size, num_workers, dist, allow_missing)
     sim = dual_similarity(model, enc).cpu()
     sim, t2v, dropped, keep_t, keep_v = _drop_missing(enc, eval_set, sim)
-    metrics: dict = dict(retrieval_metrics(sim, t2v))
+    metrics: dict = dict(retrieval_metrics(sim, t2v, DEFAULT_TIE_RULE, v2t_protocol))
     metrics["num_texts"], metrics["num_videos"] = int(sim.shape[0]), int(sim.shape[1])
+    metrics["v2t_protocol"], metrics["tie_rule"] = v2t_protocol, DEFAULT_TIE_RULE
     if dropped:
         metrics["dropped_videos"] = dropped
         logger.warning("%d evaluation videos could not be read and were left out: %s", len(dropped), dropped)
     if rerank_topk > 0 and model.fusion is not None:
-        t2v_scores, v2t_scores = rerank_similarity(model, enc, sim, keep_t, keep_v, rerank_topk, dist)
-        reranked = {k: v for k, v in retrieval_metrics(t2v_scores, t2v).items() if k.startswith("t2v_")}
-        reranked.update({k: v for k, v in retrieval_metrics(v2t_scores.t(), t2v).items() if k.startswith("v2t_")})
-        metrics.update({f"rerank_{k}": v for k, v in reranked.items()})
+        groups = t2v if v2t_protocol == "group" else None
+        t2v_scores, v2t_scores = rerank_similarity(model, enc, sim, keep_t, keep_v, rerank_topk, dist, groups)
+        metrics.update(rerank_metrics(t2v_scores, v2t_scores, t2v, v2t_protocol))
         metrics["rerank_topk"] = rerank_topk
     return metrics
+
+
+def rerank_metrics(
+    t2v_scores: torch.Tensor, v2t_scores: torch.Tensor, text_to_video: list[int], v2t_protocol: str
+) -> dict[str, float]:
+    """``rerank_*`` statistics of :func:`rerank_similarity`'s two matrices: ``t2v_scores [Nt, Nv]`` and
+    ``v2t_scores`` (``[Nv, Nv groups]`` under ``group``, ``[Nv, Nt]`` under ``caption``)."""
+    out = {k: v for k, v in retrieval_metrics(t2v_scores, text_to_video).items() if k.startswith("t2v_")}
+    if v2t_protocol == "group":
+        out.update(v2t_group_metrics(v2t_scores, DEFAULT_TIE_RULE))
+    else:
+        caption = retrieval_metrics(v2t_scores.t(), text_to_video, DEFAULT_TIE_RULE, "caption")
+        out.update({k: v for k, v in caption.items() if k.startswith("v2t_")})
+    return {f"rerank_{k}": v for k, v in out.items()}
 
 
 def rerank_similarity(
@@ -206,9 +242,12 @@ def rerank_similarity(
     keep_v: torch.Tensor,
     topk: int,
     dist: DistInfo,
+    v2t_groups: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank the top-k of every query in both directions with the fusion's VTM match probability; the queries are
-    sharded across ranks and the rows gathered. Returns ``(t2v [Nt, Nv], v2t [Nv, Nt])`` on the CPU."""
+    sharded across ranks and the rows gathered. Returns ``(t2v [Nt, Nv], v2t)`` on the CPU: ``v2t [Nv, Nt]`` over
+    captions, or with ``v2t_groups`` (each kept caption's kept-video index) ``[Nv, Nv groups]`` over caption groups
+    (module docstring)."""
     check_rerank_range(sim)
     device = dist.device
     kt, kv = keep_t.to(device), keep_v.to(device)
@@ -216,13 +255,47 @@ def rerank_similarity(
         enc.frame_feats[kv], enc.video_mask[kv], enc.text_tokens[kt], enc.text_mask[kt], enc.text_feats[kt]
     )
     scores = sim.to(device)
-    out = []
-    for transposed, rows in ((False, scores), (True, scores.t())):
-        mine = shard_indices(rows.shape[0], dist.rank, dist.world_size)
-        queries = torch.arange(mine.start, mine.stop, device=device)
-        part = rerank_queries(rows, match_prob, topk, queries, transposed)
-        out.append(gather_eval_rows(part, mine, rows.shape[0]).cpu())
-    return out[0], out[1]
+    mine = shard_indices(scores.shape[0], dist.rank, dist.world_size)
+    queries = torch.arange(mine.start, mine.stop, device=device)
+    t2v = gather_eval_rows(rerank_queries(scores, match_prob, topk, queries, False), mine, scores.shape[0]).cpu()
+    n_video = scores.shape[1]
+    mine = shard_indices(n_video, dist.rank, dist.world_size)
+    queries = torch.arange(mine.start, mine.stop, device=device)
+    if v2t_groups is None:
+        part = rerank_queries(scores.t(), match_prob, topk, queries, True)
+    else:
+        part = rerank_group_queries(scores, v2t_groups, match_prob, topk, queries)
+    return t2v, gather_eval_rows(part, mine, n_video).cpu()
+
+
+def rerank_group_queries(
+    sim: torch.Tensor,
+    text_to_video: list[int] | torch.Tensor,
+    match_prob,
+    topk: int,
+    queries: torch.Tensor,
+    query_chunk: int = DEFAULT_RERANK_QUERY_CHUNK,
+) -> torch.Tensor:
+    """Group-protocol video->text re-ranking: rows ``[len(queries), Nv groups]`` for the given video queries.
+
+    ``sim [Nt, Nv]``; ``match_prob(text_idx [Q, n], video_idx [Q, n]) -> [Q, n]`` as for ``rerank_queries``. Each
+    video's top-k caption groups (by :func:`engine.metrics.group_scores`) get ``softmax(G_top) * RERANK_SCALE *
+    p_group + RERANK_OFFSET`` with ``p_group`` the best match probability over the group's captions; other groups keep
+    their group score. A row depends only on its own query, so queries can be split across ranks and chunks.
+    """
+    owner = torch.as_tensor(text_to_video, dtype=torch.long, device=sim.device)
+    scores = group_scores(sim, owner)  # [Nv, Nv groups]
+    table = caption_groups(owner.cpu(), sim.shape[1]).to(sim.device)  # [Nv groups, max_caps]
+    width = table.shape[1]
+
+    def group_match_prob(group_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
+        q, k = group_idx.shape
+        texts = table[group_idx].reshape(q, k * width)  # every caption of the query's k candidate groups
+        videos = video_idx[:, :, None].expand(q, k, width).reshape(q, k * width)
+        return match_prob(texts, videos).reshape(q, k, width).amax(-1)
+
+    # the same number of VTM pairs per pass as the caption direction's default chunk
+    return rerank_queries(scores, group_match_prob, topk, queries, True, max(1, query_chunk // width))
 
 
 MetricsHook = Callable[[MemBridgeModel, EncodedEvalSet, RetrievalEvalSet, DistInfo], dict]
@@ -252,8 +325,9 @@ class RetrievalEvaluator:
         s = self.settings
         enc = encode_eval_set(model, self.eval_set, s.batch_size, s.num_workers, self.dist, s.allow_missing)
         metrics = evaluate_retrieval(
-            model, self.eval_set, self.dist, s.batch_size, rerank_topk=self.rerank_topk, encoded=enc
-        )
+            model, self.eval_set, self.dist, s.batch_size, rerank_topk=self.rerank_topk, encoded=enc,
+            v2t_protocol=s.v2t_protocol,
+        )  # fmt: skip
         if self.extra is not None:
             metrics.update(self.extra(model, enc, self.eval_set, self.dist))
         return metrics
