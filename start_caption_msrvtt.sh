@@ -15,7 +15,7 @@ EPOCHS=${EPOCHS:-5}
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
 launch \
-    video_captioning/main_task_caption.py --do_train --num_thread_reader=4 \
+    -m video_captioning.main_task_caption --do_train --num_thread_reader=4 \
     --cross_config_path "${CROSS_CONFIG_PATH}" \
     --epochs="${EPOCHS}" --batch_size=32 --n_display=50 \
     --data_path "${DATA_PATH}/MSRVTT_data.json" \

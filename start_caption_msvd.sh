@@ -13,7 +13,7 @@ CROSS_CONFIG_PATH=${CROSS_CONFIG_PATH:-./CLIP-modules}
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
 launch \
-    video_captioning/main_task_caption.py --do_train --num_thread_reader=4 \
+    -m video_captioning.main_task_caption --do_train --num_thread_reader=4 \
     --cross_config_path "${CROSS_CONFIG_PATH}" \
     --epochs=10 --batch_size=32 --n_display=50 \
     --data_path "${DATA_PATH}" \

@@ -21,7 +21,7 @@ NUM_THREAD_READER=${NUM_THREAD_READER:-4}
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
 launch \
-    video_qa/main_task_qa.py --do_train --datatype msrvtt_qa --num_thread_reader="${NUM_THREAD_READER}" \
+    -m video_qa.main_task_qa --do_train --datatype msrvtt_qa --num_thread_reader="${NUM_THREAD_READER}" \
     --epochs="${EPOCHS}" --batch_size="${BATCH_SIZE}" --n_display=50 \
     --cross_config_path "${CROSS_CONFIG_PATH}" \
     --msrvtt_qa_train_json "${DATA_PATH}/train.jsonl" \

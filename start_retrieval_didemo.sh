@@ -21,7 +21,7 @@ RERANK_TOPK=${RERANK_TOPK:-0}
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/torchrun.sh"  # launch = torchrun with NPROC_PER_NODE, NNODES, ...
 
 launch \
-    video_text_retrieval/main_task_retrieval.py --do_train --num_thread_reader=2 \
+    -m video_text_retrieval.main_task_retrieval --do_train --num_thread_reader=2 \
     --epochs="${EPOCHS}" --batch_size="${BATCH_SIZE}" --n_display=50 \
     --cross_config_path ./CLIP-modules \
     --data_path "${DATA_PATH}" \

@@ -442,7 +442,7 @@ class MemBridgeFusion(nn.Module):
             return v_sep.new_zeros(b, 0, v_sep.shape[-1])
         if self.config.bridge_source == "learned":
             return self.learned_bridges.unsqueeze(0).expand(b, -1, -1)
-        q0 = self.ln(torch.cat([v_sep.detach(), t_eot.detach()], dim=-1))  # [B, 2D]
+        q0 = self.ln(torch.cat([v_sep.detach(), t_eot.detach()], dim=-1)).to(self.query.dtype)  # [B, 2D]
         queries = torch.einsum("bc,kcd->bkd", q0, self.query)  # [B, K, D]
         weights = (queries @ self.memory.t()).softmax(-1)  # [B, K, S]
         return weights @ self.memory

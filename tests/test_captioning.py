@@ -253,7 +253,7 @@ def test_launch_scripts_pass_the_published_recipe_and_the_checkpoint(tmp_path, s
         proc = launch(**{name: "/ckpt/step-7"})
         assert proc.returncode == 0, proc.stderr
         argv = (tmp_path / "args").read_text().splitlines()
-        args = build_caption_parser().parse_args(argv[argv.index("video_captioning/main_task_caption.py") + 1 :])
+        args = build_caption_parser().parse_args(argv[argv.index("video_captioning.main_task_caption") + 1 :])
         recipe = {"lr": 5e-5, "epochs": epochs, "batch_size": 32, "max_words": 32, "max_frames": 12, "coef_lr": 1e-3}
         recipe["warmup_proportion"] = 0.2
         assert {key: getattr(args, key) for key in recipe} == recipe

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from engine.pretrain_task import FusionPretrainTask
+from pretraining.fusion_task import FusionPretrainTask
 
 from dataloaders.errors import ConfigError
 from engine.flags import build_parser, flags_without_effect, validate

@@ -4,6 +4,7 @@ flag by flag in tests/test_captioning.py and tests/test_qa.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -41,9 +42,19 @@ def test_launch_script_passes_node_settings_entry_script_and_extra_flags(tmp_pat
     argv = launch(tmp_path, script, NNODES="2", NODE_RANK="1", NPROC_PER_NODE="8", MASTER_ADDR="host0",
                   MASTER_PORT="2345")  # fmt: skip
     assert argv[: len(NODE_FLAGS)] == NODE_FLAGS
-    entry = argv[len(NODE_FLAGS)]
-    assert entry.endswith(".py") and (REPO / entry).is_file()
+    entry, _ = split_entry(argv[len(NODE_FLAGS) :])
+    if entry.endswith(".py"):  # the root scripts of the two pre-training stages
+        assert (REPO / entry).is_file()
+    else:  # the task packages' entry points run as modules
+        assert importlib.util.find_spec(entry) is not None
     assert argv[-2:] == ["--seed", "11"]
+
+
+def split_entry(argv: list[str]) -> tuple[str, list[str]]:
+    """``(entry, flags)`` of what follows the node settings: ``SCRIPT.py FLAGS`` or ``-m MODULE FLAGS``."""
+    if argv[0] == "-m":
+        return argv[1], argv[2:]
+    return argv[0], argv[1:]
 
 
 def test_node_settings_default_to_one_local_process(tmp_path):
@@ -62,17 +73,17 @@ def entry_parser(entry: str):
         return build_parser("clip")
     if entry == "main_task_fusion.py":
         return build_parser("fusion")
-    if entry == "video_text_retrieval/main_task_retrieval.py":
-        from video_text_retrieval.main_task_retrieval import build_retrieval_parser
+    if entry == "video_text_retrieval.main_task_retrieval":
+        from video_text_retrieval.settings import build_retrieval_parser
 
         return build_retrieval_parser()
-    if entry == "video_captioning/main_task_caption.py":
-        from video_captioning.main_task_caption import build_caption_parser
+    if entry == "video_captioning.main_task_caption":
+        from video_captioning.task import build_caption_parser
 
         return build_caption_parser()
-    from video_qa.main_task_qa import build_qa_parser
+    from video_qa.task import build_qa_parser
 
-    assert entry == "video_qa/main_task_qa.py", entry
+    assert entry == "video_qa.main_task_qa", entry
     return build_qa_parser()
 
 
@@ -81,8 +92,8 @@ def test_launch_script_passes_no_flag_without_effect(tmp_path, script):
     from engine.flags import flags_without_effect
 
     argv = launch(tmp_path, script)
-    entry = argv[len(DEFAULT_NODE_FLAGS)]
-    args = entry_parser(entry).parse_args(argv[len(DEFAULT_NODE_FLAGS) + 1 :])
+    entry, flags = split_entry(argv[len(DEFAULT_NODE_FLAGS) :])
+    args = entry_parser(entry).parse_args(flags)
     assert flags_without_effect(args) == []
     assert "--loose_type" not in argv
     if script == "start_fusion.sh":  # stage 2: --lr is the fusion's rate, --coef_lr has no effect

@@ -187,7 +187,7 @@ def test_launch_scripts_pass_the_published_recipe(tmp_path, script, datatype):
     assert proc.returncode == 0, proc.stderr
     argv = (tmp_path / "args").read_text().splitlines()
     assert argv[argv.index("--nproc_per_node") + 1] == "8"
-    args = build_qa_parser().parse_args(argv[argv.index("video_qa/main_task_qa.py") + 1 :])
+    args = build_qa_parser().parse_args(argv[argv.index("video_qa.main_task_qa") + 1 :])
     recipe = {"lr": 2e-4, "epochs": 5, "batch_size": 32, "max_words": 32, "max_frames": 12, "coef_lr": 1e-3}
     recipe.update({"feature_framerate": 1.0, "warmup_proportion": 0.1, "slice_framepos": "uniform"})
     assert {name: getattr(args, name) for name in recipe} == recipe
