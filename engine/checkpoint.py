@@ -558,6 +558,8 @@ def load_weights(
     names are logged and returned, and raise CheckpointError when ``strict``.
     """
     path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_FILENAME).is_file():
+        path = path / WEIGHTS_FILENAME  # messages name the file
     raw, saved_aliases = _read_weights(path)
     loaded, unexpected = _as_state_dict(raw, path)
     for alias, stored in saved_aliases.items():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 import engine.checkpoint as ckpt
@@ -133,7 +134,7 @@ class SimulatedKill(BaseException):
 
 
 def weights_marker(model: nn.Module) -> float:
-    return float(model.body[0].weight.sum())
+    return float(model.body[0].weight.detach().sum())
 
 
 @pytest.mark.parametrize("resave", [False, True], ids=["new-step", "same-step-resaved"])
@@ -223,6 +224,46 @@ def test_disk_full_raises_and_keeps_previous_checkpoint(tmp_path: Path, monkeypa
     assert (good / "model.safetensors").read_bytes() == before
     monkeypatch.setattr(ckpt.safetensors.torch, "save_file", real_save)
     assert ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler) == root / "step-2"
+
+
+STORAGE_FULL = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+WRITE_FAILURES = {  # what each library raises when the disk fills up under it
+    "safetensors OSError": ("safetensors", OSError(errno.ENOSPC, "No space left on device"), "disk is full"),
+    "safetensors SafetensorError": ("safetensors", SafetensorError(STORAGE_FULL), "disk is full"),
+    "torch.save RuntimeError": (
+        "torch",
+        RuntimeError("[enforce fail at inline_container.cc:603] .\nPytorchStreamWriter failed writing file data/0"),
+        "writable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRITE_FAILURES))
+def test_write_failures_of_either_library_are_checkpoint_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    writer, exc, advice = WRITE_FAILURES[case]
+    model, optimizer, _ = make_run()
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer)
+
+    def fail(obj, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise exc
+
+    if writer == "safetensors":
+        monkeypatch.setattr(ckpt.safetensors.torch, "save_file", fail)
+    else:
+        monkeypatch.setattr(ckpt.torch, "save", fail)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.save_checkpoint(tmp_path, 2, model, optimizer)
+    message = str(info.value)
+    assert "\n" not in message and advice in message and "free disk space" in message
+    assert f"cannot write checkpoint {tmp_path / 'ckpt' / 'step-2'}" in message and message.endswith("step-1")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-1"]  # the temp dir is gone
+    monkeypatch.undo()
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt" / "step-1"
 
 
 def test_extra_must_be_loadable_with_weights_only(tmp_path: Path) -> None:
