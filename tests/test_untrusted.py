@@ -151,7 +151,7 @@ def _damage(file: Path, how: str, state: dict[str, torch.Tensor]) -> None:
         state = {**state, first: state[first].clone().fill_(float("nan"))}
         state[first].view(-1)[0] = float("inf")
     if how == "no matching names":
-        state = {f"unrelated.{name}": value for name, value in state.items()}
+        state = {f"unrelated/{name}": value for name, value in state.items()}  # not a wrapper prefix either
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, file)
     data = file.read_bytes()
     if how == "truncated":
@@ -171,7 +171,7 @@ def _assert_one_line_naming(info: pytest.ExceptionInfo, file: Path, how: str) ->
     if how == "nan tensor":
         assert "NaN or infinite" in message
     if how == "no matching names":
-        assert "none of its" in message or "not a CLIP checkpoint" in message
+        assert any(part in message for part in ("none of its", "not a CLIP checkpoint", "missing weight, bias"))
 
 
 @pytest.mark.parametrize("how", DAMAGES)
