@@ -20,7 +20,7 @@ from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import FileVideoSource
 from engine.checkpoint import load_weights
 from engine.flags import check_text_length, resolve_clip_config
-from engine.run_logging import setup_logging, write_config
+from engine.run_logging import claim_output_dir, setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import load_clip
 from modules.fusion import FusionConfig, MemBridgeFusion
@@ -196,6 +196,7 @@ def seed_everything(seed: int) -> None:
 
 def start_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
     """After the flags are validated: logging (``log.txt`` on rank 0), ``config.json`` (rank 0), threads and seeds."""
+    claim_output_dir(args.output_dir, args.resume, rank == 0, train=args.do_train)  # refuse to mix two runs
     setup_logging(args.output_dir, rank == 0)
     if rank == 0:
         write_config(args.output_dir, args, world_size)

@@ -453,6 +453,15 @@ def find_latest(output_dir: str | os.PathLike[str], clean: bool = True) -> Path 
     return latest
 
 
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a checkpoint directory found by :func:`find_latest` (``step-N``, or a complete temp copy)."""
+    name = Path(path).name
+    match = STEP_DIR_RE.match(name) or TEMP_DIR_RE.match(name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (step-N): pass one written by this code")
+    return int(match.group(1))
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False

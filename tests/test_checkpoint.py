@@ -170,6 +170,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_complete_newest_checkpoint(
         fresh = Net()
         extra = ckpt.load_checkpoint(latest, fresh)
         state = torch.load(latest / ckpt.STATE_FILENAME, weights_only=True)
+        assert ckpt.checkpoint_step(latest) == state["step"]
         if new_complete:
             assert (state["step"], extra, weights_marker(fresh)) == (4, {"tag": "new"}, pytest.approx(new_sum))
         elif resave:
