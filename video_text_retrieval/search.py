@@ -554,7 +554,9 @@ def build_search_parser() -> argparse.ArgumentParser:
 
 
 def check_search_flags(args: argparse.Namespace) -> None:
-    """ConfigError for a query without what it ranks."""
+    """ConfigError for a query without what it ranks, or an empty one."""
+    if args.query is not None and not args.query.strip():
+        raise ConfigError("--query is empty: pass the text to search for, e.g. --query 'a dog catches a ball'")
     if args.query is not None and args.videos is None and args.shards is None:
         raise ConfigError("--query needs the videos to search: pass --videos DIR or --shards INDEX")
     if args.query_video is not None and args.captions is None:
