@@ -247,8 +247,11 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return [(c.step, c.path) for c in _candidates(root)]
 
 
-def _write_marker(directory: Path, step: int) -> None:
-    _write_text_atomic(directory / MARKER_FILENAME, json.dumps({"step": step, "time_ns": time.time_ns()}) + "\n")
+def _write_marker(directory: Path, step: int, after_ns: int) -> None:
+    """The completion marker; its time is later than ``after_ns`` (the newest copy of the step) even if the clock
+    went back, so the copy written last is the one found."""
+    written = max(time.time_ns(), after_ns + 1)
+    _write_text_atomic(directory / MARKER_FILENAME, json.dumps({"step": step, "time_ns": written}) + "\n")
 
 
 def _save_hook(point: str) -> None:
@@ -337,7 +340,7 @@ def _write_checkpoint(
         _save_hook("weights_written")
         _write_state(state, tmp / STATE_FILENAME)
         _save_hook("state_written")
-        _write_marker(tmp, step)
+        _write_marker(tmp, step, max((c.written_ns for c in previous if c.step == step), default=0))
         _fsync(tmp)
         _save_hook("marker_written")
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors wrap I/O errors in these
