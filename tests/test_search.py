@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import main_task_clip
@@ -327,3 +328,30 @@ def test_a_damaged_cache_is_rebuilt(synthetic_small, runs, tmp_path, capsys, cap
         assert _cli_json(argv, capsys) == expected
     assert f"visual feature cache {directory} is damaged" in caplog.text and "rebuilding it" in caplog.text
     assert _cli_json(argv, capsys) == expected  # and the rebuilt cache is used as it is
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage bytes", "nan tensor", "no matching names"])
+def test_damaged_weights_are_one_error_line_naming_the_file(synthetic_small, runs, tmp_path, capsys, damage):
+    folder = _folder(synthetic_small, tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(runs["s1"] / "config.json", run / "config.json")
+    step = run / "ckpt" / "step-1"
+    shutil.copytree(step_dirs(runs["s1"])[-1], step)
+    weights = step / "model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage bytes":
+        weights.write_bytes(os.urandom(4096))
+    elif damage == "nan tensor":
+        name = "encoder.clip.visual.proj"
+        safetensors.torch.save_file({**state, name: torch.full_like(state[name], float("nan"))}, weights)
+    else:
+        safetensors.torch.save_file({f"other/{k}": v for k, v in state.items()}, weights)
+    argv = ["--checkpoint", str(run), "--videos", str(folder), "--query", "a red circle"]
+    assert search.main(argv) == search.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(weights) in err[-1], err
+    expected = {"nan tensor": "NaN or infinite", "no matching names": "none of its"}.get(damage, "truncated or corrupt")
+    assert expected in err[-1], err

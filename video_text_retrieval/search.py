@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file (python video_text_retrieval/sear
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 
 from dataloaders.datasets import EVAL_SEED  # noqa: E402
 from dataloaders.errors import CheckpointError, ConfigError, DataError, MemBridgeError  # noqa: E402
@@ -153,8 +153,11 @@ def weight_names(weights: Path) -> list[str]:
         try:
             with safe_open(weights, framework="pt") as handle:
                 return list(handle.keys())
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{weights} is not a readable safetensors file ({exc}): re-create it") from exc
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(
+                f"{weights} is not a readable safetensors file ({' '.join(str(exc).split())}): it is truncated or "
+                "corrupt; re-create or re-download it"
+            ) from exc
     return list(read_state_dict(weights))
 
 
