@@ -22,7 +22,7 @@ from engine import checkpoint as ckpt
 from engine.checkpoint import load_weights
 from engine.feature_cache import attach_visual_cache
 from engine.flags import DEFAULT_CLIP_CONFIG_PATH, check_text_length, resolve_clip_config
-from engine.run_logging import setup_logging, write_config
+from engine.run_logging import claim_output_dir, setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
 from modules.fusion import FusionConfig
@@ -274,6 +274,7 @@ def seed_everything(seed: int) -> None:
 
 def start_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
     """After the flags are validated: logging (``log.txt`` on rank 0), ``config.json`` (rank 0), threads and seeds."""
+    claim_output_dir(args.output_dir, args.resume, rank == 0, train=args.do_train)  # refuse to mix two runs
     setup_logging(args.output_dir, rank == 0)
     if rank == 0:
         write_config(args.output_dir, args, world_size)

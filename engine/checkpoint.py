@@ -4,12 +4,19 @@ Layout under ``--output_dir``::
 
     ckpt/step-{N}/model.safetensors   weights (tied tensors stored once; their aliases in the metadata)
     ckpt/step-{N}/state.pt            optimizer, scheduler, RNG states, step, epoch, extra (sampler position ...)
+    ckpt/step-{N}/COMPLETE            completion marker, written last: {"step": N, "time_ns": ...}
     ckpt/latest                       the name of the newest complete checkpoint (informational)
 
-A checkpoint is written into ``ckpt/.tmp-step-{N}-{pid}`` and renamed to ``ckpt/step-{N}`` only when complete, so a
-killed or failed save never leaves a half-written ``step-*`` directory; ``find_latest`` ignores (and cleans) torn
-temp directories. ``state.pt`` holds only tensors, containers and primitives and is read with
-``torch.load(weights_only=True)``; nothing here ever unpickles arbitrary objects.
+Save sequence (main rank): write ``ckpt/.tmp-step-{N}-{pid}-{nonce}`` (weights, state, then the marker, each
+fsync'ed); if ``step-N`` already exists (a step saved twice, e.g. by ``--save_steps`` and the end of the epoch),
+rename it to ``.old-step-{N}-{pid}-{nonce}``; rename the temp directory to ``step-N``; delete the old one; update
+``latest``; prune. A directory counts as a checkpoint once its marker is there (``step-N`` directories written
+before markers existed count when they hold both files), whatever its name, and ``find_latest`` returns the newest
+complete one (highest step, then the latest marker time). So at every instant of the sequence a complete copy of
+the newest checkpoint exists and is the one found: a kill between the two renames leaves the new copy in the temp
+directory, which is found and loaded as it is. Only incomplete temp directories of dead processes, and complete
+ones superseded by a newer copy of the same step, are ever deleted. ``state.pt`` holds only tensors, containers and
+primitives and is read with ``torch.load(weights_only=True)``; nothing here ever unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import os
 import random
 import re
 import shutil
+import time
+import uuid
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +39,7 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dataloaders.errors import CheckpointError
@@ -43,6 +52,7 @@ CKPT_DIRNAME = "ckpt"
 LATEST_FILENAME = "latest"
 WEIGHTS_FILENAME = "model.safetensors"
 STATE_FILENAME = "state.pt"
+MARKER_FILENAME = "COMPLETE"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 OLD_PREFIX = ".old-step-"
@@ -53,7 +63,7 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 DDP_PREFIX = "module."
 MAX_LISTED_KEYS = 20
 STEP_DIR_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
-TEMP_DIR_RE = re.compile(rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)})\d+-(\d+)$")
+TEMP_DIR_RE = re.compile(rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)})(\d+)-(\d+)(?:-[0-9a-f]+)?$")
 SAFE_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
 
 StateDict = dict[str, torch.Tensor]
@@ -187,15 +197,78 @@ def _check_loadable(obj: Any, where: str) -> None:
         )
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Complete ``step-N`` directories under ``root``, oldest first."""
+@dataclass(frozen=True, order=True)
+class _Candidate:
+    """A complete checkpoint directory; candidates sort oldest first (step, then the time its marker was written)."""
+
+    step: int
+    written_ns: int
+    path: Path = field(compare=False)
+    temp_pid: int | None = field(compare=False, default=None)  # the writer's pid for a temp / old directory
+
+
+def _marker_time(directory: Path, step: int) -> int | None:
+    """The marker's write time (ns), or None when ``directory`` lacks the marker or it names another step."""
+    try:
+        marker = json.loads((directory / MARKER_FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("step") != step or not isinstance(marker.get("time_ns"), int):
+        return None
+    return marker["time_ns"]
+
+
+def _has_files(directory: Path) -> bool:
+    return (directory / WEIGHTS_FILENAME).is_file() and (directory / STATE_FILENAME).is_file()
+
+
+def _candidates(root: Path) -> list[_Candidate]:
+    """Every complete checkpoint under ``root``, oldest first: ``step-N`` directories (with the marker, or legacy
+    ones holding both files) and temp / old directories whose marker was written (a save killed between renames)."""
     found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = STEP_DIR_RE.match(child.name)
-            if match and (child / WEIGHTS_FILENAME).is_file() and (child / STATE_FILENAME).is_file():
-                found.append((int(match.group(1)), child))
+    if not root.is_dir():
+        return found
+    for child in root.iterdir():
+        step_match, temp_match = STEP_DIR_RE.match(child.name), TEMP_DIR_RE.match(child.name)
+        if step_match:
+            step = int(step_match.group(1))
+            if _has_files(child):
+                written = _marker_time(child, step)
+                found.append(_Candidate(step, 0 if written is None else written, child))
+        elif temp_match:
+            step = int(temp_match.group(1))
+            written = _marker_time(child, step)
+            if written is not None and _has_files(child):
+                found.append(_Candidate(step, written, child, int(temp_match.group(2))))
     return sorted(found)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as ``(step, directory)``, oldest first."""
+    return [(c.step, c.path) for c in _candidates(root)]
+
+
+def _write_marker(directory: Path, step: int, after_ns: int) -> None:
+    """The completion marker; its time is later than ``after_ns`` (the newest copy of the step) even if the clock
+    went back, so the copy written last is the one found."""
+    written = max(time.time_ns(), after_ns + 1)
+    _write_text_atomic(directory / MARKER_FILENAME, json.dumps({"step": step, "time_ns": written}) + "\n")
+
+
+def _save_hook(point: str) -> None:
+    """Called at each point of the save sequence (tests replace it to simulate a kill there)."""
+
+
+SAVE_POINTS = (
+    "tmp_created",
+    "weights_written",
+    "state_written",
+    "marker_written",
+    "final_moved_aside",
+    "tmp_renamed",
+    "old_removed",
+    "latest_written",
+)
 
 
 def save_checkpoint(
@@ -246,9 +319,9 @@ def _write_checkpoint(
     rng_states: list[dict[str, Any]],
     keep: int | None,
 ) -> None:
-    """The main rank's part of :func:`save_checkpoint`."""
-    tmp = root / f"{TMP_PREFIX}{step}-{os.getpid()}"
-    old = root / f"{OLD_PREFIX}{step}-{os.getpid()}"
+    """The main rank's part of :func:`save_checkpoint` (the sequence is described in the module docstring)."""
+    suffix = f"{step}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp, old = root / f"{TMP_PREFIX}{suffix}", root / f"{OLD_PREFIX}{suffix}"
     state = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -259,42 +332,82 @@ def _write_checkpoint(
     }
     _check_loadable(state, "state")
     tensors, aliases = _dedupe(unwrap_model(model).state_dict())
-    previous = _step_dirs(root)
+    previous = _candidates(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        _save_hook("tmp_created")
         metadata = {ALIASES_METADATA_KEY: json.dumps(aliases), **model_config_metadata(unwrap_model(model))}
         _write_weights(tensors, tmp / WEIGHTS_FILENAME, metadata)
+        _save_hook("weights_written")
         _write_state(state, tmp / STATE_FILENAME)
+        _save_hook("state_written")
+        _write_marker(tmp, step, max((c.written_ns for c in previous if c.step == step), default=0))
         _fsync(tmp)
+        _save_hook("marker_written")
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors wrap I/O errors in these
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = previous[-1].path if previous else "none"
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {_write_failure(exc, root)}. Previous checkpoint kept: {kept}"
+        ) from exc
+    try:
+        # From here on a complete copy of this step always exists: tmp, then tmp + old, then final (+ old).
         if final.exists():
             os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if old.exists():
-                os.replace(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        _save_hook("final_moved_aside")
+        os.replace(tmp, final)
         _fsync(root)
+        _save_hook("tmp_renamed")
+        if old.exists():
+            (old / MARKER_FILENAME).unlink(missing_ok=True)  # unmarked first, so a half-deleted copy is never used
+            shutil.rmtree(old, ignore_errors=True)
+        _save_hook("old_removed")
         _write_text_atomic(root / LATEST_FILENAME, final.name + "\n")
+        _save_hook("latest_written")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        advice = (
-            f"the disk is full: free space under {root} (or point --output_dir elsewhere)"
-            if exc.errno == errno.ENOSPC
-            else f"check that {root} exists and is writable"
-        )
-        kept = previous[-1][1] if previous else "none"
+        newest = _candidates(root)
         raise CheckpointError(
-            f"cannot write checkpoint {final}: {exc.strerror or exc}; {advice}. Previous checkpoint kept: {kept}"
+            f"cannot move checkpoint {tmp} into place as {final}: {_write_failure(exc, root)}. "
+            f"Newest complete checkpoint: {newest[-1].path if newest else 'none'}"
         ) from exc
-    if keep is not None:
-        older = [path for _, path in _step_dirs(root) if path != final]
-        for path in older[: max(len(older) - (keep - 1), 0)]:
-            shutil.rmtree(path, ignore_errors=True)
+    _prune(root, final, keep)
     logger.info("saved checkpoint %s", final)
+
+
+def _write_failure(exc: BaseException, root: Path) -> str:
+    """What went wrong writing under ``root`` and what to do, for an OSError or a library's wrapped I/O error."""
+    text = _one_line(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        return f"{text}; the disk is full: free disk space under {root} (or point --output_dir elsewhere)"
+    return f"{text}; check that {root} is writable and has free disk space"
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (torch and safetensors messages span several)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _prune(root: Path, final: Path, keep: int | None) -> None:
+    """Delete older copies of a step saved twice and, with ``keep``, all but the newest ``keep`` steps (never
+    ``final``, never a directory another live process is writing)."""
+    newest: dict[int, _Candidate] = {}
+    doomed = []
+    for candidate in _candidates(root):  # oldest first: a later copy of a step supersedes the earlier one
+        if candidate.step in newest:
+            doomed.append(newest[candidate.step])
+        newest[candidate.step] = candidate
+    steps = sorted(newest)
+    if keep is not None:
+        doomed += [newest[step] for step in steps[: max(len(steps) - keep, 0)]]
+    for candidate in doomed:
+        live_writer = (
+            candidate.temp_pid is not None and candidate.temp_pid != os.getpid() and _pid_alive(candidate.temp_pid)
+        )
+        if candidate.path != final and not live_writer:
+            (candidate.path / MARKER_FILENAME).unlink(missing_ok=True)
+            shutil.rmtree(candidate.path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------- find and load
@@ -309,29 +422,49 @@ def _pid_alive(pid: int) -> bool:
 
 
 def find_latest(output_dir: str | os.PathLike[str], clean: bool = True) -> Path | None:
-    """The newest complete ``ckpt/step-N`` under ``output_dir``, or None.
+    """The newest complete checkpoint under ``output_dir/ckpt`` (highest step, then the newest copy of it), or None.
 
-    Temp directories of interrupted saves are never returned; with ``clean`` (main rank) those left by processes
-    that no longer run are removed.
+    Usually ``ckpt/step-N``; after a save killed between its two renames, the complete temp directory holding the new
+    copy. Incomplete temp directories are never returned; with ``clean`` those left by processes that no longer run
+    are removed, and so are complete ones that a newer copy of the same step supersedes. The newest complete
+    checkpoint is never deleted or moved here, so ranks that call this concurrently all get the same answer.
     """
     root = Path(output_dir) / CKPT_DIRNAME
     if not root.is_dir():
         return None
+    found = _candidates(root)
     if clean:
+        kept = {c.path for c in found}
+        newest_of_step = {c.step: c.path for c in found}  # oldest first: the last copy of each step wins
         for child in root.iterdir():
             match = TEMP_DIR_RE.match(child.name)
-            if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            if not match or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
+                continue
+            if child not in kept:
                 logger.warning("removing the torn checkpoint directory %s of an interrupted save", child)
-                shutil.rmtree(child, ignore_errors=True)
-    found = _step_dirs(root)
+            elif newest_of_step[int(match.group(1))] != child:
+                logger.warning("removing %s: a newer copy of step %s exists", child, match.group(1))
+            else:
+                continue
+            (child / MARKER_FILENAME).unlink(missing_ok=True)
+            shutil.rmtree(child, ignore_errors=True)
+        found = [c for c in found if c.path.exists()]
     if not found:
         return None
+    latest = found[-1].path
     latest_file = root / LATEST_FILENAME
-    if latest_file.is_file() and latest_file.read_text().strip() != found[-1][1].name:
-        logger.warning(
-            "%s names %s but %s is newer: using it", latest_file, latest_file.read_text().strip(), found[-1][1]
-        )
-    return found[-1][1]
+    if latest_file.is_file() and latest_file.read_text().strip() != latest.name:
+        logger.warning("%s names %s but %s is newer: using it", latest_file, latest_file.read_text().strip(), latest)
+    return latest
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a checkpoint directory found by :func:`find_latest` (``step-N``, or a complete temp copy)."""
+    name = Path(path).name
+    match = STEP_DIR_RE.match(name) or TEMP_DIR_RE.match(name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (step-N): pass one written by this code")
+    return int(match.group(1))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -354,22 +487,26 @@ def _read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             with safe_open(path, framework="pt") as handle:
                 aliases = json.loads((handle.metadata() or {}).get(ALIASES_METADATA_KEY, "{}"))
             return safetensors.torch.load_file(path), aliases
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): re-create it") from exc
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({_one_line(exc)}): it is truncated or corrupt; "
+                "re-create or re-download it"
+            ) from exc
     if _is_torchscript(path):
         try:
             return torch.jit.load(path, map_location="cpu").state_dict(), {}
         except Exception as exc:  # the TorchScript reader raises RuntimeError for unknown globals and bad archives
             raise CheckpointError(
-                f"{path} is not a readable TorchScript archive ({str(exc).strip()}): re-export it, or save the weights "
+                f"{path} is not a readable TorchScript archive ({_one_line(exc)}): re-export it, or save the weights "
                 "as a plain state dict (tensors only) or as safetensors"
             ) from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as exc:
         raise CheckpointError(
-            f"{path} cannot be read as a state dict with torch.load(weights_only=True) ({exc}): it may hold pickled "
-            "Python objects; re-save it as a plain state dict (tensors only) or as safetensors"
+            f"{path} cannot be read as a state dict with torch.load(weights_only=True) ({_one_line(exc)}): it may be "
+            "truncated or corrupt, or hold pickled Python objects; re-save it as a plain state dict (tensors only) or "
+            "as safetensors"
         ) from exc
 
 
@@ -406,6 +543,20 @@ def _listing(names: list[str]) -> str:
     return shown + (f" ... ({len(names) - MAX_LISTED_KEYS} more)" if len(names) > MAX_LISTED_KEYS else "")
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+    """CheckpointError naming ``source`` and the tensors holding NaN or infinite values (floating tensors only)."""
+    bad = [
+        f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensors hold NaN or infinite values: {_listing(bad)}. These weights come from a "
+            "diverged or damaged run: use an earlier checkpoint"
+        )
+
+
 def load_weights(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -421,6 +572,8 @@ def load_weights(
     names are logged and returned, and raise CheckpointError when ``strict``.
     """
     path = Path(path)
+    if path.is_dir() and (path / WEIGHTS_FILENAME).is_file():
+        path = path / WEIGHTS_FILENAME  # messages name the file
     raw, saved_aliases = _read_weights(path)
     loaded, unexpected = _as_state_dict(raw, path)
     for alias, stored in saved_aliases.items():
@@ -450,7 +603,15 @@ def load_weights(
             f"{path} does not match the model: missing {_listing(missing)}; unexpected {_listing(unexpected)}. "
             "Resume only with the flags of the run that wrote it"
         )
-    target.load_state_dict({n: t for n, t in loaded.items() if n in expected}, strict=False)
+    used = {n: t for n, t in loaded.items() if n in expected}
+    if expected and not used:
+        raise CheckpointError(
+            f"{path}: none of its {len(loaded)} tensors has a name of this model (e.g. {_listing(sorted(loaded)[:3])}; "
+            f"the model expects e.g. {_listing(list(expected)[:3])}): pass weights written for this model, or convert "
+            "the file's key layout"
+        )
+    check_finite(used, path)
+    target.load_state_dict(used, strict=False)
     report = LoadReport(missing=missing, unexpected=unexpected, loaded=len(present & set(expected)))
     logger.info("loaded %d tensors from %s", report.loaded, path)
     if missing:
@@ -485,7 +646,7 @@ def load_checkpoint(
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"{state_file} cannot be read ({exc}): the checkpoint is damaged; use an older one"
+            f"{state_file} cannot be read ({_one_line(exc)}): the checkpoint is damaged; use an older one"
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{state_file} holds a {type(state).__name__}, not checkpoint state: use an older one")

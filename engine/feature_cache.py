@@ -9,7 +9,9 @@ Layout of ``CACHE_ROOT/<key>/`` where ``key`` hashes the encoder weights and the
 ``{"videos": {video_id: [row, video_fingerprint]}, ...}`` (row -1: the video could not be read; training skips it as it
 would without the cache). A video whose fingerprint (file size + mtime, or shard
 record location + shard size + mtime) changed is recomputed; other encoder weights or settings give another key.
-Directories are written to a temp name and renamed, so a killed run never leaves a half-written cache.
+Directories are written to a temp name and renamed, so a killed run never leaves a half-written cache; a cache damaged
+otherwise (unreadable or inconsistent files) is rebuilt, and videos whose cached features are NaN / infinite are
+encoded again (:func:`read_cache_index`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 FEATURES_FILE, MASKS_FILE, INDEX_FILE = "features.npy", "masks.npy", "index.json"
 UNREADABLE_ROW = -1  # index row of a video that could not be read (no features stored)
 CACHE_FORMAT = 1
+NAN_SCAN_ROWS = 4096  # cached videos checked for non-finite features per read
 
 
 def encoder_fingerprint(encoder: nn.Module) -> str:
@@ -132,6 +135,44 @@ def _settings_key(encoder_fp: str, settings: dict) -> str:
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
+def read_cache_index(directory: Path) -> dict[str, list]:
+    """The usable entries of the cache in ``directory``: ``{video_id: [row, fingerprint]}``.
+
+    A damaged cache (index that is not valid JSON or of the wrong shape, feature / mask files that cannot be read or
+    disagree with the index) is rebuilt: {} with a warning. Rows holding NaN or infinite features are left out, so
+    their videos are encoded again.
+    """
+    if not (directory / INDEX_FILE).is_file():
+        return {}
+    try:
+        videos = json.loads((directory / INDEX_FILE).read_text())["videos"]
+        if not isinstance(videos, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+            for v in videos.values()
+        ):
+            raise ValueError(f"{INDEX_FILE} does not map video ids to [row, fingerprint]")
+        rows = [row for row, _ in videos.values() if row != UNREADABLE_ROW]
+        if not rows:
+            return videos
+        feats = np.load(directory / FEATURES_FILE, mmap_mode="r")
+        masks = np.load(directory / MASKS_FILE, mmap_mode="r")
+        if feats.ndim != 3 or masks.shape != feats.shape[:2] or min(rows) < 0 or max(rows) >= len(feats):
+            raise ValueError(f"features {feats.shape} / masks {masks.shape} do not fit the {len(rows)} indexed rows")
+        finite = np.ones(len(feats), dtype=bool)
+        for start in range(0, len(feats), NAN_SCAN_ROWS):  # in chunks: the file may be far larger than memory
+            finite[start : start + NAN_SCAN_ROWS] = np.isfinite(feats[start : start + NAN_SCAN_ROWS]).all(axis=(1, 2))
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:  # json / numpy errors of a damaged file
+        logger.warning("visual feature cache %s is damaged (%s): rebuilding it", directory, " ".join(str(exc).split()))
+        return {}
+    broken = sorted(vid for vid, (row, _) in videos.items() if row != UNREADABLE_ROW and not finite[row])
+    if broken:
+        logger.warning(
+            "visual feature cache %s: %d videos have NaN or infinite features, encoding them again: %s",
+            directory, len(broken), broken[:20],
+        )  # fmt: skip
+    return {vid: entry for vid, entry in videos.items() if vid not in broken}
+
+
 @torch.no_grad()
 def attach_visual_cache(
     dataset: Any,
@@ -158,9 +199,7 @@ def attach_visual_cache(
     fingerprints = {vid: video_fingerprint(reader.source, vid, keys[vid]) for vid in video_ids}
     directory = Path(cache_root) / _settings_key(encoder_key or encoder_fingerprint(encoder), settings)
 
-    old: dict[str, list] = {}
-    if (directory / INDEX_FILE).is_file():
-        old = json.loads((directory / INDEX_FILE).read_text())["videos"]
+    old = read_cache_index(directory)
     reuse = {vid: old[vid][0] for vid in video_ids if vid in old and old[vid][1] == fingerprints[vid]}
     todo = [vid for vid in video_ids if vid not in reuse]
     logger.info("visual feature cache %s: %d videos cached, %d to compute", directory, len(reuse), len(todo))

@@ -342,7 +342,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch, pickle and safetensors raise unrelated types for a bad file
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err}); {CHECKPOINT_HINT}") from err
+        detail = " ".join(str(err).split()) or type(err).__name__  # one line: torch's messages span several
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({detail}); {CHECKPOINT_HINT}") from err
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
@@ -411,6 +412,12 @@ def load_clip(path: str | Path | None = None, config: CLIPConfig | str | Path | 
     if unexpected:
         logger.warning("%s: ignoring %d keys that CLIP does not have, e.g. %s", source, len(unexpected), unexpected[:8])
     weights = {key: state[key].detach().to(torch.float32, copy=True) for key in expected}
+    non_finite = [key for key, value in weights.items() if not bool(torch.isfinite(value).all())]
+    if non_finite:
+        raise CheckpointError(
+            f"{source}: NaN or infinite values in {non_finite[:8]} ({len(non_finite)} tensors): the weights are "
+            "damaged or from a diverged run; use another checkpoint"
+        )
     model.load_state_dict(weights, assign=True)
     logger.info("loaded CLIP from %s: %s", source, config.to_dict())
     return model

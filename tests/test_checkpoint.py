@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 import engine.checkpoint as ckpt
@@ -104,7 +105,7 @@ def test_layout_latest_and_pruning(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-3"]
     assert (root / "latest").read_text().strip() == "step-3"
-    assert sorted(p.name for p in (root / "step-3").iterdir()) == ["model.safetensors", "state.pt"]
+    assert sorted(p.name for p in (root / "step-3").iterdir()) == ["COMPLETE", "model.safetensors", "state.pt"]
     torch.load(root / "step-3" / "state.pt", weights_only=True)
     assert ckpt.find_latest(tmp_path) == root / "step-3"
     ckpt.save_checkpoint(tmp_path, 3, model, optimizer, scheduler, keep=2)  # re-saving a step replaces it
@@ -128,6 +129,81 @@ def test_find_latest_ignores_and_cleans_torn_temp_dirs(tmp_path: Path) -> None:
     assert not torn.exists() and live.exists()
 
 
+class SimulatedKill(BaseException):
+    """Raised by the save hook: like SIGKILL, it bypasses every ``except Exception`` clean-up."""
+
+
+def weights_marker(model: nn.Module) -> float:
+    return float(model.body[0].weight.detach().sum())
+
+
+@pytest.mark.parametrize("resave", [False, True], ids=["new-step", "same-step-resaved"])
+@pytest.mark.parametrize("point", ckpt.SAVE_POINTS)
+def test_a_kill_at_any_point_of_a_save_leaves_a_complete_newest_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, resave: bool
+) -> None:
+    """Kill the save of step 4 (a re-save of step 4 with other weights, or the first save of step 4 after step 2)
+    at each point of the sequence: find_latest (and a resume) gets a complete checkpoint holding either the old or
+    the new weights of the right step, and once the new copy is complete it is the one found."""
+    torch.manual_seed(0)
+    model = Net()
+    ckpt.save_checkpoint(tmp_path, 2, model, extra={"tag": "two"})
+    if resave:
+        ckpt.save_checkpoint(tmp_path, 4, model, extra={"tag": "old"})
+    old_sum = weights_marker(model)
+    with torch.no_grad():
+        model.body[0].weight.add_(1.0)
+    new_sum = weights_marker(model)
+
+    def hook(at: str) -> None:
+        if at == point:
+            raise SimulatedKill(at)
+
+    monkeypatch.setattr(ckpt, "_save_hook", hook)
+    with pytest.raises(SimulatedKill):
+        ckpt.save_checkpoint(tmp_path, 4, model, extra={"tag": "new"})
+    monkeypatch.undo()
+
+    new_complete = ckpt.SAVE_POINTS.index(point) >= ckpt.SAVE_POINTS.index("marker_written")
+    for clean in (False, True):
+        latest = ckpt.find_latest(tmp_path, clean=clean)
+        fresh = Net()
+        extra = ckpt.load_checkpoint(latest, fresh)
+        state = torch.load(latest / ckpt.STATE_FILENAME, weights_only=True)
+        assert ckpt.checkpoint_step(latest) == state["step"]
+        if new_complete:
+            assert (state["step"], extra, weights_marker(fresh)) == (4, {"tag": "new"}, pytest.approx(new_sum))
+        elif resave:
+            assert (state["step"], extra, weights_marker(fresh)) == (4, {"tag": "old"}, pytest.approx(old_sum))
+        else:
+            assert (state["step"], extra, weights_marker(fresh)) == (2, {"tag": "two"}, pytest.approx(old_sum))
+
+    # the next save cleans up what the killed one left behind
+    final = ckpt.save_checkpoint(tmp_path, 6, model, keep=2)
+    kept = ckpt._step_dirs(tmp_path / "ckpt")
+    assert [step for step, _ in kept] == [4 if new_complete or resave else 2, 6] and kept[-1][1] == final
+    assert not any(p.name.startswith(ckpt.OLD_PREFIX) for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_a_complete_temp_copy_of_a_dead_process_is_found_not_deleted(tmp_path: Path) -> None:
+    """A save killed between its two renames, by a process that is gone: the new copy sits in a temp directory of a
+    dead pid next to the old copy; find_latest with clean (the resume path) returns the new one and deletes only the
+    superseded old copy."""
+    torch.manual_seed(0)
+    model = Net()
+    root = tmp_path / "ckpt"
+    ckpt.save_checkpoint(tmp_path, 3, model, extra={"copy": "old"})
+    os.replace(root / "step-3", root / f"{ckpt.OLD_PREFIX}3-{DEAD_PID}-ab12")
+    ckpt.save_checkpoint(tmp_path, 3, model, extra={"copy": "new"})
+    os.replace(root / "step-3", root / f"{ckpt.TMP_PREFIX}3-{DEAD_PID}-cd34")
+    latest = ckpt.find_latest(tmp_path)
+    assert latest == root / f"{ckpt.TMP_PREFIX}3-{DEAD_PID}-cd34"
+    assert ckpt.load_checkpoint(latest, Net()) == {"copy": "new"}
+    assert sorted(p.name for p in root.iterdir()) == [f"{ckpt.TMP_PREFIX}3-{DEAD_PID}-cd34", "latest"]
+    ckpt.save_checkpoint(tmp_path, 5, model, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-5"]
+
+
 def test_disk_full_raises_and_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, optimizer, scheduler = make_run()
     good = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
@@ -149,6 +225,46 @@ def test_disk_full_raises_and_keeps_previous_checkpoint(tmp_path: Path, monkeypa
     assert (good / "model.safetensors").read_bytes() == before
     monkeypatch.setattr(ckpt.safetensors.torch, "save_file", real_save)
     assert ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler) == root / "step-2"
+
+
+STORAGE_FULL = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+WRITE_FAILURES = {  # what each library raises when the disk fills up under it
+    "safetensors OSError": ("safetensors", OSError(errno.ENOSPC, "No space left on device"), "disk is full"),
+    "safetensors SafetensorError": ("safetensors", SafetensorError(STORAGE_FULL), "disk is full"),
+    "torch.save RuntimeError": (
+        "torch",
+        RuntimeError("[enforce fail at inline_container.cc:603] .\nPytorchStreamWriter failed writing file data/0"),
+        "writable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRITE_FAILURES))
+def test_write_failures_of_either_library_are_checkpoint_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    writer, exc, advice = WRITE_FAILURES[case]
+    model, optimizer, _ = make_run()
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer)
+
+    def fail(obj, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise exc
+
+    if writer == "safetensors":
+        monkeypatch.setattr(ckpt.safetensors.torch, "save_file", fail)
+    else:
+        monkeypatch.setattr(ckpt.torch, "save", fail)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.save_checkpoint(tmp_path, 2, model, optimizer)
+    message = str(info.value)
+    assert "\n" not in message and advice in message and "free disk space" in message
+    assert f"cannot write checkpoint {tmp_path / 'ckpt' / 'step-2'}" in message and message.endswith("step-1")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-1"]  # the temp dir is gone
+    monkeypatch.undo()
+    assert ckpt.find_latest(tmp_path) == tmp_path / "ckpt" / "step-1"
 
 
 def test_extra_must_be_loadable_with_weights_only(tmp_path: Path) -> None:

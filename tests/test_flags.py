@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from pretraining.fusion_task import FusionPretrainTask
 
 from dataloaders.errors import ConfigError
 from engine.flags import build_parser, flags_without_effect, validate
 from engine.optim import build_optimizer
 from modules.membridge import Stage2Weights
+from pretraining.fusion_task import FusionPretrainTask
 from tests.conftest import REPO
 from tests.fusion_fixtures import stage2_batch, tiny_model
 

@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+import main_task_clip
 from dataloaders import annotations as ann
 from dataloaders.datasets import RetrievalTrainDataset
-from dataloaders.errors import DataError
+from dataloaders.errors import ConfigError, DataError
 from dataloaders.tokenizer import ClipTokenizer
 from engine import checkpoint as ckpt
 from engine.distributed import DistInfo
 from engine.flags import build_parser
+from engine.run_logging import claim_output_dir, write_config
 from engine.trainer import FAULT_ENV, NonFiniteLossError, fit
 from tests.conftest import REPO
 from tests.test_stage1 import losses, stage1_flags
@@ -132,7 +134,7 @@ def test_sigkill_two_ranks_then_resume_equals_uninterrupted(synthetic_small, tmp
     kill_everything(proc)
     latest = ckpt.find_latest(out, clean=False)
     assert latest is not None, f"killed after step {kill_after} without a checkpoint"
-    interrupted_at = int(latest.name.removeprefix(ckpt.STEP_PREFIX))
+    interrupted_at = ckpt.checkpoint_step(latest)  # step-N, or the complete temp copy of a save killed mid-rename
     assert SAVE_EVERY <= interrupted_at < STEPS, kill_after
 
     torn = out / ckpt.CKPT_DIRNAME / f"{ckpt.TMP_PREFIX}99-{dead_pid()}"  # a save killed half-way, newer than all
@@ -302,3 +304,76 @@ def test_unreadable_training_samples_are_counted_over_dataloader_workers(tmp_pat
         assert f"epoch {epoch}: 2 training samples were skipped because their video is unreadable" in caplog.text
     assert "4 training samples were skipped for unreadable videos in this run" in caplog.text
     assert final_train_state(tmp_path)["skipped_samples"] == 4
+
+
+# ------------------------------------------------------------------------------------------ one run per output dir
+
+HOLD_LOCK = (
+    "import sys; from engine.run_logging import claim_output_dir; claim_output_dir(sys.argv[1], None, True); "
+    "print('claimed', flush=True); sys.stdin.readline()"
+)
+
+
+def test_an_output_dir_holding_a_run_is_refused_without_resume(tmp_path):
+    out = tmp_path / "run"
+    claim_output_dir(out, None, is_main=True)  # a fresh folder
+    claim_output_dir(tmp_path / "unrelated", None, is_main=True)  # releases the first folder's lock
+    (out / "config.json").write_text("{}")
+    for previous in ("config.json", "ckpt", "scalars.jsonl"):
+        other = tmp_path / f"with-{previous}"
+        other.mkdir()
+        (other / "notes.txt").write_text("a user's file is not a run")
+        claim_output_dir(other, None, is_main=True)
+        (other / previous).mkdir() if previous == "ckpt" else (other / previous).write_text("{}")
+        with pytest.raises(ConfigError) as info:
+            claim_output_dir(other, None, is_main=True)
+        assert str(other) in str(info.value) and previous in str(info.value)
+        assert "pass --resume to continue it or choose a new --output_dir" in str(info.value)
+    claim_output_dir(out, "auto", is_main=True)  # --resume continues it
+    claim_output_dir(out, None, is_main=True, train=False)  # evaluating the trained run in its folder
+    claim_output_dir(out, None, is_main=False)  # the other ranks follow rank 0's decision (1 process here)
+
+
+def test_an_elastic_restart_may_continue_its_output_dir(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError):
+        claim_output_dir(tmp_path, None, is_main=True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    claim_output_dir(tmp_path, None, is_main=True)
+
+
+def test_a_concurrent_run_into_the_same_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        for train in (True, False):  # even an evaluation would interleave its files with the running one's
+            with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid}"):
+                claim_output_dir(out, "auto", is_main=True, train=train)
+    finally:
+        holder.communicate("\n", timeout=LAUNCH_TIMEOUT)
+    claim_output_dir(out, None, is_main=True)  # the lock dies with its process
+
+
+def test_training_into_a_used_output_dir_stops_before_touching_it(synthetic_small, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"flags": {"seed": 1}}')
+    (out / "scalars.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
+    with pytest.raises(ConfigError, match="pass --resume to continue it or choose a new --output_dir"):
+        main_task_clip.main(stage1_flags(synthetic_small, out, "--epochs", "1"))
+    assert (out / "config.json").read_text() == '{"flags": {"seed": 1}}'
+    assert (out / "scalars.jsonl").read_text() == '{"step": 1, "train/loss": 2.0}\n'
+    assert not (out / "log.txt").exists() and not (out / "ckpt").exists()
+
+
+def test_an_evaluation_in_a_trained_run_folder_keeps_its_config(tmp_path):
+    args = build_parser("clip").parse_args(["--do_eval", "--output_dir", str(tmp_path)])
+    write_config(tmp_path, args, 1)
+    assert json.loads((tmp_path / "config.json").read_text())["flags"]["do_eval"] is True  # a fresh folder
+    (tmp_path / "config.json").write_text('{"flags": {"do_train": true}}')  # a trained run's
+    write_config(tmp_path, args, 1)
+    assert (tmp_path / "config.json").read_text() == '{"flags": {"do_train": true}}'
+    assert json.loads((tmp_path / "eval_config.json").read_text())["flags"]["do_eval"] is True

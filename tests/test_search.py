@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import main_task_clip
@@ -261,3 +262,96 @@ def test_bad_input_is_one_message_and_exit_code_2(synthetic_small, runs, tmp_pat
         assert search.main(argv) == search.EXIT_ERROR
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and named in err[-1], err
+
+
+def _cli_json(argv: list[str], capsys) -> list[dict]:
+    assert search.main([*argv, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def _cache_dir(folder: Path) -> Path:
+    (directory,) = [p for p in (folder / search.CACHE_DIRNAME).iterdir() if p.is_dir()]
+    return directory
+
+
+def test_a_blank_query_is_an_error_not_a_ranking(synthetic_small, runs, tmp_path, capsys):
+    folder = _folder(synthetic_small, tmp_path)
+    for query in ("", "   ", "\t\n"):
+        assert search.main(["--checkpoint", str(runs["s1"]), "--videos", str(folder), "--query", query]) == 2
+        err = capsys.readouterr()
+        assert err.out == "" and err.err.strip().splitlines()[-1].startswith("error: --query is empty")
+    assert not (folder / search.CACHE_DIRNAME).exists()  # refused before any video was encoded
+
+
+def test_nan_features_in_the_cache_are_encoded_again(synthetic_small, runs, tmp_path, capsys, caplog):
+    folder = _folder(synthetic_small, tmp_path)
+    caption = webvid_captions(synthetic_small)[2]["caption"]
+    argv = ["--checkpoint", str(runs["s1"]), "--videos", str(folder), "--query", caption, "--topk", "6"]
+    expected = _cli_json(argv, capsys)
+    directory = _cache_dir(folder)
+    index = json.loads((directory / "index.json").read_text())["videos"]
+    row = index["video4.mp4"][0]
+    feats = np.load(directory / "features.npy", mmap_mode="r+")
+    good = np.array(feats[row])
+    feats[row, 1, 3] = np.nan
+    feats.flush()
+    del feats
+    with caplog.at_level(logging.WARNING):
+        assert _cli_json(argv, capsys) == expected  # no NaN score, same ranking
+    assert "1 videos have NaN or infinite features, encoding them again: ['video4.mp4']" in caplog.text
+    rebuilt = np.load(_cache_dir(folder) / "features.npy")
+    new_row = json.loads((_cache_dir(folder) / "index.json").read_text())["videos"]["video4.mp4"][0]
+    np.testing.assert_allclose(rebuilt[new_row], good, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "damage", ["index not json", "index of the wrong shape", "features truncated", "features garbage", "masks missing"]
+)
+def test_a_damaged_cache_is_rebuilt(synthetic_small, runs, tmp_path, capsys, caplog, damage):
+    folder = _folder(synthetic_small, tmp_path)
+    caption = webvid_captions(synthetic_small)[0]["caption"]
+    argv = ["--checkpoint", str(runs["s1"]), "--videos", str(folder), "--query", caption, "--topk", "6"]
+    expected = _cli_json(argv, capsys)
+    directory = _cache_dir(folder)
+    features = directory / "features.npy"
+    if damage == "index not json":
+        (directory / "index.json").write_text('{"videos": {"video0.mp4": [0, "x"')
+    elif damage == "index of the wrong shape":
+        (directory / "index.json").write_text('{"videos": {"video0.mp4": "row 0"}}')
+    elif damage == "features truncated":
+        features.write_bytes(features.read_bytes()[: features.stat().st_size // 2])
+    elif damage == "features garbage":
+        features.write_bytes(os.urandom(4096))
+    else:
+        (directory / "masks.npy").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert _cli_json(argv, capsys) == expected
+    assert f"visual feature cache {directory} is damaged" in caplog.text and "rebuilding it" in caplog.text
+    assert _cli_json(argv, capsys) == expected  # and the rebuilt cache is used as it is
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage bytes", "nan tensor", "no matching names"])
+def test_damaged_weights_are_one_error_line_naming_the_file(synthetic_small, runs, tmp_path, capsys, damage):
+    folder = _folder(synthetic_small, tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(runs["s1"] / "config.json", run / "config.json")
+    step = run / "ckpt" / "step-1"
+    shutil.copytree(step_dirs(runs["s1"])[-1], step)
+    weights = step / "model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage bytes":
+        weights.write_bytes(os.urandom(4096))
+    elif damage == "nan tensor":
+        name = "encoder.clip.visual.proj"
+        safetensors.torch.save_file({**state, name: torch.full_like(state[name], float("nan"))}, weights)
+    else:
+        safetensors.torch.save_file({f"other/{k}": v for k, v in state.items()}, weights)
+    argv = ["--checkpoint", str(run), "--videos", str(folder), "--query", "a red circle"]
+    assert search.main(argv) == search.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and str(weights) in err[-1], err
+    expected = {"nan tensor": "NaN or infinite", "no matching names": "none of its"}.get(damage, "truncated or corrupt")
+    assert expected in err[-1], err

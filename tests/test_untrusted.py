@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -138,6 +139,83 @@ def test_resume_state_that_is_not_a_dict(tmp_path: Path) -> None:
     torch.save([torch.zeros(1)], step_dir / ckpt.STATE_FILENAME)
     with pytest.raises(CheckpointError, match="holds a list, not checkpoint state"):
         ckpt.load_checkpoint(step_dir, nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------- damaged weights
+
+
+def _damage(file: Path, how: str, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` to ``file`` as safetensors, then damage it ``how``."""
+    if how == "nan tensor":
+        first = sorted(state)[0]
+        state = {**state, first: state[first].clone().fill_(float("nan"))}
+        state[first].view(-1)[0] = float("inf")
+    if how == "no matching names":
+        state = {f"unrelated/{name}": value for name, value in state.items()}  # not a wrapper prefix either
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, file)
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: len(data) * 2 // 3])
+    elif how == "garbage bytes":
+        file.write_bytes(bytes(range(256)) * 8)
+    elif how == "truncated header":
+        file.write_bytes(data[:20])
+
+
+DAMAGES = ["truncated", "truncated header", "garbage bytes", "nan tensor", "no matching names"]
+
+
+def _assert_one_line_naming(info: pytest.ExceptionInfo, file: Path, how: str) -> None:
+    message = str(info.value)
+    assert str(file) in message and "\n" not in message, message
+    if how == "nan tensor":
+        assert "NaN or infinite" in message
+    if how == "no matching names":
+        assert any(part in message for part in ("none of its", "not a CLIP checkpoint", "missing weight, bias"))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_init_model_weights(tmp_path: Path, how: str) -> None:
+    """``--init_model``: each damage is one CheckpointError line naming the file; the model keeps its weights."""
+    torch.manual_seed(0)
+    file = tmp_path / "w.safetensors"
+    _damage(file, how, nn.Linear(3, 2).state_dict())
+    target = nn.Linear(3, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(CheckpointError) as info:
+        ckpt.load_weights(file, target)
+    _assert_one_line_naming(info, file, how)
+    assert torch.equal(target.weight.detach(), before)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_resume_checkpoint(tmp_path: Path, how: str) -> None:
+    """``--resume``: a real checkpoint whose model.safetensors was damaged."""
+    torch.manual_seed(0)
+    step_dir = ckpt.save_checkpoint(tmp_path, 2, nn.Linear(3, 2), is_main=True)
+    file = step_dir / ckpt.WEIGHTS_FILENAME
+    _damage(file, how, nn.Linear(3, 2).state_dict())
+    with pytest.raises(CheckpointError) as info:
+        ckpt.load_checkpoint(tmp_path, nn.Linear(3, 2))
+    _assert_one_line_naming(info, file, how)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_visual_pretrain_path(tmp_path: Path, how: str) -> None:
+    """``--visual_pretrain_path``: a CLIP state dict (the tiny config) damaged the same ways."""
+    file = tmp_path / "clip.safetensors"
+    _damage(file, how, load_clip(config=REPO / "CLIP-modules" / "tiny.json").state_dict())
+    with pytest.raises(CheckpointError) as info:
+        load_clip(path=file)
+    _assert_one_line_naming(info, file, how)
+
+
+def test_a_weights_file_with_zero_tensors_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "empty.safetensors"
+    safetensors.torch.save_file({}, file)
+    with pytest.raises(CheckpointError, match="none of its 0 tensors") as info:
+        ckpt.load_weights(file, nn.Linear(3, 2))
+    assert str(file) in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ source walk

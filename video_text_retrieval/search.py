@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dataloaders.datasets import EVAL_SEED
 from dataloaders.errors import CheckpointError, ConfigError, DataError, MemBridgeError
@@ -153,8 +153,11 @@ def weight_names(weights: Path) -> list[str]:
         try:
             with safe_open(weights, framework="pt") as handle:
                 return list(handle.keys())
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{weights} is not a readable safetensors file ({exc}): re-create it") from exc
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(
+                f"{weights} is not a readable safetensors file ({' '.join(str(exc).split())}): it is truncated or "
+                "corrupt; re-create or re-download it"
+            ) from exc
     return list(read_state_dict(weights))
 
 
@@ -583,7 +586,9 @@ def build_search_parser() -> argparse.ArgumentParser:
 
 
 def check_search_flags(args: argparse.Namespace) -> None:
-    """ConfigError for a query without what it ranks."""
+    """ConfigError for a query without what it ranks, or an empty one."""
+    if args.query is not None and not args.query.strip():
+        raise ConfigError("--query is empty: pass the text to search for, e.g. --query 'a dog catches a ball'")
     if args.query is not None and args.videos is None and args.shards is None:
         raise ConfigError("--query needs the videos to search: pass --videos DIR or --shards INDEX")
     if args.query_video is not None and args.captions is None:
