@@ -693,8 +693,10 @@ def read_weight_shapes(path: str | os.PathLike[str]) -> dict[str, torch.Size]:
         try:
             with safe_open(path, framework="pt") as handle:
                 return {name: torch.Size(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): re-create it") from exc
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({exc}): it is truncated or corrupt; re-create it"
+            ) from exc
     raw, _ = _read_weights(path)
     tensors, _ = _as_state_dict(raw, path)
     return {name: tensor.shape for name, tensor in tensors.items()}

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from dataloaders.errors import CheckpointError
 from modules.clip_model import CLIP, CLIPConfig
 from modules.fusion import FusionConfig, MemBridgeFusion
@@ -93,8 +95,6 @@ def model_config_metadata(model: Any) -> dict[str, str]:
 def read_model_config(path: str | Path) -> ModelConfig | None:
     """The ModelConfig stored with a weights file (a ``.safetensors`` file or a checkpoint directory holding
     ``model.safetensors``), or None when the file records none (older runs, foreign weights)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -103,8 +103,10 @@ def read_model_config(path: str | Path) -> ModelConfig | None:
     try:
         with safe_open(path, framework="pt") as handle:
             text = (handle.metadata() or {}).get(MODEL_CONFIG_METADATA_KEY)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): re-create it") from exc
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}): it is truncated or corrupt; re-create it"
+        ) from exc
     if text is None:
         return None
     try:
