@@ -36,9 +36,9 @@ from engine.builders import build_dataset, build_model, start_run, webvid_source
 from engine.distributed import cleanup, init_distributed
 from engine.feature_cache import attach_visual_cache
 from engine.flags import build_parser, effective_rerank_topk, validate
-from engine.pretrain_task import FusionPretrainTask, held_out_accuracies
 from engine.trainer import fit, run_evaluation
 from modules.membridge import Stage2Weights
+from pretraining.fusion_task import FusionPretrainTask, held_out_accuracies
 from video_text_retrieval.task import encode_eval_set, evaluate_retrieval
 
 logger = logging.getLogger(__name__)

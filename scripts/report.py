@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 RECALL_KS = (1, 5, 10)
-# Stage-2 held-out VTM (engine/pretrain_task.held_out_accuracies): 1 positive + 2 hard negatives per pair, so always
+# Stage-2 held-out VTM (pretraining/fusion_task.held_out_accuracies): 1 positive + 2 hard negatives per pair, so always
 # answering "no match" scores 2/3; the pair accuracy compares a caption's own video with a random one (chance 1/2).
 VTM_MAJORITY = 100.0 * 2 / 3
 VTM_PAIR_CHANCE = 50.0

@@ -22,13 +22,13 @@ from dataloaders.errors import ConfigError
 from dataloaders.tokenizer import ClipTokenizer
 from engine.distributed import DistInfo
 from modules.clip_model import CLIPConfig, load_clip
-from modules.fusion import MemBridgeFusion
+from modules.fusion import MemBridgeFusion, with_answer_slot
 from modules.membridge import MemBridgeModel
 from modules.video_clip import VideoCLIP
 from tests.conftest import REPO
 from tests.fusion_fixtures import FRAMES, IMAGE, TEST_VOCAB, TINY_CLIP, TINY_FUSION, text_batch, tiny_config
 from video_qa.main_task_qa import build_qa_parser
-from video_qa.model import MemBridgeQAModel, with_answer_slot
+from video_qa.model import MemBridgeQAModel
 from video_qa.task import (
     PREDICTIONS_FILE,
     QAEvaluation,
