@@ -596,6 +596,11 @@ class MemBridgeFusion(nn.Module):
         - ``attention_mask [B, 1, N, N]``: its additive mask (0 visible, ``-inf`` hidden);
         - ``memory_attention [B, K, S]``: the memory-read attention of the bridge tokens (memory bridges only).
         """
+        hidden, details = self._fuse(inputs)
+        return (hidden, details) if return_details else hidden
+
+    def _fuse(self, inputs: FusionInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`fuse` with its details."""
         t = inputs.frame_feats.shape[1]
         frame_feats = inputs.frame_feats
         v_sep = video_sep_token(frame_feats, inputs.video_mask)
@@ -609,17 +614,10 @@ class MemBridgeFusion(nn.Module):
         mask = fusion_attention_mask(
             inputs.video_mask, inputs.text_mask, self.num_bridges, inputs.mode == "plm", inputs.plm_prefix
         ).to(x.dtype)
-        hidden = self.transformer(x, mask)
-        if not return_details:
-            return hidden
         details = {"fusion_inputs": x, "attention_mask": mask}
         if memory_attention is not None:
             details["memory_attention"] = memory_attention
-        return hidden, details
-
-    def _fuse_with_details(self, inputs: FusionInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden, details = self.fuse(inputs, return_details=True)  # type: ignore[misc]
-        return hidden, details
+        return self.transformer(x, mask), details
 
     # -- heads ----------------------------------------------------------------------------------------------------
 
@@ -665,7 +663,7 @@ class MemBridgeFusion(nn.Module):
     def _match(
         self, inputs: FusionInputs, group_size: int | None, intended_norm: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden, details = self._fuse_with_details(inputs)
+        hidden, details = self._fuse(inputs)
         t = inputs.frame_feats.shape[1]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h_eot = hidden[rows, self.text_offset(t) + eot_positions(inputs.text_mask)]
@@ -680,11 +678,13 @@ class MemBridgeFusion(nn.Module):
         t_eot: torch.Tensor,
         group_size: int | None = None,
         intended_norm: bool = False,
-    ) -> torch.Tensor:
+        return_details: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path; ``group_size`` and
-        ``intended_norm`` as in :meth:`vtm_logits`)."""
+        ``intended_norm`` as in :meth:`vtm_logits`); ``return_details`` adds the details of :meth:`fuse`."""
         inputs = FusionInputs(frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm")
-        return self._match(inputs, group_size, intended_norm)[0]
+        logits, details = self._match(inputs, group_size, intended_norm)
+        return (logits, details) if return_details else logits
 
     def pair_match_fn(
         self,
@@ -715,7 +715,7 @@ class MemBridgeFusion(nn.Module):
         caption decoding both score tokens through it."""
         if inputs.mode != "plm":
             raise ValueError(f"next_token_logits needs a 'plm' pass, got mode {inputs.mode!r}")
-        hidden, details = self._fuse_with_details(inputs)
+        hidden, details = self._fuse(inputs)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         prefix = torch.as_tensor(inputs.plm_prefix, device=hidden.device).expand(hidden.shape[0])
         out = hidden[rows, self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1]
@@ -773,7 +773,7 @@ class MemBridgeFusion(nn.Module):
         masked = labels != IGNORE_INDEX
         text_in = masked_text_feats.masked_fill(masked.unsqueeze(-1), 0.0)
         inputs = FusionInputs(frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm")
-        hidden, details = self._fuse_with_details(inputs)
+        hidden, details = self._fuse(inputs)
         h_text = hidden[:, self.text_offset(frame_feats.shape[1]) :]
         return ObjectiveOutput(self.vocab_logits(h_text[masked], token_embedding), labels[masked], details)
 

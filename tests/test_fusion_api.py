@@ -176,9 +176,11 @@ def test_hand_chosen_negatives_change_vtm_as_expected():
     frames = model.frame_features(batch)
     feats, t_eot = model.text_features(batch["text_ids"], batch["text_mask"])
     vid, tid = details["vtm_video_index"], details["vtm_text_index"]
-    expected = model.fusion.match_logits(
-        frames[vid], batch["video_mask"][vid], feats[tid], batch["text_mask"][tid], t_eot[tid]
+    expected, match_details = model.fusion.match_logits(
+        frames[vid], batch["video_mask"][vid], feats[tid], batch["text_mask"][tid], t_eot[tid], return_details=True
     )
+    for key in ("fusion_inputs", "attention_mask", "memory_attention"):
+        assert torch.allclose(match_details[key], details[f"vtm_{key}"], atol=ATOL), key
     assert torch.allclose(details["vtm_logits"], expected, atol=ATOL)
     # the positives offered as their own negatives: the three blocks of logits coincide, and the loss is that of
     # answering the same logits once "match" and twice "no match"
