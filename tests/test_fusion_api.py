@@ -20,7 +20,7 @@ from modules.fusion import (
 )
 from modules.membridge import Stage2Draws, Stage2Weights
 from pretraining.fusion_task import FusionPretrainTask, _pair_decisions, held_out_accuracies
-from tests.fusion_fixtures import FRAMES, WORDS, stage2_batch, tiny_model
+from tests.fusion_fixtures import FRAMES, REPO, WORDS, stage2_batch, tiny_model
 
 ATOL = 1e-5
 LENGTHS = [6, 12, 3, 9]
@@ -314,3 +314,16 @@ def test_held_out_pair_decisions_do_not_depend_on_q2():
         )
     for key in ("heldout_vtm_pair_acc", "heldout_vtm_random_acc", "heldout_mlm_acc"):
         assert ours[key] == pytest.approx(theirs[key]), key
+
+
+def test_reference_code_is_used_by_tests_and_benches_only():
+    importers = [
+        path.relative_to(REPO).as_posix()
+        for path in REPO.rglob("*.py")
+        if path.parts[len(REPO.parts)] not in ("tests", "bench")
+        and any(
+            line.lstrip().startswith(("from modules.reference ", "import modules.reference", "from modules import ref"))
+            for line in path.read_text().splitlines()
+        )
+    ]
+    assert importers == []
