@@ -1,4 +1,5 @@
-"""Stage-2 (fusion pre-training) step time and peak memory, batched PLM vs the per-prefix loop, re-ranking cost.
+"""Stage-2 (fusion pre-training) step time and peak memory, batched PLM vs the per-prefix loop reference
+(``modules/reference.py``), re-ranking cost.
 
     python bench/bench_fusion.py                         # tiny + ViT-B/16 sizes (random weights; minutes on CPU)
     python bench/bench_fusion.py --models tiny --steps 3
@@ -102,6 +103,7 @@ def child_step(model_name: str, cached: bool, steps: int, videos: int, frames: i
 
 def child_plm(model_name: str, steps: int, videos: int, frames: int, words: int) -> dict:
     from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
+    from modules.reference import plm_loss_loop
 
     torch.manual_seed(0)
     model = _build(model_name, frames, words)
@@ -122,7 +124,7 @@ def child_plm(model_name: str, steps: int, videos: int, frames: int, words: int)
         loss.backward()
 
     def loop() -> None:
-        loss, _ = fusion.plm_loss_loop(clip, feats, vmask, ids, mask, starts)
+        loss, _ = plm_loss_loop(fusion, clip, feats, vmask, ids, mask, starts)
         loss.backward()
 
     b = _time(batched, steps)

@@ -4,6 +4,12 @@ Sequence layout (``N = T + 1 + K + L``)::
 
     [ T frame tokens | v_sep | K bridge tokens | L text tokens ]
 
+Every fusion pass (stage-2 VTM / MLM / PLM, retrieval re-ranking, caption decoding, QA) goes through
+:meth:`MemBridgeFusion.fuse` with one :class:`FusionInputs` bundle; ``fuse`` is the one place that builds the
+sequence, its positional rule and its attention mask. QA adds one answer slot after the question
+(``[frames | v_sep | bridges | question | answer slot]``, mode ``qa``). The plain loop references that tests and
+benches compare against live in :mod:`modules.reference`.
+
 Frame tokens are the per-frame CLIP embeddings, ``v_sep`` their masked mean, text tokens the CLIP text encoder
 output of every position. Video rows see video and bridge columns, text rows see text and bridge columns, bridge
 rows see everything; padded columns are hidden. Bridge tokens are read from a memory bank per (video, text) pair
@@ -39,8 +45,8 @@ logger = logging.getLogger(__name__)
 
 FUSION_CONFIG_FILE = "fusion.json"
 BRIDGE_SOURCES = ("memory", "learned", "none")
-FUSION_MODES = ("vtm", "eval", "mlm", "plm")
-FusionMode = Literal["vtm", "eval", "mlm", "plm"]
+FUSION_MODES = ("vtm", "eval", "mlm", "plm", "qa")
+FusionMode = Literal["vtm", "eval", "mlm", "plm", "qa"]
 
 DEFAULT_EOT_TOKEN_ID = 49407  # CLIP's <|endoftext|>
 MLM_MASK_ID = 0  # id fed to the CLIP text encoder at a masked position (the published choice)
@@ -51,6 +57,7 @@ IGNORE_INDEX = -100  # label of positions without a target (``F.cross_entropy``'
 RERANK_SCALE = 1000.0  # S_top <- softmax(S_top) * RERANK_SCALE * p_match + RERANK_OFFSET (published constants)
 RERANK_OFFSET = 1000.0
 DEFAULT_RERANK_QUERY_CHUNK = 64  # queries whose candidate groups are fused in one pass
+ANSWER_SLOTS = 1  # positions the QA sequence adds after the question
 
 
 @dataclass
@@ -315,7 +322,7 @@ def sample_hard_negatives(
     return draws[0], draws[1]
 
 
-def _cross_entropy_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy; with no targets both are 0 (the loss keeps the graph)."""
     if targets.numel() == 0:
         zero = logits.sum() * 0.0
@@ -385,8 +392,117 @@ def check_rerank_range(sim: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The inputs of one fusion pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def with_answer_slot(
+    question_feats: torch.Tensor, question_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text slots of the QA sequence: ``(text_feats [B, L+1, D], text_mask [B, L+1], slot [B])``.
+
+    One zero column is appended so that a question filling all ``L`` slots still has its answer slot; ``slot`` is
+    the index right after each question's EOT, where the mask is set to 1 and the features are zero.
+    """
+    b, _, d = question_feats.shape
+    slot = eot_positions(question_mask) + 1
+    rows = torch.arange(b, device=question_feats.device)
+    text_feats = torch.cat([question_feats, question_feats.new_zeros(b, ANSWER_SLOTS, d)], dim=1)
+    text_feats[rows, slot] = 0.0
+    text_mask = torch.cat([question_mask, question_mask.new_zeros(b, ANSWER_SLOTS)], dim=1)
+    text_mask[rows, slot] = 1
+    return text_feats, text_mask, slot
+
+
+@dataclass(frozen=True)
+class FusionInputs:
+    """Everything one fusion pass reads; :meth:`MemBridgeFusion.fuse` turns it into the sequence.
+
+    ``frame_feats [B, T, D]`` and ``video_mask [B, T]``: the videos' CLIP frame features; ``text_feats [B, L, D]`` /
+    ``text_mask [B, L]``: the text slots, taken as given (MLM zeroes the masked slots, PLM the slots after the
+    prefix, QA appends the answer slot); ``t_eot [B, D]``: the text feature of the memory query. ``mode`` (one of
+    :data:`FUSION_MODES`) selects the attention and positional rules:
+
+    - ``vtm`` / ``eval`` / ``mlm``: bidirectional text; no positional embedding at ``v_sep`` and the text's EOT
+      (under ``official_quirks``, Q1: ``vtm`` / ``eval`` move the first exemption from ``v_sep`` to bridge 0);
+    - ``plm``: causal text, bridge rows see text slots ``0 .. plm_prefix+1`` (``plm_prefix``: an int or ``[B]``),
+      only ``v_sep`` exempt; under ``official_quirks`` (Q3) the video tokens are detached;
+    - ``qa``: the text slots are a question followed by one answer slot (the last valid slot, see
+      :meth:`for_question`); bidirectional; no positional embedding at ``v_sep`` and the question's EOT (the slot
+      before the answer slot); ``official_quirks`` does not apply (there is no published QA code).
+    """
+
+    frame_feats: torch.Tensor
+    video_mask: torch.Tensor
+    text_feats: torch.Tensor
+    text_mask: torch.Tensor
+    t_eot: torch.Tensor
+    mode: FusionMode = "vtm"
+    plm_prefix: int | torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in FUSION_MODES:
+            raise ValueError(f"unknown fusion mode {self.mode!r}; expected one of {FUSION_MODES}")
+        if (self.mode == "plm") != (self.plm_prefix is not None):
+            raise ValueError("plm_prefix is required in mode 'plm' and only there")
+        b, t = self.video_mask.shape
+        expected = {
+            "frame_feats": (b, t),
+            "text_feats": (b, self.text_mask.shape[1]),
+            "text_mask": (b,),
+            "t_eot": (b,),
+        }
+        for name, lead in expected.items():
+            shape = tuple(getattr(self, name).shape)
+            if shape[: len(lead)] != lead:
+                raise ValueError(f"FusionInputs.{name} has shape {shape}; expected it to start with {lead}")
+
+    @classmethod
+    def prefix_lm(
+        cls,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        token_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        prefix: torch.Tensor,
+        probe: torch.Tensor,
+    ) -> FusionInputs:
+        """Rows of the prefix LM: text slots ``0 .. prefix[r]`` hold ``token_feats``, later slots only their
+        positional embedding (zero features), ``probe [R, D]`` (the EOT feature of ``[SOT, w1 .. wi, EOT]``) is the
+        memory query; slot ``prefix[r] + 1`` predicts the next token (DESIGN 2.6)."""
+        slots = torch.arange(token_feats.shape[1], device=token_feats.device).unsqueeze(0)
+        text_in = token_feats.masked_fill((slots > prefix.unsqueeze(1)).unsqueeze(-1), 0.0)
+        return cls(frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix)
+
+    @classmethod
+    def for_question(
+        cls,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        question_feats: torch.Tensor,
+        question_mask: torch.Tensor,
+        question_eot: torch.Tensor,
+    ) -> FusionInputs:
+        """The QA pass ``[frames | v_sep | bridges | question | answer slot]`` (:func:`with_answer_slot`)."""
+        text_feats, text_mask, _ = with_answer_slot(question_feats, question_mask)
+        return cls(frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The fusion encoder
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveOutput:
+    """Logits of one stage-2 objective, its targets and the details of its fusion pass (:meth:`fuse`)."""
+
+    logits: torch.Tensor  # [R, C]
+    targets: torch.Tensor  # [R]
+    details: dict[str, torch.Tensor]
+
+    def loss_and_accuracy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return cross_entropy_and_accuracy(self.logits, self.targets)
 
 
 class MemBridgeFusion(nn.Module):
@@ -432,82 +548,108 @@ class MemBridgeFusion(nn.Module):
 
     # -- bridge tokens --------------------------------------------------------------------------------------------
 
-    def bridge_tokens(self, v_sep: torch.Tensor, t_eot: torch.Tensor) -> torch.Tensor:
-        """Bridge tokens ``[B, K, D]`` of each (video, text) pair; the memory query uses detached inputs.
+    def memory_read(self, v_sep: torch.Tensor, t_eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bridge tokens ``[B, K, D]`` and, with the memory bank, the read attention ``[B, K, S]`` (else None).
 
-        ``q0 = ln([v_sep ; t_eot])``, ``q_k = q0 @ query[k]``, ``bridge_k = softmax(q_k @ memory^T) @ memory``.
+        ``q0 = ln([v_sep ; t_eot])`` (detached inputs), ``q_k = q0 @ query[k]``,
+        ``attention_k = softmax(q_k @ memory^T)``, ``bridge_k = attention_k @ memory``.
         """
         b = v_sep.shape[0]
         if self.config.bridge_source == "none":
-            return v_sep.new_zeros(b, 0, v_sep.shape[-1])
+            return v_sep.new_zeros(b, 0, v_sep.shape[-1]), None
         if self.config.bridge_source == "learned":
-            return self.learned_bridges.unsqueeze(0).expand(b, -1, -1)
+            return self.learned_bridges.unsqueeze(0).expand(b, -1, -1), None
         q0 = self.ln(torch.cat([v_sep.detach(), t_eot.detach()], dim=-1)).to(self.query.dtype)  # [B, 2D]
         queries = torch.einsum("bc,kcd->bkd", q0, self.query)  # [B, K, D]
         weights = (queries @ self.memory.t()).softmax(-1)  # [B, K, S]
-        return weights @ self.memory
+        return weights @ self.memory, weights
+
+    def bridge_tokens(self, v_sep: torch.Tensor, t_eot: torch.Tensor) -> torch.Tensor:
+        """Bridge tokens ``[B, K, D]`` of each (video, text) pair (:meth:`memory_read` without the attention)."""
+        return self.memory_read(v_sep, t_eot)[0]
 
     # -- the fusion pass ------------------------------------------------------------------------------------------
 
-    def _positional_keep(self, video_mask: torch.Tensor, text_mask: torch.Tensor, mode: FusionMode) -> torch.Tensor:
-        """``[B, N]``: 1 where the positional embedding is added, 0 at the exempt positions of ``mode``."""
+    def _positional_keep(self, inputs: FusionInputs) -> torch.Tensor:
+        """``[B, N]``: 1 where the positional embedding is added, 0 at the exempt positions of ``inputs.mode``."""
+        video_mask, text_mask, mode = inputs.video_mask, inputs.text_mask, inputs.mode
         b, t = video_mask.shape
         n = self.text_offset(t) + text_mask.shape[1]
         keep = torch.ones(b, n, device=video_mask.device)
         quirk_q1 = self.config.official_quirks and mode in ("vtm", "eval")
         keep[:, t + 1 if quirk_q1 else t] = 0.0
         if mode != "plm":
-            eot = self.text_offset(t) + eot_positions(text_mask)
+            eot = self.text_offset(t) + eot_positions(text_mask) - (1 if mode == "qa" else 0)
             keep[torch.arange(b, device=keep.device), eot] = 0.0
         return keep
 
     def fuse(
-        self,
-        frame_feats: torch.Tensor,
-        video_mask: torch.Tensor,
-        text_feats: torch.Tensor,
-        text_mask: torch.Tensor,
-        t_eot: torch.Tensor,
-        mode: FusionMode,
-        plm_prefix: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run the fusion transformer; returns hidden states ``[B, N, D]``.
+        self, inputs: FusionInputs, return_details: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Build the fusion sequence of ``inputs`` and run the transformer; returns hidden states ``[B, N, D]``.
 
-        ``text_feats`` go into the text slots as given (MLM callers zero the masked slots, PLM callers zero the
-        slots after the prefix). ``t_eot [B, D]`` is the text feature of the memory query. Modes: ``vtm`` and
-        ``eval`` (bidirectional text, no positional embedding at ``v_sep`` and EOT), ``mlm`` (same), ``plm``
-        (causal text, bridge rows see text slots ``0 .. plm_prefix+1``, only ``v_sep`` exempt).
+        This is the one place the sequence ``[frames | v_sep | bridges | text slots]``, its positional rule and its
+        attention mask are built (see :class:`FusionInputs` for the modes). With ``return_details`` it returns
+        ``(hidden, details)`` with the keys
+
+        - ``fusion_inputs [B, N, D]``: the sequence entering the transformer (positional embedding added);
+        - ``attention_mask [B, 1, N, N]``: its additive mask (0 visible, ``-inf`` hidden);
+        - ``memory_attention [B, K, S]``: the memory-read attention of the bridge tokens (memory bridges only).
         """
-        if mode not in FUSION_MODES:
-            raise ValueError(f"unknown fusion mode {mode!r}; expected one of {FUSION_MODES}")
-        if mode == "plm" and plm_prefix is None:
-            raise ValueError("mode 'plm' needs plm_prefix")
-        t = frame_feats.shape[1]
-        v_sep = video_sep_token(frame_feats, video_mask)
-        bridges = self.bridge_tokens(v_sep, t_eot).to(frame_feats.dtype)
-        x = torch.cat([frame_feats, v_sep.unsqueeze(1), bridges, text_feats], dim=1)
-        keep = self._positional_keep(video_mask, text_mask, mode).to(x.dtype)
+        hidden, details = self._fuse(inputs)
+        return (hidden, details) if return_details else hidden
+
+    def _fuse(self, inputs: FusionInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`fuse` with its details."""
+        t = inputs.frame_feats.shape[1]
+        frame_feats = inputs.frame_feats
+        v_sep = video_sep_token(frame_feats, inputs.video_mask)
+        bridges, memory_attention = self.memory_read(v_sep, inputs.t_eot)
+        text_feats = inputs.text_feats.to(frame_feats.dtype)
+        x = torch.cat([frame_feats, v_sep.unsqueeze(1), bridges.to(frame_feats.dtype), text_feats], dim=1)
+        keep = self._positional_keep(inputs).to(x.dtype)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype) * keep.unsqueeze(-1)
-        if mode == "plm" and self.config.official_quirks:
+        if inputs.mode == "plm" and self.config.official_quirks:
             x = torch.cat([x[:, : t + 1].detach(), x[:, t + 1 :]], dim=1)
-        mask = fusion_attention_mask(video_mask, text_mask, self.num_bridges, mode == "plm", plm_prefix)
-        return self.transformer(x, mask.to(x.dtype))
+        mask = fusion_attention_mask(
+            inputs.video_mask, inputs.text_mask, self.num_bridges, inputs.mode == "plm", inputs.plm_prefix
+        ).to(x.dtype)
+        details = {"fusion_inputs": x, "attention_mask": mask}
+        if memory_attention is not None:
+            details["memory_attention"] = memory_attention
+        return self.transformer(x, mask), details
 
     # -- heads ----------------------------------------------------------------------------------------------------
 
-    def vocab_logits(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
-        """Tied vocabulary head ``dropout(h) @ (P @ E_tok^T) + b`` ``[..., V]``; ``P @ E_tok^T`` once per call."""
-        weight = self.vocab_proj @ token_embedding.t().to(self.vocab_proj.dtype)  # [D, V]
+    def vocab_weight(self, token_embedding: torch.Tensor) -> torch.Tensor:
+        """``P @ E_tok^T [D, V]`` of the tied vocabulary head (compute once per batch or decode)."""
+        return self.vocab_proj @ token_embedding.t().to(self.vocab_proj.dtype)
+
+    def vocab_logits(
+        self, hidden: torch.Tensor, token_embedding: torch.Tensor | None = None, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tied vocabulary head ``dropout(h) @ (P @ E_tok^T) + b`` ``[..., V]``; give ``token_embedding`` (then
+        ``P @ E_tok^T`` is computed once for this call) or a precomputed :meth:`vocab_weight`."""
+        if (token_embedding is None) == (weight is None):
+            raise ValueError("vocab_logits needs exactly one of token_embedding and weight")
+        weight = self.vocab_weight(token_embedding) if weight is None else weight
         return self.head_dropout(hidden) @ weight.to(hidden.dtype) + self.vocab_bias.to(hidden.dtype)
 
-    def vtm_logits(self, h_vsep: torch.Tensor, h_eot: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    def vtm_logits(
+        self,
+        h_vsep: torch.Tensor,
+        h_eot: torch.Tensor,
+        group_size: int | None = None,
+        intended_norm: bool = False,
+    ) -> torch.Tensor:
         """Bilinear matching logits ``[R, 2]`` = ``[unmatch, match]`` from the fused ``v_sep`` / EOT ``[R, D]``.
 
         Both inputs are L2-normalised (under ``official_quirks`` the text over the row axis of each group of
-        ``group_size`` consecutive rows, default all rows: Q2); each bilinear form draws its own dropout masks.
+        ``group_size`` consecutive rows, default all rows: Q2; ``intended_norm=True`` normalises every text vector
+        by itself whatever ``official_quirks`` says); each bilinear form draws its own dropout masks.
         """
         v = h_vsep / h_vsep.norm(dim=-1, keepdim=True)
-        if self.config.official_quirks:
+        if self.config.official_quirks and not intended_norm:
             rows, d = h_eot.shape
             grouped = h_eot.reshape(-1, group_size or rows, d)
             t = (grouped / grouped.norm(dim=1, keepdim=True)).reshape(rows, d)
@@ -518,6 +660,15 @@ class MemBridgeFusion(nn.Module):
         unmatch = ((drop(v) @ self.unmatch_matrix.to(v.dtype)) * drop(t)).sum(-1)
         return torch.stack([unmatch, match], dim=-1)
 
+    def _match(
+        self, inputs: FusionInputs, group_size: int | None, intended_norm: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden, details = self._fuse(inputs)
+        t = inputs.frame_feats.shape[1]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h_eot = hidden[rows, self.text_offset(t) + eot_positions(inputs.text_mask)]
+        return self.vtm_logits(hidden[:, t], h_eot, group_size, intended_norm), details
+
     def match_logits(
         self,
         frame_feats: torch.Tensor,
@@ -526,12 +677,14 @@ class MemBridgeFusion(nn.Module):
         text_mask: torch.Tensor,
         t_eot: torch.Tensor,
         group_size: int | None = None,
-    ) -> torch.Tensor:
-        """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path)."""
-        hidden = self.fuse(frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm")
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        h_eot = hidden[rows, self.text_offset(frame_feats.shape[1]) + eot_positions(text_mask)]
-        return self.vtm_logits(hidden[:, frame_feats.shape[1]], h_eot, group_size)
+        intended_norm: bool = False,
+        return_details: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path; ``group_size`` and
+        ``intended_norm`` as in :meth:`vtm_logits`); ``return_details`` adds the details of :meth:`fuse`."""
+        inputs = FusionInputs(frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm")
+        logits, details = self._match(inputs, group_size, intended_norm)
+        return (logits, details) if return_details else logits
 
     def pair_match_fn(
         self,
@@ -554,9 +707,23 @@ class MemBridgeFusion(nn.Module):
 
         return match_prob
 
+    def next_token_logits(
+        self, inputs: FusionInputs, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Prefix-LM readout of a ``plm`` pass: vocabulary logits ``[R, V]`` at text slot ``plm_prefix + 1`` of each
+        row (``weight``: :meth:`vocab_weight`), and the details of the pass. Training (:meth:`plm_objective`) and
+        caption decoding both score tokens through it."""
+        if inputs.mode != "plm":
+            raise ValueError(f"next_token_logits needs a 'plm' pass, got mode {inputs.mode!r}")
+        hidden, details = self._fuse(inputs)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        prefix = torch.as_tensor(inputs.plm_prefix, device=hidden.device).expand(hidden.shape[0])
+        out = hidden[rows, self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1]
+        return self.vocab_logits(out, weight=weight), details
+
     # -- objectives -----------------------------------------------------------------------------------------------
 
-    def vtm_loss(
+    def vtm_objective(
         self,
         frame_feats: torch.Tensor,
         video_mask: torch.Tensor,
@@ -566,22 +733,29 @@ class MemBridgeFusion(nn.Module):
         local_index: torch.Tensor,
         neg_video: torch.Tensor,
         neg_text: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> ObjectiveOutput:
         """Video-text matching over ``3b`` pairs: positives, text->video and video->text hard negatives.
 
         Features are those of the (gathered) pool; ``local_index [b]`` are this rank's pairs and
-        ``neg_video`` / ``neg_text [b]`` the sampled negatives (pool indices). Returns ``(loss, accuracy)``.
+        ``neg_video`` / ``neg_text [b]`` the sampled negatives (pool indices). Logits ``[3b, 2]``, targets 1 for
+        the ``b`` positives (first) and 0 for the negatives; the details add ``video_index`` / ``text_index
+        [3b]`` (the pool rows of each pair).
         """
         video_idx = torch.cat([local_index, neg_video, local_index])
         text_idx = torch.cat([local_index, local_index, neg_text])
-        logits = self.match_logits(
+        inputs = FusionInputs(
             frame_feats[video_idx], video_mask[video_idx], text_feats[text_idx], text_mask[text_idx], t_eot[text_idx]
         )
+        logits, details = self._match(inputs, group_size=None, intended_norm=False)
         targets = torch.zeros(video_idx.shape[0], dtype=torch.long, device=logits.device)
         targets[: local_index.shape[0]] = 1
-        return _cross_entropy_and_accuracy(logits, targets)
+        return ObjectiveOutput(logits, targets, {**details, "video_index": video_idx, "text_index": text_idx})
 
-    def mlm_loss(
+    def vtm_loss(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, accuracy)`` of :meth:`vtm_objective` (same arguments)."""
+        return self.vtm_objective(*args).loss_and_accuracy()
+
+    def mlm_objective(
         self,
         frame_feats: torch.Tensor,
         video_mask: torch.Tensor,
@@ -590,19 +764,24 @@ class MemBridgeFusion(nn.Module):
         masked_t_eot: torch.Tensor,
         labels: torch.Tensor,
         token_embedding: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> ObjectiveOutput:
         """Masked language modelling; ``masked_text_feats`` / ``masked_t_eot`` encode the masked ids.
 
-        The masked fusion slots hold a zero vector (plus their positional embedding). Returns ``(loss, acc)``.
+        The masked fusion slots hold a zero vector (plus their positional embedding). Logits ``[M, V]`` of the
+        ``M`` masked positions (row-major), targets their labels.
         """
         masked = labels != IGNORE_INDEX
         text_in = masked_text_feats.masked_fill(masked.unsqueeze(-1), 0.0)
-        hidden = self.fuse(frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm")
+        inputs = FusionInputs(frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm")
+        hidden, details = self._fuse(inputs)
         h_text = hidden[:, self.text_offset(frame_feats.shape[1]) :]
-        logits = self.vocab_logits(h_text[masked], token_embedding)
-        return _cross_entropy_and_accuracy(logits, labels[masked])
+        return ObjectiveOutput(self.vocab_logits(h_text[masked], token_embedding), labels[masked], details)
 
-    def plm_loss(
+    def mlm_loss(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, accuracy)`` of :meth:`mlm_objective` (same arguments)."""
+        return self.mlm_objective(*args).loss_and_accuracy()
+
+    def plm_objective(
         self,
         frame_feats: torch.Tensor,
         video_mask: torch.Tensor,
@@ -613,57 +792,27 @@ class MemBridgeFusion(nn.Module):
         probe_feats: torch.Tensor,
         prefixes: torch.Tensor,
         token_embedding: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix LM in one batched fusion pass over the (sample, prefix) rows that carry loss.
+    ) -> ObjectiveOutput:
+        """Prefix LM in one batched fusion pass over the ``R`` (sample, prefix) rows that carry loss.
 
         ``token_feats [B, L, D]`` / ``probe_feats [B, P, D]`` come from :func:`encode_text_with_probes` with the
         sorted ``prefixes [P]`` of :func:`plm_targets`. Row (b, i) holds the prefix features in text slots
         ``0 .. i``, only positional embeddings after, the EOT-after-prefix feature as memory query, and predicts
-        token ``i+1`` at slot ``i+1``. Equals :meth:`plm_loss_loop`. Returns ``(loss, accuracy)``.
+        token ``i+1`` at slot ``i+1`` (:meth:`FusionInputs.prefix_lm`, :meth:`next_token_logits`). Equals the
+        per-prefix loop of :func:`modules.reference.plm_loss_loop`. Logits ``[R, V]``; the details add ``rows``
+        and ``prefix [R]``.
         """
         rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
         t_eot = probe_feats[rows, torch.searchsorted(prefixes, prefix)]
-        slots = torch.arange(text_ids.shape[1], device=text_ids.device).unsqueeze(0)
-        text_in = token_feats[rows].masked_fill((slots > prefix.unsqueeze(1)).unsqueeze(-1), 0.0)
-        hidden = self.fuse(
-            frame_feats[rows], video_mask[rows], text_in, text_mask[rows], t_eot, mode="plm", plm_prefix=prefix
+        inputs = FusionInputs.prefix_lm(
+            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot
         )
-        out = hidden[
-            torch.arange(rows.shape[0], device=rows.device), self.text_offset(frame_feats.shape[1]) + prefix + 1
-        ]
-        return _cross_entropy_and_accuracy(self.vocab_logits(out, token_embedding), targets)
+        logits, details = self.next_token_logits(inputs, self.vocab_weight(token_embedding))
+        return ObjectiveOutput(logits, targets, {**details, "rows": rows, "prefix": prefix})
 
-    def plm_loss_loop(
-        self,
-        text_encoder: TextEncoder,
-        frame_feats: torch.Tensor,
-        video_mask: torch.Tensor,
-        text_ids: torch.Tensor,
-        text_mask: torch.Tensor,
-        starts: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference prefix LM: the plain per-prefix loop of DESIGN §2.6 (one text and one fusion pass per prefix).
-
-        For every prefix ``i`` it encodes ``[SOT, w1 .. wi, EOT]``, fuses all samples and scores slot ``i+1``
-        (recomputing ``P @ E_tok^T`` each time, as published); the suffix from ``starts`` is then scored.
-        """
-        b, length = text_ids.shape
-        d = frame_feats.shape[-1]
-        token_embedding = text_encoder.token_embedding.weight
-        eot_id = torch.full((b, 1), self.config.eot_token_id, dtype=text_ids.dtype, device=text_ids.device)
-        scores = []
-        for i in range(length - 1):
-            with torch.no_grad():
-                feats = text_encoder.encode_text_tokens(torch.cat([text_ids[:, : i + 1], eot_id], dim=1))
-            text_in = feats.new_zeros(b, length, d)
-            text_in[:, : i + 1] = feats[:, : i + 1]
-            hidden = self.fuse(frame_feats, video_mask, text_in, text_mask, feats[:, i + 1], mode="plm", plm_prefix=i)
-            scores.append(self.vocab_logits(hidden[:, self.text_offset(frame_feats.shape[1]) + i + 1], token_embedding))
-        scores = torch.stack(scores, dim=1)  # [B, L-1, V]: scores[:, i] predicts token i+1
-        eot = eot_positions(text_mask)
-        picked = [scores[row, starts[row] - 1 : eot[row]] for row in range(b)]
-        targets = [text_ids[row, starts[row] : eot[row] + 1] for row in range(b)]
-        return _cross_entropy_and_accuracy(torch.cat(picked), torch.cat(targets))
+    def plm_loss(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, accuracy)`` of :meth:`plm_objective` (same arguments)."""
+        return self.plm_objective(*args).loss_and_accuracy()
 
 
 def check_fusion_matches_clip(config: FusionConfig, clip: nn.Module) -> None:

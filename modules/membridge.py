@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from modules.fusion import (
     MemBridgeFusion,
+    ObjectiveOutput,
     check_fusion_matches_clip,
     draw_plm_starts,
     encode_text_with_probes,
@@ -44,6 +45,48 @@ class Stage2Weights:
     mlm: float = 1.0
     plm: float = 1.0
     vtm_negative_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Stage2Draws:
+    """Explicit random draws of one stage-2 step (each part optional; a missing part is drawn from the generator).
+
+    ``neg_video`` / ``neg_text [b]``: the VTM hard negatives of this rank's pairs (text->video and video->text, as
+    indices into the (gathered) batch); ``mlm_masked_ids`` / ``mlm_labels [B, L]``: the ids fed to the text encoder
+    and the targets (``IGNORE_INDEX`` where unmasked), see :func:`modules.fusion.mlm_mask`; ``plm_starts [B]``: the
+    first scored position of each text's PLM suffix. The two halves of a pair are given together.
+    """
+
+    neg_video: torch.Tensor | None = None
+    neg_text: torch.Tensor | None = None
+    mlm_masked_ids: torch.Tensor | None = None
+    mlm_labels: torch.Tensor | None = None
+    plm_starts: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for first, second in (("neg_video", "neg_text"), ("mlm_masked_ids", "mlm_labels")):
+            if (getattr(self, first) is None) != (getattr(self, second) is None):
+                raise ValueError(f"Stage2Draws: give {first} and {second} together (or neither)")
+
+    def check(self, text_shape: torch.Size) -> None:
+        """Raise ValueError unless every given part fits a batch of texts ``[B, L]``."""
+        b = text_shape[0]
+        expected = {
+            "neg_video": (b,),
+            "neg_text": (b,),
+            "mlm_masked_ids": tuple(text_shape),
+            "mlm_labels": tuple(text_shape),
+            "plm_starts": (b,),
+        }
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"Stage2Draws.{name} has shape {tuple(value.shape)}; this batch needs {shape}")
+
+    @classmethod
+    def from_details(cls, details: Mapping[str, torch.Tensor]) -> Stage2Draws:
+        """The draws recorded in the details of :meth:`MemBridgeModel.stage2_losses` (``return_details=True``)."""
+        return cls(**{f.name: details.get(f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -96,60 +139,98 @@ class MemBridgeModel(nn.Module):
         weights: Stage2Weights | None = None,
         gather: GatherFn | None = None,
         local_offset: int = 0,
-    ) -> dict[str, torch.Tensor]:
+        draws: Stage2Draws | None = None,
+        return_details: bool = False,
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Stage-2 losses of one (local) batch: ``{loss, vtm, mlm, plm, vtm_acc, mlm_acc, plm_acc}``.
 
-        ``generator`` drives every random draw (MLM masks, PLM suffix starts, hard negatives). With ``gather``
-        (all-gather along dim 0 over ranks) the hard negatives come from the global batch, whose rows
-        ``local_offset .. local_offset + B - 1`` are this rank's.
+        ``generator`` drives every random draw that ``draws`` does not give, in this order: MLM masks (when MLM
+        is on), PLM suffix starts, hard negatives (when VTM is on); with ``draws=None`` this is the published
+        sequence, and a given part is simply not drawn. With ``gather`` (all-gather along dim 0 over ranks) the
+        hard negatives come from the global batch, whose rows ``local_offset .. local_offset + B - 1`` are this
+        rank's (given ``neg_video`` / ``neg_text`` are indices into that global batch).
+
+        With ``return_details`` it returns ``(losses, details)``; ``details`` holds the draws used (the
+        :class:`Stage2Draws` field names: pass ``Stage2Draws.from_details(details)`` back to repeat the step) and,
+        per objective ``o`` in ``vtm / mlm / plm`` that is on:
+
+        - ``o_fusion_inputs [R, N, D]`` and ``o_attention_mask [R, 1, N, N]``: the sequence entering the fusion
+          transformer and its additive mask; ``o_memory_attention [R, K, S]``: the memory-read attention (memory
+          bridges only);
+        - ``o_logits`` and ``o_targets``: what the loss is the mean cross-entropy of (``vtm``: ``[3b, 2]``
+          ``[unmatch, match]`` over positives, text->video then video->text negatives, with ``vtm_video_index`` /
+          ``vtm_text_index [3b]`` pool rows; ``mlm``: ``[M, V]`` at the masked positions; ``plm``: ``[R, V]`` of
+          the (sample, prefix) rows, with ``plm_rows`` / ``plm_prefix [R]``).
         """
         fusion = self._require_fusion()
         weights = weights or Stage2Weights()
+        draws = draws or Stage2Draws()
         clip = self.encoder.clip
         token_embedding = clip.token_embedding.weight
         video_mask, text_ids, text_mask = batch["video_mask"], batch["text_ids"], batch["text_mask"]
+        draws.check(text_ids.shape)
         frame_feats = self.frame_features(batch)
         zero = frame_feats.new_zeros(())
         out = {name: zero for name in ("vtm", "mlm", "plm", "vtm_acc", "mlm_acc", "plm_acc")}
+        details: dict[str, torch.Tensor] = {}
+
+        def record(name: str, objective: ObjectiveOutput) -> None:
+            out[name], out[f"{name}_acc"] = objective.loss_and_accuracy()
+            if return_details:
+                details.update({f"{name}_{key}": value for key, value in objective.details.items()})
+                details.update({f"{name}_logits": objective.logits, f"{name}_targets": objective.targets})
 
         if weights.mlm:
-            masked_ids, labels = mlm_mask(text_ids, text_mask, generator, fusion.config.mlm_prob)
+            if draws.mlm_labels is None:
+                masked_ids, labels = mlm_mask(text_ids, text_mask, generator, fusion.config.mlm_prob)
+            else:
+                masked_ids, labels = draws.mlm_masked_ids, draws.mlm_labels
+            details.update(mlm_masked_ids=masked_ids, mlm_labels=labels)
             masked_feats, masked_eot = self.text_features(masked_ids, text_mask)
-            out["mlm"], out["mlm_acc"] = fusion.mlm_loss(
-                frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding
+            record(
+                "mlm",
+                fusion.mlm_objective(
+                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding
+                ),
             )
 
-        starts = draw_plm_starts(text_mask, generator)
+        starts = draw_plm_starts(text_mask, generator) if draws.plm_starts is None else draws.plm_starts
         prefixes = plm_targets(text_ids, text_mask, starts)[1].unique() if weights.plm else starts.new_zeros(0)
         with torch.no_grad():
             text_feats, probe_feats = encode_text_with_probes(clip, text_ids, prefixes, fusion.config.eot_token_id)
         t_eot = text_feats[torch.arange(text_feats.shape[0], device=text_feats.device), eot_positions(text_mask)]
+        details["plm_starts"] = starts
         if weights.plm:
-            out["plm"], out["plm_acc"] = fusion.plm_loss(
-                frame_feats, video_mask, text_ids, text_mask, starts, text_feats, probe_feats, prefixes, token_embedding
-            )
+            record(
+                "plm",
+                fusion.plm_objective(
+                    frame_feats, video_mask, text_ids, text_mask, starts, text_feats, probe_feats, prefixes,
+                    token_embedding,
+                ),
+            )  # fmt: skip
 
         if weights.vtm:
             pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot)
             if gather is not None:
                 pool = _PairPool(*(gather(tensor) for tensor in vars(pool).values()))
-            with torch.no_grad():
-                sim = self.encoder.similarity_logits(pool.t_eot, pool.frame_feats, pool.video_mask)
             local_size = text_ids.shape[0]
-            neg_video, neg_text = sample_hard_negatives(
-                sim * weights.vtm_negative_scale, local_offset, local_size, generator
-            )
-            local_index = torch.arange(local_offset, local_offset + local_size, device=sim.device)
-            out["vtm"], out["vtm_acc"] = fusion.vtm_loss(
-                pool.frame_feats,
-                pool.video_mask,
-                pool.text_feats,
-                pool.text_mask,
-                pool.t_eot,
-                local_index,
-                neg_video,
-                neg_text,
-            )
+            if draws.neg_video is None:
+                with torch.no_grad():
+                    sim = self.encoder.similarity_logits(pool.t_eot, pool.frame_feats, pool.video_mask)
+                neg_video, neg_text = sample_hard_negatives(
+                    sim * weights.vtm_negative_scale, local_offset, local_size, generator
+                )
+            else:
+                neg_video, neg_text = draws.neg_video, draws.neg_text
+            details.update(neg_video=neg_video, neg_text=neg_text)
+            local_index = torch.arange(local_offset, local_offset + local_size, device=pool.t_eot.device)
+            record(
+                "vtm",
+                fusion.vtm_objective(
+                    pool.frame_feats, pool.video_mask, pool.text_feats, pool.text_mask, pool.t_eot, local_index,
+                    neg_video, neg_text,
+                ),
+            )  # fmt: skip
 
         out["loss"] = weights.vtm * out["vtm"] + weights.mlm * out["mlm"] + weights.plm * out["plm"]
-        return out
+        return (out, details) if return_details else out

@@ -1,1 +1,5 @@
-"""Pre-training tasks (stage 2: the bridge/memory fusion objectives and their held-out evaluation)."""
+"""Pre-training tasks: stage 2 (VTM + MLM + PLM through the bridge fusion) and its held-out evaluation.
+
+A task wraps a model and its losses for the shared engine (``engine/trainer.py``); see
+:mod:`pretraining.fusion_task`.
+"""

@@ -7,7 +7,7 @@ from torch import nn
 
 from engine.distributed import DistInfo, all_gather_object, all_gather_tensor, get_rank, get_world_size, shard_indices
 from modules.fusion import eot_positions
-from modules.membridge import MemBridgeModel, Stage2Weights
+from modules.membridge import MemBridgeModel, Stage2Draws, Stage2Weights
 
 HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
 HELD_OUT_SEED = 1234  # fixed draws (masks, suffixes, negatives) so held-out accuracies are comparable across runs
@@ -29,7 +29,13 @@ class FusionPretrainTask(nn.Module):
         self.weights = weights
         model.freeze_encoder()
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, draws: Stage2Draws | None = None, return_details: bool = False
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Losses of one local batch (:meth:`MemBridgeModel.stage2_losses`): ``draws`` replaces the random draws it
+        gives (e.g. those of a published run, to reproduce it step by step), ``return_details`` also returns the
+        intermediate tensors (fusion inputs and masks, memory-read attention, VTM / MLM / PLM logits and targets,
+        the draws used) as ``(losses, details)``."""
         world = get_world_size()
         local = batch["video_mask"].shape[0]
         return self.model.stage2_losses(
@@ -37,6 +43,8 @@ class FusionPretrainTask(nn.Module):
             weights=self.weights,
             gather=all_gather_tensor if world > 1 else None,
             local_offset=get_rank() * local,
+            draws=draws,
+            return_details=return_details,
         )
 
     def train(self, mode: bool = True) -> FusionPretrainTask:
@@ -67,6 +75,12 @@ def held_out_accuracies(
     trains on and re-ranking must separate); chance 50%. ``heldout_vtm_random_acc``: VTM as a classifier on balanced
     pairs, each caption with its own video and with one random other video (fixed draw); a constant answer scores
     50%.
+
+    The pair and random accuracies score each (caption, video) pair alone, so their VTM head always normalises the
+    text vector by itself (``intended_norm``): under ``--official_quirks`` the published Q2 normalisation over a
+    group of one row would replace the text feature by its sign vector, a number about nothing. The Q1 positional
+    layout of ``--official_quirks`` is kept: it is the layout the weights were trained and are re-ranked with, not a
+    degenerate computation. ``heldout_vtm_acc`` is the training objective itself (Q2 over the batch's rows included).
     """
     n = len(text_to_video)
     starts = list(range(0, n, HELD_OUT_BATCH))
@@ -119,13 +133,14 @@ def _pair_decisions(
 ) -> tuple[int, float]:
     """For captions whose own videos are ``vid``: how many match their own video better than their hardest other
     video (the most similar under the dual-encoder similarity ``sim [b, Nv]``), and how many of the 2b balanced
-    decisions (own video: match; ``random_vid``: no match) are right, counted as halves per caption."""
+    decisions (own video: match; ``random_vid``: no match) are right, counted as halves per caption. Each pair is
+    scored alone, with the intended per-vector text normalisation (see :func:`held_out_accuracies`)."""
     hardest = sim.clone().index_put_((torch.arange(len(vid), device=vid.device), vid), torch.tensor(float("-inf")))
     hardest = hardest.argmax(dim=1)
     margins = []  # match - unmatch logit: finer than the probability, which saturates to exactly 0 or 1
     for videos in (vid, hardest, random_vid):
         logits = model.fusion.match_logits(
-            frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, group_size=1
+            frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, intended_norm=True
         ).float()
         margins.append(logits[:, 1] - logits[:, 0])
     own, hard, rand = margins

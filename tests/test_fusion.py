@@ -14,6 +14,7 @@ from modules.fusion import (
     IGNORE_INDEX,
     RERANK_OFFSET,
     FusionConfig,
+    FusionInputs,
     MemBridgeFusion,
     draw_plm_starts,
     fusion_attention_mask,
@@ -123,17 +124,18 @@ def test_fusion_information_flows_only_through_bridges():
     other_video = dict(f, frame_feats=f["frame_feats"] + torch.randn(f["frame_feats"].shape, generator=gen))
     for source in ("memory", "learned"):
         fusion = MemBridgeFusion(tiny_config(layers=1, bridge_source=source)).eval()
-        base = fusion.fuse(**f, mode="vtm")
-        out = fusion.fuse(**other_text, mode="vtm")
+        base = fusion.fuse(FusionInputs(**f, mode="vtm"))
+        out = fusion.fuse(FusionInputs(**other_text, mode="vtm"))
         assert torch.allclose(out[:, :n_video], base[:, :n_video], atol=ATOL)
         assert not torch.allclose(out[:, n_video:text0], base[:, n_video:text0], atol=1e-3)
-    out = fusion.fuse(**other_video, mode="vtm")  # learned bridges do not depend on v_sep
+    out = fusion.fuse(FusionInputs(**other_video, mode="vtm"))  # learned bridges do not depend on v_sep
     for s in range(2):
         valid_text = text0 + torch.nonzero(f["text_mask"][s]).squeeze(1)
         assert torch.allclose(out[s, valid_text], base[s, valid_text], atol=ATOL)
     assert not torch.allclose(out[:, n_video:text0], base[:, n_video:text0], atol=1e-3)
     deep = MemBridgeFusion(tiny_config(layers=2)).eval()  # a second layer reads what the bridges gathered
-    assert not torch.allclose(deep.fuse(**other_text, mode="vtm")[:, :n_video], deep.fuse(**f, mode="vtm")[:, :n_video])
+    deep_other, deep_base = deep.fuse(FusionInputs(**other_text, mode="vtm")), deep.fuse(FusionInputs(**f, mode="vtm"))
+    assert not torch.allclose(deep_other[:, :n_video], deep_base[:, :n_video])
 
 
 @pytest.mark.parametrize("mode", ["vtm", "mlm", "plm"])
@@ -141,13 +143,13 @@ def test_padded_columns_never_matter(mode):
     fusion = MemBridgeFusion(tiny_config()).eval()
     f = _features(2)
     prefix = 2 if mode == "plm" else None
-    base = fusion.fuse(**f, mode=mode, plm_prefix=prefix)
+    base = fusion.fuse(FusionInputs(**f, mode=mode, plm_prefix=prefix))
     noisy = dict(f)
     pad_text = (f["text_mask"] == 0).unsqueeze(-1)
     pad_video = (f["video_mask"] == 0).unsqueeze(-1)
     noisy["text_feats"] = f["text_feats"] + 5.0 * pad_text
     noisy["frame_feats"] = f["frame_feats"] + 5.0 * pad_video
-    out = fusion.fuse(**noisy, mode=mode, plm_prefix=prefix)
+    out = fusion.fuse(FusionInputs(**noisy, mode=mode, plm_prefix=prefix))
     text0 = fusion.text_offset(FRAMES)
     for s in range(2):
         rows = torch.cat([torch.nonzero(f["video_mask"][s]).squeeze(1), torch.arange(FRAMES, text0)])
@@ -421,7 +423,9 @@ def test_vtm_and_mlm_intermediates_match_the_reference(quirks):
     v_sep = ref.masked_mean(frames[rows], vmask[rows])
     assert torch.allclose(fusion.bridge_tokens(v_sep, t_eot[[1, 1, 0, 2]]), expected["bridges"], atol=ATOL)
     hidden = fusion.fuse(
-        frames[rows], vmask[rows], text_tokens[[1, 1, 0, 2]], mask[[1, 1, 0, 2]], t_eot[[1, 1, 0, 2]], mode="eval"
+        FusionInputs(
+            frames[rows], vmask[rows], text_tokens[[1, 1, 0, 2]], mask[[1, 1, 0, 2]], t_eot[[1, 1, 0, 2]], mode="eval"
+        )
     )
     assert torch.allclose(hidden, expected["hidden"], atol=ATOL)
     logits = fusion.match_logits(
@@ -433,12 +437,14 @@ def test_vtm_and_mlm_intermediates_match_the_reference(quirks):
     masked_tokens, masked_eot = model.text_features(masked_ids, mask)
     expected = ref.mlm(fusion, clip, frames, vmask, ids, mask, labels)
     hidden = fusion.fuse(
-        frames,
-        vmask,
-        masked_tokens.masked_fill((labels != IGNORE_INDEX).unsqueeze(-1), 0.0),
-        mask,
-        masked_eot,
-        mode="mlm",
+        FusionInputs(
+            frames,
+            vmask,
+            masked_tokens.masked_fill((labels != IGNORE_INDEX).unsqueeze(-1), 0.0),
+            mask,
+            masked_eot,
+            mode="mlm",
+        )
     )
     assert torch.allclose(hidden, expected["hidden"], atol=ATOL)
     loss, _ = fusion.mlm_loss(frames, vmask, masked_tokens, mask, masked_eot, labels, clip.token_embedding.weight)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
+from modules.reference import plm_loss_loop
 from tests import published_reference as ref
 from tests.fusion_fixtures import EOT, WORDS, stage2_batch, text_batch, tiny_model
 
@@ -61,8 +62,8 @@ def test_batched_plm_equals_the_loop_reference(quirks):
     loss.backward()
     batched = _grads(model)
     frames = model.frame_features(batch)
-    loop_loss, loop_acc = model.fusion.plm_loss_loop(
-        model.encoder.clip, frames, batch["video_mask"], batch["text_ids"], batch["text_mask"], starts
+    loop_loss, loop_acc = plm_loss_loop(
+        model.fusion, model.encoder.clip, frames, batch["video_mask"], batch["text_ids"], batch["text_mask"], starts
     )
     loop_loss.backward()
     loop = _grads(model)
@@ -119,5 +120,5 @@ def test_batched_plm_runs_a_constant_number_of_passes():
     assert calls == {"text": 1, "fusion": 1}
     calls.update(text=0, fusion=0)
     frames = model.frame_features(batch)
-    fusion.plm_loss_loop(clip, frames, batch["video_mask"], batch["text_ids"], batch["text_mask"], starts)
+    plm_loss_loop(fusion, clip, frames, batch["video_mask"], batch["text_ids"], batch["text_mask"], starts)
     assert calls == {"text": WORDS - 1, "fusion": WORDS - 1}

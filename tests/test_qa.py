@@ -20,12 +20,12 @@ from dataloaders.annotations import QARow
 from dataloaders.errors import ConfigError
 from dataloaders.tokenizer import ClipTokenizer
 from modules.clip_model import CLIPConfig, load_clip
-from modules.fusion import MemBridgeFusion
+from modules.fusion import MemBridgeFusion, with_answer_slot
 from modules.membridge import MemBridgeModel
 from modules.video_clip import VideoCLIP
 from tests.conftest import REPO
 from tests.fusion_fixtures import FRAMES, IMAGE, TEST_VOCAB, TINY_CLIP, TINY_FUSION, text_batch, tiny_config
-from video_qa.model import MemBridgeQAModel, with_answer_slot
+from video_qa.model import MemBridgeQAModel
 from video_qa.task import (
     PREDICTIONS_FILE,
     QAPrediction,

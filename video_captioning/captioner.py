@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from modules.fusion import MemBridgeFusion
+from modules.fusion import FusionInputs, MemBridgeFusion
 from modules.incremental_text import TextKVCache, extend_text_cache
 from modules.membridge import MemBridgeModel
 from video_captioning.decoding import DEFAULT_LENGTH_PENALTY, SOT_ID, beam_search, greedy_decode
@@ -74,8 +74,7 @@ class FusionCaptioner:
         self.video_mask = video_mask
         self.use_cache = use_cache
         self.eot_id = self.fusion.config.eot_token_id
-        token_embedding = self.clip.token_embedding.weight
-        self.vocab_weight = self.fusion.vocab_proj @ token_embedding.t().to(self.fusion.vocab_proj.dtype)  # [D, V]
+        self.vocab_weight = self.fusion.vocab_weight(self.clip.token_embedding.weight)  # [D, V], once per decode
 
     @property
     def batch_size(self) -> int:
@@ -110,17 +109,16 @@ class FusionCaptioner:
     def next_token_logits(
         self, video_rows: torch.Tensor, token_feats: torch.Tensor, eot_probe: torch.Tensor
     ) -> torch.Tensor:
-        """Vocabulary logits ``[N, V]`` of slot ``i+1`` given the prefix features ``[N, i+1, D]``."""
+        """Vocabulary logits ``[N, V]`` of slot ``i+1`` given the prefix features ``[N, i+1, D]``: the rows of
+        :meth:`MemBridgeFusion.plm_objective`, through the same :meth:`FusionInputs.prefix_lm` and
+        :meth:`MemBridgeFusion.next_token_logits`."""
         rows, prefix_len, d = token_feats.shape
-        fusion = self.fusion
         text_in = torch.cat([token_feats, token_feats.new_zeros(rows, 1, d)], dim=1)  # slot i+1: position only
         text_mask = torch.ones(rows, prefix_len + 1, dtype=torch.long, device=token_feats.device)
-        frames, video_mask = self.frame_feats[video_rows], self.video_mask[video_rows]
-        hidden = fusion.fuse(
-            frames, video_mask, text_in.to(frames.dtype), text_mask, eot_probe, mode="plm", plm_prefix=prefix_len - 1
-        )
-        out = hidden[:, fusion.text_offset(frames.shape[1]) + prefix_len]
-        return fusion.head_dropout(out) @ self.vocab_weight.to(out.dtype) + fusion.vocab_bias.to(out.dtype)
+        prefix = torch.full((rows,), prefix_len - 1, dtype=torch.long, device=token_feats.device)
+        frames = self.frame_feats[video_rows]
+        inputs = FusionInputs.prefix_lm(frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe)
+        return self.fusion.next_token_logits(inputs, self.vocab_weight)[0]
 
 
 @torch.no_grad()

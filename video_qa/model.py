@@ -8,7 +8,8 @@ The bridge tokens are read from the memory with ``v_sep`` and the question's EOT
 both, as in every fusion path). The question is bidirectional; as in the fusion's evaluation path the positional
 embedding is added everywhere except at ``v_sep`` and the question's EOT. The answer slot is one extra position
 right after the question's EOT (padding after it stays hidden) that carries only its positional embedding, like the
-prediction slot of PLM; its fused state answers the question:
+prediction slot of PLM; its fused state answers the question. The sequence is built by the fusion's one pass
+(``MemBridgeFusion.fuse`` in mode ``qa``, ``FusionInputs.for_question``):
 
 - ``classifier`` (default): :class:`AnswerClassifier` over the answer vocabulary (``train_ans2label.json`` or the
   most frequent training answers);
@@ -28,7 +29,7 @@ from torch import nn
 
 from dataloaders.errors import ConfigError
 from modules.clip_blocks import LayerNorm
-from modules.fusion import MemBridgeFusion, eot_positions, fusion_attention_mask, video_sep_token
+from modules.fusion import ANSWER_SLOTS, FusionInputs, MemBridgeFusion, eot_positions
 from modules.membridge import MemBridgeModel
 from modules.video_clip import VideoCLIP
 
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 QA_HEADS = ("classifier", "first_token")
 CLASSIFIER_HIDDEN_FACTOR = 2  # hidden width of the answer classifier, in multiples of D
-ANSWER_SLOTS = 1  # positions the QA sequence adds after the question
 
 
 class AnswerClassifier(nn.Module):
@@ -52,24 +52,6 @@ class AnswerClassifier(nn.Module):
     def forward(self, state: torch.Tensor) -> torch.Tensor:
         """Answer logits ``[B, A]`` of the fused answer-slot states ``[B, D]``."""
         return self.net(state)
-
-
-def with_answer_slot(
-    question_feats: torch.Tensor, question_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Text slots of the QA sequence: ``(text_feats [B, L+1, D], text_mask [B, L+1], slot [B])``.
-
-    One zero column is appended so that a question filling all ``L`` slots still has its answer slot; ``slot`` is
-    the index right after each question's EOT, where the mask is set to 1 and the features are zero.
-    """
-    b, _, d = question_feats.shape
-    slot = eot_positions(question_mask) + 1
-    rows = torch.arange(b, device=question_feats.device)
-    text_feats = torch.cat([question_feats, question_feats.new_zeros(b, ANSWER_SLOTS, d)], dim=1)
-    text_feats[rows, slot] = 0.0
-    text_mask = torch.cat([question_mask, question_mask.new_zeros(b, ANSWER_SLOTS)], dim=1)
-    text_mask[rows, slot] = 1
-    return text_feats, text_mask, slot
 
 
 class MemBridgeQAModel(MemBridgeModel):
@@ -113,21 +95,11 @@ class MemBridgeQAModel(MemBridgeModel):
         question_mask: torch.Tensor,
         question_eot: torch.Tensor,
     ) -> torch.Tensor:
-        """Fused state of the answer slot ``[B, D]`` (see the module docstring for the sequence)."""
-        fusion = self.fusion
-        b, t = video_mask.shape
-        text_feats, text_mask, slot = with_answer_slot(question_feats, question_mask)
-        v_sep = video_sep_token(frame_feats, video_mask)
-        bridges = fusion.bridge_tokens(v_sep, question_eot).to(frame_feats.dtype)
-        x = torch.cat([frame_feats, v_sep.unsqueeze(1), bridges, text_feats.to(frame_feats.dtype)], dim=1)
-        rows = torch.arange(b, device=x.device)
-        keep = torch.ones(b, x.shape[1], dtype=x.dtype, device=x.device)
-        keep[:, t] = 0.0
-        keep[rows, fusion.text_offset(t) + slot - 1] = 0.0  # the question's EOT
-        x = x + fusion.positional_embedding[: x.shape[1]].to(x.dtype) * keep.unsqueeze(-1)
-        mask = fusion_attention_mask(video_mask, text_mask, fusion.num_bridges, causal_text=False)
-        hidden = fusion.transformer(x, mask.to(x.dtype))
-        return hidden[rows, fusion.text_offset(t) + slot]
+        """Fused state of the answer slot ``[B, D]``: the ``qa`` pass of the fusion (see the module docstring)."""
+        inputs = FusionInputs.for_question(frame_feats, video_mask, question_feats, question_mask, question_eot)
+        hidden = self.fusion.fuse(inputs)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, self.fusion.text_offset(frame_feats.shape[1]) + eot_positions(inputs.text_mask)]
 
     def answer_logits(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits ``[B, A]`` (classifier) or ``[B, V]`` (first_token) of a QA batch, and the encoder outputs
