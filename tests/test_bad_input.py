@@ -37,7 +37,7 @@ from engine.builders import build_model, build_video_clip, load_init_model
 from engine.flags import build_parser, effective_rerank_topk, validate
 from modules.clip_model import CLIPConfig, load_clip
 from tests.conftest import REPO
-from video_qa.main_task_qa import build_qa_parser
+from video_qa.task import build_qa_parser
 
 TINY = str(REPO / "CLIP-modules" / "tiny.json")
 T, L, IMAGE = 4, 12, 32
@@ -553,7 +553,7 @@ def test_max_words_beyond_the_positional_table_of_the_weights(tmp_path):
     with pytest.raises(ConfigError) as info:
         main_task_clip.main(argv)
     assert str(info.value) == expected
-    # every entry script builds its encoder through build_video_clip (QA directly), which checks it
+    # every entry script builds its CLIP through engine.builders.build_clip, which checks it
     qa_args = build_qa_parser().parse_args(argv)
     with pytest.raises(ConfigError) as info:
         build_video_clip(qa_args)

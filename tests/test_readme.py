@@ -43,6 +43,9 @@ def entry_of_shell_script(script: str) -> tuple[str, ...]:
     text = (REPO / script).read_text()
     if "scripts/demo.py" in text or "scripts/test.sh" in text or "pytest" in text:
         return ()
+    module = re.search(r"\n\s+-m ([\w.]+)", text)  # launch -m MODULE (the task packages' entry points)
+    if module:
+        return ("-m", module.group(1))
     match = re.search(r"([\w/]+\.py)", text)
     return (match.group(1),) if match else ()
 
@@ -58,6 +61,10 @@ def parse(command: str) -> tuple[tuple[str, ...], list[str]]:
     if tokens[:1] in (["python"], ["python3"]):
         assert (REPO / tokens[1]).is_file(), f"README names a missing script {tokens[1]}"
         return (tokens[1],), flags
+    if tokens[:1] == ["torchrun"] and "-m" in tokens:
+        module = tokens[tokens.index("-m") + 1]
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"README names a missing module {module}"
+        return ("-m", module), [f for f in flags if not f.startswith(("--nproc", "--nnodes", "--node_rank", "--master"))]
     if tokens[:1] == ["torchrun"]:
         script = next(t for t in tokens if t.endswith(".py"))
         assert (REPO / script).is_file(), f"README names a missing script {script}"

@@ -21,12 +21,7 @@ from __future__ import annotations
 
 from engine.builders import build_dataset, build_model
 from engine.run import Job, cli, prepare_model, run_main
-from video_text_retrieval.settings import (
-    build_retrieval_evaluator,
-    build_retrieval_parser,
-    selection_metric,
-    validate_retrieval,
-)
+from video_text_retrieval import settings
 from video_text_retrieval.task import ContrastiveTask
 
 
@@ -36,15 +31,16 @@ def build(args, dist) -> Job:
     model = prepare_model(args, build_model(args, with_fusion=rerank))
     task = ContrastiveTask(model, vtm_weight=args.vtm_weight if rerank else 0.0)
     size = model.encoder.clip.config.image_resolution
-    metric = selection_metric(args) if args.do_train else None
-    val = build_retrieval_evaluator(args, args.datatype, "val", size, dist) if metric else None
-    test = build_retrieval_evaluator(args, args.datatype, "test", size, dist)
+    metric = settings.selection_metric(args) if args.do_train else None
+    val = settings.build_retrieval_evaluator(args, args.datatype, "val", size, dist) if metric else None
+    test = settings.build_retrieval_evaluator(args, args.datatype, "test", size, dist)
     train_set = lambda: build_dataset(args, args.datatype, "train", size)  # noqa: E731
     return Job(task, train_set=train_set, test=test, val=val, selection_metric=metric)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_main(build_retrieval_parser(__doc__.split("\n\n")[0]), build, argv, check=validate_retrieval)
+    parser = settings.build_retrieval_parser(__doc__.split("\n\n")[0])
+    return run_main(parser, build, argv, check=settings.validate_retrieval)
 
 
 if __name__ == "__main__":

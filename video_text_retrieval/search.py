@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 
 from dataloaders.datasets import EVAL_SEED
 from dataloaders.errors import CheckpointError, ConfigError, DataError, MemBridgeError
+from dataloaders.textio import load_json, read_text_lines
 from dataloaders.tfrecord_io import ShardVideoSource, resolve_index_path
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
@@ -501,12 +502,8 @@ def read_captions(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--captions {path} does not exist: pass a text file (one caption per line) or a JSON list")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from exc
+        rows = load_json(path)
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of captions, got a {type(rows).__name__}")
         captions = []
@@ -516,7 +513,7 @@ def read_captions(path: str | os.PathLike) -> list[str]:
                 raise DataError(f"{path}, entry {i}: expected a string or an object with a {CAPTION_KEY!r} string")
             captions.append(caption)
     else:
-        captions = [line.strip() for line in text.splitlines() if line.strip()]
+        captions = [line.strip() for line in read_text_lines(path) if line.strip()]
     if not captions:
         raise DataError(f"--captions {path} holds no captions: write one caption per line or a JSON list")
     return captions
