@@ -61,14 +61,15 @@ def parse(command: str) -> tuple[tuple[str, ...], list[str]]:
     if tokens[:1] in (["python"], ["python3"]):
         assert (REPO / tokens[1]).is_file(), f"README names a missing script {tokens[1]}"
         return (tokens[1],), flags
-    if tokens[:1] == ["torchrun"] and "-m" in tokens:
-        module = tokens[tokens.index("-m") + 1]
-        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"README names a missing module {module}"
-        return ("-m", module), [f for f in flags if not f.startswith(("--nproc", "--nnodes", "--node_rank", "--master"))]
     if tokens[:1] == ["torchrun"]:
+        flags = [f for f in flags if not f.startswith(("--nproc", "--nnodes", "--node_rank", "--master"))]
+        if "-m" in tokens:
+            module = tokens[tokens.index("-m") + 1]
+            assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"README names a missing module {module}"
+            return ("-m", module), flags
         script = next(t for t in tokens if t.endswith(".py"))
         assert (REPO / script).is_file(), f"README names a missing script {script}"
-        return (script,), [f for f in flags if not f.startswith(("--nproc", "--nnodes", "--node_rank", "--master"))]
+        return (script,), flags
     if tokens[:1] == ["bash"]:
         assert (REPO / tokens[1]).is_file(), f"README names a missing script {tokens[1]}"
         return entry_of_shell_script(tokens[1]), flags
