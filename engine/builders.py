@@ -27,9 +27,8 @@ from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
 from modules.fusion import FusionConfig
 from modules.membridge import MemBridgeModel
-from modules.model_config import ModelConfig, build_membridge, build_video_encoder, read_model_config
+from modules.model_config import ModelConfig, build_membridge, read_model_config
 from modules.published_keys import convert_published_state_dict, is_published_layout
-from modules.video_clip import VideoCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +185,6 @@ def build_clip(args: argparse.Namespace) -> CLIP:
     clip = load_clip(path=args.visual_pretrain_path, config=clip_architecture(args))
     check_text_length(args.max_words, clip.config.context_length, args.visual_pretrain_path or args.clip_config)
     return clip
-
-
-def build_video_clip(args: argparse.Namespace) -> VideoCLIP:
-    """The CLIP video/text dual encoder of the flags (see :func:`build_clip`)."""
-    clip = build_clip(args)
-    return build_video_encoder(model_config(args, clip.config, with_fusion=False), clip)
 
 
 def build_fusion_config(args: argparse.Namespace) -> FusionConfig:

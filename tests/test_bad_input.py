@@ -33,7 +33,7 @@ from dataloaders.tfrecord_io import ShardReader, ShardVideoSource, ShardWriter
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
 from dataloaders.video_io import RE_ENCODE_HINT, FileVideoSource
-from engine.builders import build_model, build_video_clip, load_init_model
+from engine.builders import build_clip, build_model, load_init_model
 from engine.flags import build_parser, effective_rerank_topk, validate
 from modules.clip_model import CLIPConfig, load_clip
 from tests.conftest import REPO
@@ -556,7 +556,7 @@ def test_max_words_beyond_the_positional_table_of_the_weights(tmp_path):
     # every entry script builds its CLIP through engine.builders.build_clip, which checks it
     qa_args = build_qa_parser().parse_args(argv)
     with pytest.raises(ConfigError) as info:
-        build_video_clip(qa_args)
+        build_clip(qa_args)
     assert str(info.value) == expected
 
 
