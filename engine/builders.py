@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dataloaders.datasets import DATASETS, DataPaths
-from dataloaders.errors import ConfigError
+from dataloaders.errors import CheckpointError, ConfigError
 from dataloaders.tfrecord_io import ShardVideoSource
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
@@ -140,7 +140,12 @@ def clip_architecture(args: argparse.Namespace) -> CLIPConfig | None:
         return explicit
     if args.init_model:
         stored = read_model_config(args.init_model)
-        inferred = stored.clip if stored is not None else infer_clip_config(args.init_model)
+        try:
+            inferred = stored.clip if stored is not None else infer_clip_config(args.init_model)
+        except CheckpointError:
+            if explicit is None:
+                raise
+            inferred = None  # inconsistent shapes: build --clip_config and let the loader list the wrong tensors
         if inferred is not None:
             if explicit is None:
                 logger.info("CLIP sizes from --init_model %s: %s", args.init_model, inferred.to_dict())

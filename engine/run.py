@@ -9,8 +9,9 @@ for stage 1, stage 2, retrieval, captioning and QA:
 3. ``build`` the job;
 4. ``--do_train``: :func:`engine.trainer.fit`. With a validation evaluation (``Job.val``) every epoch is validated,
    the best weights (``Job.selection_metric``) are kept (``best_model.safetensors``, ``best_val.json``), restored
-   at the end and the test split is evaluated once with them (tag ``test``); without one the test evaluation runs at
-   the end (tag ``final``);
+   at the end and the test split is evaluated once with them (tag ``test``; the results add ``best_val_<metric>``,
+   ``best_val_run`` and the selected run's validation metrics as ``val_*``); without one the test evaluation runs
+   at the end (tag ``final``);
 5. ``--do_eval`` alone: the test evaluation of ``--init_model`` or ``--resume [DIR]`` weights (tag ``test``);
 6. clean up the process group, whatever happened.
 
@@ -115,8 +116,9 @@ def execute(args: argparse.Namespace, job: Job, dist: DistInfo) -> dict:
     task.to(dist.device)
     if job.test is None:
         return selection.summary()
-    summary = selection.summary()
-    return run_evaluation(args, task, lambda t: {**job.test(t), **summary}, dist, tag="test")
+    summary = {**selection.summary(), **{f"val_{name}": value for name, value in selection.metrics.items()}}
+    step = ckpt.checkpoint_step(ckpt.find_latest(args.output_dir, clean=False))  # the run's last optimizer step
+    return run_evaluation(args, task, lambda t: {**job.test(t), **summary}, dist, step=step, tag="test")
 
 
 def run_main(

@@ -412,7 +412,7 @@ def test_training_beats_the_majority_baseline(qa_data, qa_run):
     assert metrics["num_questions"] == manifest["qa"]["questions"]["test"]
     assert metrics["in_vocabulary"] == pytest.approx(100 * (1 - manifest["qa"]["test_oov_fraction"]))
     assert {f"accuracy_{kind}" for kind in ("color", "shape", "count", "motion")} <= set(metrics)
-    assert metrics["best_val_run"] == 1 and metrics["tag"] == "test"  # one epoch: its weights answer the test set
+    assert 1 <= metrics["best_val_run"] <= 8 and metrics["tag"] == "test"  # every epoch validated, the best tested
     assert metrics["best_val_accuracy"] > 2 * chance["qa_majority_answer_accuracy"]
     predictions = [json.loads(line) for line in (qa_run / PREDICTIONS_FILE).read_text().splitlines()]
     assert len(predictions) == metrics["num_questions"]

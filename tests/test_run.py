@@ -133,7 +133,7 @@ def test_execute_selects_on_validation_and_tests_the_best_weights_once(tmp_path,
     )
     metrics = execute(args, job, DIST)
     assert tested == [2.0]  # the test split once, with the weights of the best validation run
-    assert metrics == {"t2v_R1": 200.0, "best_val_score": 30.0, "best_val_run": 2}
+    assert metrics == {"t2v_R1": 200.0, "best_val_score": 30.0, "best_val_run": 2, "val_score": 30.0}
     written = json.loads((tmp_path / "eval_results.json").read_text())
     assert written["tag"] == "test" and written["best_val_run"] == 2
     with safe_open(tmp_path / "best_model.safetensors", framework="pt") as handle:
