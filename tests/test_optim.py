@@ -185,7 +185,7 @@ def test_build_optimizer_rejects_bad_settings() -> None:
         build_optimizer(frozen, optimizer="bertadam", total_steps=8, **OPTIM_ARGS)
 
 
-@pytest.mark.parametrize("chunk", [64, 1 << 18])
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
 def test_blocked_update_is_bit_identical_to_the_published_loop(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     """The cache-blocked step gives exactly the published per-tensor kernels' values (several chunks per tensor)."""
     import engine.optim as optim_module
