@@ -11,6 +11,12 @@ the step and its peak see the same machine load (2 cores shared with other work 
 median over steps of (FLOPs / step time) / (adjacent peak); ``fwd_bwd_fraction_of_peak`` leaves out the optimiser
 step (timed on its own: a memory-bound pass over ~150M parameters that no matmul unit speeds up). The JSON records
 the core count, torch version and the load average at start and end.
+
+What bounds the fractions here (2 cores shared with other jobs): the bf16 peak is an AMX matmul ~4-7x the fp32 one,
+but the step's other work does not speed up with it -- LayerNorm (fp32 by design), the autocast casts of weights and
+activations, GELU, softmax, residual adds, and the fp32 BertAdam pass over 150M parameters -- so by Amdahl the bf16
+fraction stays far below the fp32 one. Under load every parallel region can wait for a busy core, which hits the
+many small memory-bound ops (the optimizer) hardest; compare fractions from one run, not across runs.
 """
 
 from __future__ import annotations
