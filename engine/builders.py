@@ -119,7 +119,7 @@ def build_dataset(
         split,
         paths,
         source,
-        ClipTransform(image_size),
+        ClipTransform(image_size, args.transform),
         tokenizer or ClipTokenizer(),
         args.max_words,
         expand_sentences=args.expand_msrvtt_sentences,

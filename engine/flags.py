@@ -88,6 +88,12 @@ def _add_data_flags(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--max_frames", type=int, default=12, help="frames T per video")
     g.add_argument("--feature_framerate", type=float, default=1.0, help="frames sampled per second of video")
     g.add_argument(
+        "--transform",
+        choices=("tensor", "pil"),
+        default="tensor",
+        help="frame transform: tensor (batched, within 3/255 of PIL) or pil (the published pipeline, bit-exact)",
+    )
+    g.add_argument(
         "--slice_framepos",
         type=_coded_choice(SLICE_FRAMEPOS, "--slice_framepos"),
         default="uniform",

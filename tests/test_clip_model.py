@@ -333,3 +333,49 @@ def test_checkpoint_errors(reference: nn.Module, tmp_path: Path) -> None:
         load_clip(good, config=CONFIGS / "tiny.json")
     with pytest.raises(ConfigError, match="visual_pretrain_path"):
         load_clip()
+
+
+def _plain_attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Self-attention written out in float64 from the block's own weights (the reference)."""
+    b, n, c = x.shape
+    heads = block.heads
+    qkv = torch.nn.functional.linear(x.double(), block.in_proj_weight.double(), block.in_proj_bias.double())
+    q, k, v = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(c // heads)
+    if mask is not None:
+        scores = scores + mask.double()
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+    return torch.nn.functional.linear(out, block.out_proj.weight.double(), block.out_proj.bias.double())
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "per_sample"])
+def test_attention_paths_match_a_plain_reference(mask_kind: str) -> None:
+    """fp32 (SDPA) to 1e-5; bf16 training on CPU (explicit matmuls) and bf16 SDPA to bf16 rounding of the same."""
+    from modules.clip_blocks import MultiheadSelfAttention, explicit_attention
+
+    torch.manual_seed(0)
+    block = MultiheadSelfAttention(64, 4)
+    x = torch.randn(3, 10, 64)
+    mask = None
+    if mask_kind == "causal":
+        mask = causal_mask(10)
+    elif mask_kind == "per_sample":  # [B, 1, N, N] as the fusion builds it: sample 1 hides its last 4 tokens
+        mask = torch.zeros(3, 1, 10, 10)
+        mask[1, :, :, 6:] = float("-inf")
+    reference = _plain_attention(block, x, mask).float()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, mask), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, mask), reference, atol=1e-5, rtol=1e-5)  # grad enabled: still SDPA in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = block(x, mask)  # grad enabled: the explicit path
+        with torch.no_grad():
+            inferred = block(x, mask)  # SDPA
+    assert trained.dtype == torch.bfloat16
+    bf16_gap = (inferred.float() - reference).abs().max()
+    assert (trained.float() - reference).abs().max() <= max(4 * bf16_gap, 0.05)
+    trained.float().sum().backward()
+    assert block.in_proj_weight.grad is not None and torch.isfinite(block.in_proj_weight.grad).all()
+    # the explicit function itself equals SDPA in fp32
+    q, k, v = (torch.randn(3, 4, 10, 16) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(explicit_attention(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)

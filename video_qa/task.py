@@ -93,7 +93,7 @@ def build_qa_dataset(
         split,
         paths,
         source,
-        ClipTransform(image_size),
+        ClipTransform(image_size, args.transform),
         tokenizer,
         args.max_words,
         num_answers=args.num_answers,
