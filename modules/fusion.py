@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataloaders.errors import ConfigError
-from modules.clip_blocks import LayerNorm, Transformer, default_heads
+from modules.clip_blocks import LayerNorm, ResidualAttentionBlock, Transformer, default_heads
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +391,55 @@ def check_rerank_range(sim: torch.Tensor) -> None:
         raise ValueError(f"similarities must stay below {RERANK_OFFSET} for re-ranked candidates to rank first")
 
 
+def _block_rows(
+    block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor, out_rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """One pre-LN block on ``x [B, S, D]`` computed only for the positions ``out_rows`` (local indices into S), which
+    attend to the positions ``cols`` with ``mask [B|1, 1, |out_rows|, |cols|]``; returns ``[B, |out_rows|, D]``.
+    Equals ``block(x, full_mask)[:, out_rows]`` when ``cols`` hold every position ``out_rows`` see."""
+    attn = block.attn
+    b, _, width = x.shape
+    heads, dim = attn.heads, width // attn.heads
+    h = block.ln_1(x)
+    q = F.linear(h[:, out_rows], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+    k, v = F.linear(h[:, cols], attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
+    q, k, v = (t.reshape(b, t.shape[1], heads, dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    y = x[:, out_rows] + attn.out_proj(out.transpose(1, 2).reshape(b, out_rows.numel(), width))
+    return y + block.mlp(block.ln_2(y))
+
+
+def transformer_rows(transformer: Transformer, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``transformer(x, mask)[:, rows]`` computing each layer only where the result depends on it.
+
+    ``x [B, N, D]``, additive ``mask [B|1, 1, N, N]`` (0 visible, ``-inf`` hidden), ``rows`` long ``[R]``. Going back
+    from the last layer, layer ``l`` needs the outputs of the positions that layer ``l+1`` reads (its own rows and
+    the columns they see, in any batch row), and the keys/values of the columns its needed rows see: every other
+    query, attention row and MLP row is skipped. In the prefix LM with bridges (read-out at one text slot) the last
+    layer runs one query and the keys/values of bridges + text, the one before skips the video rows' queries and
+    MLPs, the rest run in full. Results equal the full pass to float tolerance (same per-position arithmetic, other
+    matrix shapes).
+    """
+    n = x.shape[1]
+    visible = (mask[:, 0] == 0).any(dim=0)  # [N, N]: seen in some batch row
+    needed = torch.zeros(n, dtype=torch.bool, device=x.device)
+    needed[rows] = True
+    plan = []
+    for _ in transformer.resblocks:  # from the last layer back
+        cols = visible[needed].any(dim=0)
+        plan.append((needed, cols))
+        needed = needed | cols
+    available = needed
+    for block, (out, cols) in zip(transformer.resblocks, reversed(plan), strict=True):
+        local = available.long().cumsum(0) - 1  # position -> index into the current x
+        out_idx, col_idx = out.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+        sub_mask = mask[:, :, out_idx][:, :, :, col_idx]
+        x = _block_rows(block, x, sub_mask, local[out_idx], local[col_idx])
+        available = out
+    local = available.long().cumsum(0) - 1
+    return x[:, local[rows]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The inputs of one fusion pass
 # ----------------------------------------------------------------------------------------------------------------
@@ -601,6 +650,12 @@ class MemBridgeFusion(nn.Module):
 
     def _fuse(self, inputs: FusionInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`fuse` with its details."""
+        x, mask, details = self._sequence(inputs)
+        return self.transformer(x, mask), details
+
+    def _sequence(self, inputs: FusionInputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The transformer's input ``x [B, N, D]``, its additive mask ``[B, 1, N, N]`` and the details of
+        :meth:`fuse` (everything :meth:`fuse` does before the transformer)."""
         t = inputs.frame_feats.shape[1]
         frame_feats = inputs.frame_feats
         v_sep = video_sep_token(frame_feats, inputs.video_mask)
@@ -617,7 +672,7 @@ class MemBridgeFusion(nn.Module):
         details = {"fusion_inputs": x, "attention_mask": mask}
         if memory_attention is not None:
             details["memory_attention"] = memory_attention
-        return self.transformer(x, mask), details
+        return x, mask, details
 
     # -- heads ----------------------------------------------------------------------------------------------------
 
@@ -720,6 +775,19 @@ class MemBridgeFusion(nn.Module):
         prefix = torch.as_tensor(inputs.plm_prefix, device=hidden.device).expand(hidden.shape[0])
         out = hidden[rows, self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1]
         return self.vocab_logits(out, weight=weight), details
+
+    def next_token_logits_pruned(self, inputs: FusionInputs, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`next_token_logits` (logits ``[R, V]`` only) through :func:`transformer_rows`: the layers run only
+        where the read-out slots depend on them (caption decoding's fast path; equal to float tolerance)."""
+        if inputs.mode != "plm":
+            raise ValueError(f"next_token_logits_pruned needs a 'plm' pass, got mode {inputs.mode!r}")
+        x, mask, _ = self._sequence(inputs)
+        prefix = torch.as_tensor(inputs.plm_prefix, device=x.device).expand(x.shape[0])
+        slots = self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1
+        unique, which = slots.unique(return_inverse=True)
+        hidden = transformer_rows(self.transformer, x, mask, unique)
+        out = hidden[torch.arange(x.shape[0], device=x.device), which]
+        return self.vocab_logits(out, weight=weight)
 
     # -- objectives -----------------------------------------------------------------------------------------------
 

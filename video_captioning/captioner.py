@@ -103,11 +103,11 @@ class FusionCaptioner:
                 )
             feat, probe, cache = extend_text_cache(self.clip, state.cache, tokens[:, -1], self.eot_id)
             token_feats = torch.cat([state.token_feats, feat.unsqueeze(1)], dim=1)
-        logits = self.next_token_logits(state.video_rows, token_feats, probe)
+        logits = self.next_token_logits(state.video_rows, token_feats, probe, pruned=state.cache is not None)
         return F.log_softmax(logits.float(), dim=-1), CaptionState(state.video_rows, token_feats, cache)
 
     def next_token_logits(
-        self, video_rows: torch.Tensor, token_feats: torch.Tensor, eot_probe: torch.Tensor
+        self, video_rows: torch.Tensor, token_feats: torch.Tensor, eot_probe: torch.Tensor, pruned: bool = False
     ) -> torch.Tensor:
         """Vocabulary logits ``[N, V]`` of slot ``i+1`` given the prefix features ``[N, i+1, D]``: the rows of
         :meth:`MemBridgeFusion.plm_objective`, through the same :meth:`FusionInputs.prefix_lm` and
@@ -118,6 +118,8 @@ class FusionCaptioner:
         prefix = torch.full((rows,), prefix_len - 1, dtype=torch.long, device=token_feats.device)
         frames = self.frame_feats[video_rows]
         inputs = FusionInputs.prefix_lm(frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe)
+        if pruned:
+            return self.fusion.next_token_logits_pruned(inputs, self.vocab_weight)
         return self.fusion.next_token_logits(inputs, self.vocab_weight)[0]
 
 
