@@ -776,9 +776,17 @@ class MemBridgeFusion(nn.Module):
         out = hidden[rows, self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1]
         return self.vocab_logits(out, weight=weight), details
 
-    def next_token_logits_pruned(self, inputs: FusionInputs, weight: torch.Tensor) -> torch.Tensor:
-        """:meth:`next_token_logits` (logits ``[R, V]`` only) through :func:`transformer_rows`: the layers run only
-        where the read-out slots depend on them (caption decoding's fast path; equal to float tolerance)."""
+    def vocab_logits_factored(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """:meth:`vocab_logits` as ``(dropout(h) @ P) @ E_tok^T + b``, without forming ``P @ E_tok^T`` (``D x D x V``
+        multiply-adds): cheaper whenever fewer than ``V`` rows are scored with one weight, as in a decode (steps x
+        beams x videos rows). Equal to float tolerance."""
+        h = self.head_dropout(hidden) @ self.vocab_proj.to(hidden.dtype)
+        return h @ token_embedding.t().to(hidden.dtype) + self.vocab_bias.to(hidden.dtype)
+
+    def next_token_logits_pruned(self, inputs: FusionInputs, token_embedding: torch.Tensor) -> torch.Tensor:
+        """:meth:`next_token_logits` (logits ``[R, V]`` only) through :func:`transformer_rows` (the layers run only
+        where the read-out slots depend on them) and :meth:`vocab_logits_factored`: caption decoding's fast path,
+        equal to float tolerance."""
         if inputs.mode != "plm":
             raise ValueError(f"next_token_logits_pruned needs a 'plm' pass, got mode {inputs.mode!r}")
         x, mask, _ = self._sequence(inputs)
@@ -787,7 +795,7 @@ class MemBridgeFusion(nn.Module):
         unique, which = slots.unique(return_inverse=True)
         hidden = transformer_rows(self.transformer, x, mask, unique)
         out = hidden[torch.arange(x.shape[0], device=x.device), which]
-        return self.vocab_logits(out, weight=weight)
+        return self.vocab_logits_factored(out, token_embedding)
 
     # -- objectives -----------------------------------------------------------------------------------------------
 

@@ -74,7 +74,9 @@ class FusionCaptioner:
         self.video_mask = video_mask
         self.use_cache = use_cache
         self.eot_id = self.fusion.config.eot_token_id
-        self.vocab_weight = self.fusion.vocab_weight(self.clip.token_embedding.weight)  # [D, V], once per decode
+        # The plain path reads out as training does (P @ E_tok^T [D, V], once per decode); the cached path never
+        # forms it (vocab_logits_factored: a decode scores far fewer than V rows).
+        self.vocab_weight = None if use_cache else self.fusion.vocab_weight(self.clip.token_embedding.weight)
 
     @property
     def batch_size(self) -> int:
@@ -119,8 +121,11 @@ class FusionCaptioner:
         frames = self.frame_feats[video_rows]
         inputs = FusionInputs.prefix_lm(frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe)
         if pruned:
-            return self.fusion.next_token_logits_pruned(inputs, self.vocab_weight)
-        return self.fusion.next_token_logits(inputs, self.vocab_weight)[0]
+            return self.fusion.next_token_logits_pruned(inputs, self.clip.token_embedding.weight)
+        weight = self.vocab_weight
+        if weight is None:
+            weight = self.vocab_weight = self.fusion.vocab_weight(self.clip.token_embedding.weight)
+        return self.fusion.next_token_logits(inputs, weight)[0]
 
 
 @torch.no_grad()
