@@ -409,28 +409,39 @@ def _block_rows(
     return y + block.mlp(block.ln_2(y))
 
 
-def transformer_rows(transformer: Transformer, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``transformer(x, mask)[:, rows]`` computing each layer only where the result depends on it.
+def readout_plan(mask: torch.Tensor, rows: torch.Tensor, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (first to last) ``(out, cols)``, bool ``[N]`` each: the positions whose output that layer must
+    compute and the columns (keys/values) those positions see, for the hidden states at ``rows`` after ``layers``
+    layers under the additive ``mask [B|1, 1, N, N]``.
 
-    ``x [B, N, D]``, additive ``mask [B|1, 1, N, N]`` (0 visible, ``-inf`` hidden), ``rows`` long ``[R]``. Going back
-    from the last layer, layer ``l`` needs the outputs of the positions that layer ``l+1`` reads (its own rows and
-    the columns they see, in any batch row), and the keys/values of the columns its needed rows see: every other
-    query, attention row and MLP row is skipped. In the prefix LM with bridges (read-out at one text slot) the last
-    layer runs one query and the keys/values of bridges + text, the one before skips the video rows' queries and
-    MLPs, the rest run in full. Results equal the full pass to float tolerance (same per-position arithmetic, other
-    matrix shapes).
+    Going back from the last layer (``out`` = ``rows``), layer ``l`` must compute what layer ``l+1`` reads: its own
+    ``out`` (the residual) and its ``cols`` (seen in any batch row).
     """
-    n = x.shape[1]
-    visible = (mask[:, 0] == 0).any(dim=0)  # [N, N]: seen in some batch row
-    needed = torch.zeros(n, dtype=torch.bool, device=x.device)
+    visible = (mask[:, 0] == 0).any(dim=0)  # [N, N]: row sees column in some batch row
+    needed = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
     needed[rows] = True
     plan = []
-    for _ in transformer.resblocks:  # from the last layer back
+    for _ in range(layers):
         cols = visible[needed].any(dim=0)
         plan.append((needed, cols))
         needed = needed | cols
-    available = needed
-    for block, (out, cols) in zip(transformer.resblocks, reversed(plan), strict=True):
+    return plan[::-1]
+
+
+def transformer_rows(transformer: Transformer, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``transformer(x, mask)[:, rows]`` computing each layer only where the result depends on it
+    (:func:`readout_plan`): every other query, attention row and MLP row is skipped.
+
+    ``x [B, N, D]``, additive ``mask [B|1, 1, N, N]`` (0 visible, ``-inf`` hidden), ``rows`` long ``[R]``. In the
+    prefix LM with bridges (read-out at one text slot) the last layer runs one query over the keys/values of bridges
+    + text, the one before skips the video rows' queries and MLPs, the others run in full. Equal to the full pass to
+    float tolerance (the same arithmetic per position, on matrices of other shapes).
+    """
+    plan = readout_plan(mask, rows, len(transformer.resblocks))
+    available = plan[0][0] | plan[0][1]
+    if not bool(available.all()):
+        x = x[:, available]
+    for block, (out, cols) in zip(transformer.resblocks, plan, strict=True):
         local = available.long().cumsum(0) - 1  # position -> index into the current x
         out_idx, col_idx = out.nonzero().squeeze(1), cols.nonzero().squeeze(1)
         sub_mask = mask[:, :, out_idx][:, :, :, col_idx]
