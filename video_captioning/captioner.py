@@ -8,11 +8,18 @@ token ``i+1``. The bridge tokens are read from the memory with ``v_sep`` and the
 the text block is causal, bridge rows see text slots ``0 .. i+1`` only and video rows no text, so the slots after
 ``i+1`` that training carries change nothing and are left out.
 
-What is reused across steps: the frame features (encoded once per video), ``P @ E_tok^T`` (once per decode) and,
-with ``use_cache`` (the default), the CLIP text encoder's per-layer keys/values of the prefix
-(:mod:`modules.incremental_text`), so a step encodes only the new token and the EOT probe. The fusion itself runs
-every step (the bridge tokens depend on the prefix). ``use_cache=False`` re-encodes ``[SOT, w1 .. wi]`` and
-``[SOT, w1 .. wi, EOT]`` with ``encode_text_tokens`` at every step: the plain reference the cache is tested against.
+What is reused, and what cannot be: the frame features are encoded once per video, and beam search scores
+``[SOT]`` once per video before expanding to the beams; videos x beams run as one batch. With ``use_cache`` (the
+default) the CLIP text encoder keeps the per-layer keys/values of the prefix (:mod:`modules.incremental_text`), so a
+step encodes only the new token and the EOT probe. The fusion cannot be cached across steps: the bridge tokens are
+read with the probe, so they change every step, and every row downstream of them does too (video rows see bridge
+columns from layer 1 on, text rows from layer 0). What the cached path still saves in the fusion is what the scored
+slot never reads (:meth:`MemBridgeFusion.next_token_logits_pruned`: the last layer runs one query over bridge + text
+keys, the one before skips the video rows' outputs), and it never forms ``P @ E_tok^T [D, V]``: the head is applied
+factored (``D x D x V`` multiply-adds saved per decode). ``use_cache=False`` re-encodes ``[SOT, w1 .. wi]`` and
+``[SOT, w1 .. wi, EOT]`` with ``encode_text_tokens`` at every step and runs the full training read-out
+(:meth:`MemBridgeFusion.next_token_logits`): the plain reference the fast path is tested against (same tokens, logits
+to float tolerance).
 """
 
 from __future__ import annotations
