@@ -122,6 +122,12 @@ def test_pruned_fusion_equals_the_full_pass(videos, bridge_source):
     full = fusion.transformer(x, attn_mask)
     rows = torch.tensor([fusion.text_offset(FRAMES) + 1, x.shape[1] - 1, FRAMES])
     assert torch.allclose(transformer_rows(fusion.transformer, x, attn_mask, rows), full[:, rows], atol=ATOL)
+    hidden_frame = attn_mask.clone()
+    hidden_frame[..., FRAMES - 1] = float("-inf")  # a column no row sees is left out from layer 0 on
+    plan = readout_plan(hidden_frame, rows, fusion.config.layers)
+    assert not bool(plan[0][0][FRAMES - 1] | plan[0][1][FRAMES - 1])
+    expected_rows = fusion.transformer(x, hidden_frame)[:, rows]
+    assert torch.allclose(transformer_rows(fusion.transformer, x, hidden_frame, rows), expected_rows, atol=ATOL)
     expected, _ = fusion.next_token_logits(inputs, fusion.vocab_weight(embedding))
     pruned = fusion.next_token_logits_pruned(inputs, embedding)
     assert pruned.shape == expected.shape == (NUM_VIDEOS, embedding.shape[0])
