@@ -391,8 +391,18 @@ def check_rerank_range(sim: torch.Tensor) -> None:
         raise ValueError(f"similarities must stay below {RERANK_OFFSET} for re-ranked candidates to rank first")
 
 
+def _as_slice(index: torch.Tensor) -> torch.Tensor | slice:
+    """``index`` (long ``[R]``, increasing) as a slice when it is a run of consecutive positions (a view, no copy)."""
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == index.numel() else index
+
+
 def _block_rows(
-    block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor, out_rows: torch.Tensor, cols: torch.Tensor
+    block: ResidualAttentionBlock,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    out_rows: torch.Tensor | slice,
+    cols: torch.Tensor | slice,
 ) -> torch.Tensor:
     """One pre-LN block on ``x [B, S, D]`` computed only for the positions ``out_rows`` (local indices into S), which
     attend to the positions ``cols`` with ``mask [B|1, 1, |out_rows|, |cols|]``; returns ``[B, |out_rows|, D]``.
@@ -405,7 +415,7 @@ def _block_rows(
     k, v = F.linear(h[:, cols], attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
     q, k, v = (t.reshape(b, t.shape[1], heads, dim).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-    y = x[:, out_rows] + attn.out_proj(out.transpose(1, 2).reshape(b, out_rows.numel(), width))
+    y = x[:, out_rows] + attn.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], width))
     return y + block.mlp(block.ln_2(y))
 
 
@@ -442,10 +452,13 @@ def transformer_rows(transformer: Transformer, x: torch.Tensor, mask: torch.Tens
     if not bool(available.all()):
         x = x[:, available]
     for block, (out, cols) in zip(transformer.resblocks, plan, strict=True):
+        if bool(available.all() & out.all()):  # a full layer: the plain block
+            x = block(x, mask)
+            continue
         local = available.long().cumsum(0) - 1  # position -> index into the current x
         out_idx, col_idx = out.nonzero().squeeze(1), cols.nonzero().squeeze(1)
         sub_mask = mask[:, :, out_idx][:, :, :, col_idx]
-        x = _block_rows(block, x, sub_mask, local[out_idx], local[col_idx])
+        x = _block_rows(block, x, sub_mask, _as_slice(local[out_idx]), _as_slice(local[col_idx]))
         available = out
     local = available.long().cumsum(0) - 1
     return x[:, local[rows]]
