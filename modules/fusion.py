@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataloaders.errors import ConfigError
-from modules.clip_blocks import LayerNorm, Transformer, default_heads
+from modules.clip_blocks import LayerNorm, ResidualAttentionBlock, Transformer, default_heads
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +391,79 @@ def check_rerank_range(sim: torch.Tensor) -> None:
         raise ValueError(f"similarities must stay below {RERANK_OFFSET} for re-ranked candidates to rank first")
 
 
+def _as_slice(index: torch.Tensor) -> torch.Tensor | slice:
+    """``index`` (long ``[R]``, increasing) as a slice when it is a run of consecutive positions (a view, no copy)."""
+    first, last = int(index[0]), int(index[-1])
+    return slice(first, last + 1) if last - first + 1 == index.numel() else index
+
+
+def _block_rows(
+    block: ResidualAttentionBlock,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    out_rows: torch.Tensor | slice,
+    cols: torch.Tensor | slice,
+) -> torch.Tensor:
+    """One pre-LN block on ``x [B, S, D]`` computed only for the positions ``out_rows`` (local indices into S), which
+    attend to the positions ``cols`` with ``mask [B|1, 1, |out_rows|, |cols|]``; returns ``[B, |out_rows|, D]``.
+    Equals ``block(x, full_mask)[:, out_rows]`` when ``cols`` hold every position ``out_rows`` see."""
+    attn = block.attn
+    b, _, width = x.shape
+    heads, dim = attn.heads, width // attn.heads
+    h = block.ln_1(x)
+    q = F.linear(h[:, out_rows], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+    k, v = F.linear(h[:, cols], attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
+    q, k, v = (t.reshape(b, t.shape[1], heads, dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    y = x[:, out_rows] + attn.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], width))
+    return y + block.mlp(block.ln_2(y))
+
+
+def readout_plan(mask: torch.Tensor, rows: torch.Tensor, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (first to last) ``(out, cols)``, bool ``[N]`` each: the positions whose output that layer must
+    compute and the columns (keys/values) those positions see, for the hidden states at ``rows`` after ``layers``
+    layers under the additive ``mask [B|1, 1, N, N]``.
+
+    Going back from the last layer (``out`` = ``rows``), layer ``l`` must compute what layer ``l+1`` reads: its own
+    ``out`` (the residual) and its ``cols`` (seen in any batch row).
+    """
+    visible = (mask[:, 0] == 0).any(dim=0)  # [N, N]: row sees column in some batch row
+    needed = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
+    needed[rows] = True
+    plan = []
+    for _ in range(layers):
+        cols = visible[needed].any(dim=0)
+        plan.append((needed, cols))
+        needed = needed | cols
+    return plan[::-1]
+
+
+def transformer_rows(transformer: Transformer, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``transformer(x, mask)[:, rows]`` computing each layer only where the result depends on it
+    (:func:`readout_plan`): every other query, attention row and MLP row is skipped.
+
+    ``x [B, N, D]``, additive ``mask [B|1, 1, N, N]`` (0 visible, ``-inf`` hidden), ``rows`` long ``[R]``. In the
+    prefix LM with bridges (read-out at one text slot) the last layer runs one query over the keys/values of bridges
+    + text, the one before skips the video rows' queries and MLPs, the others run in full. Equal to the full pass to
+    float tolerance (the same arithmetic per position, on matrices of other shapes).
+    """
+    plan = readout_plan(mask, rows, len(transformer.resblocks))
+    available = plan[0][0] | plan[0][1]
+    if not bool(available.all()):
+        x = x[:, available]
+    for block, (out, cols) in zip(transformer.resblocks, plan, strict=True):
+        if bool(available.all() & out.all()):  # a full layer: the plain block
+            x = block(x, mask)
+            continue
+        local = available.long().cumsum(0) - 1  # position -> index into the current x
+        out_idx, col_idx = out.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+        sub_mask = mask[:, :, out_idx][:, :, :, col_idx]
+        x = _block_rows(block, x, sub_mask, _as_slice(local[out_idx]), _as_slice(local[col_idx]))
+        available = out
+    local = available.long().cumsum(0) - 1
+    return x[:, local[rows]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The inputs of one fusion pass
 # ----------------------------------------------------------------------------------------------------------------
@@ -601,6 +674,12 @@ class MemBridgeFusion(nn.Module):
 
     def _fuse(self, inputs: FusionInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`fuse` with its details."""
+        x, mask, details = self._sequence(inputs)
+        return self.transformer(x, mask), details
+
+    def _sequence(self, inputs: FusionInputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The transformer's input ``x [B, N, D]``, its additive mask ``[B, 1, N, N]`` and the details of
+        :meth:`fuse` (everything :meth:`fuse` does before the transformer)."""
         t = inputs.frame_feats.shape[1]
         frame_feats = inputs.frame_feats
         v_sep = video_sep_token(frame_feats, inputs.video_mask)
@@ -617,7 +696,7 @@ class MemBridgeFusion(nn.Module):
         details = {"fusion_inputs": x, "attention_mask": mask}
         if memory_attention is not None:
             details["memory_attention"] = memory_attention
-        return self.transformer(x, mask), details
+        return x, mask, details
 
     # -- heads ----------------------------------------------------------------------------------------------------
 
@@ -720,6 +799,27 @@ class MemBridgeFusion(nn.Module):
         prefix = torch.as_tensor(inputs.plm_prefix, device=hidden.device).expand(hidden.shape[0])
         out = hidden[rows, self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1]
         return self.vocab_logits(out, weight=weight), details
+
+    def vocab_logits_factored(self, hidden: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """:meth:`vocab_logits` as ``(dropout(h) @ P) @ E_tok^T + b``, without forming ``P @ E_tok^T`` (``D x D x V``
+        multiply-adds): cheaper whenever fewer than ``V`` rows are scored with one weight, as in a decode (steps x
+        beams x videos rows). Equal to float tolerance."""
+        h = self.head_dropout(hidden) @ self.vocab_proj.to(hidden.dtype)
+        return h @ token_embedding.t().to(hidden.dtype) + self.vocab_bias.to(hidden.dtype)
+
+    def next_token_logits_pruned(self, inputs: FusionInputs, token_embedding: torch.Tensor) -> torch.Tensor:
+        """:meth:`next_token_logits` (logits ``[R, V]`` only) through :func:`transformer_rows` (the layers run only
+        where the read-out slots depend on them) and :meth:`vocab_logits_factored`: caption decoding's fast path,
+        equal to float tolerance."""
+        if inputs.mode != "plm":
+            raise ValueError(f"next_token_logits_pruned needs a 'plm' pass, got mode {inputs.mode!r}")
+        x, mask, _ = self._sequence(inputs)
+        prefix = torch.as_tensor(inputs.plm_prefix, device=x.device).expand(x.shape[0])
+        slots = self.text_offset(inputs.frame_feats.shape[1]) + prefix + 1
+        unique, which = slots.unique(return_inverse=True)
+        hidden = transformer_rows(self.transformer, x, mask, unique)
+        out = hidden[torch.arange(x.shape[0], device=x.device), which]
+        return self.vocab_logits_factored(out, token_embedding)
 
     # -- objectives -----------------------------------------------------------------------------------------------
 

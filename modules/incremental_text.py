@@ -64,7 +64,7 @@ def _block_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre-LN block on the new positions ``x [N, n, W]`` attending to the cache plus themselves.
 
-    Returns ``(x_out [N, n, W], k [N, H, n, Dh], v [N, H, n, Dh])`` (keys/values of the new positions).
+    Returns ``(x_out [N, n, W], keys [N, H, t+n, Dh], values [N, H, t+n, Dh])`` (the cache plus the new positions).
     """
     attn = block.attn
     rows, n, width = x.shape
@@ -73,7 +73,7 @@ def _block_step(
     keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
     x = x + attn.out_proj(out.transpose(1, 2).reshape(rows, n, width))
-    return x + block.mlp(block.ln_2(x)), k, v
+    return x + block.mlp(block.ln_2(x)), keys, values
 
 
 def extend_text_cache(
@@ -102,9 +102,9 @@ def extend_text_cache(
         mask[0, start + 1] = float("-inf")
     keys, values = [], []
     for block, past_k, past_v in zip(clip.transformer.resblocks, cache.keys, cache.values, strict=True):
-        x, k, v = _block_step(block, x, past_k, past_v, mask)
-        keys.append(torch.cat([past_k, k[:, :, :1]], dim=2))
-        values.append(torch.cat([past_v, v[:, :, :1]], dim=2))
+        x, layer_keys, layer_values = _block_step(block, x, past_k, past_v, mask)
+        keys.append(layer_keys[:, :, : start + 1])  # a view without the probe: no second copy of the cache
+        values.append(layer_values[:, :, : start + 1])
     feats = clip.ln_final(x) @ clip.text_projection
     probe = feats[:, 1] if probe_id is not None else None
     return feats[:, 0], probe, TextKVCache(tuple(keys), tuple(values))

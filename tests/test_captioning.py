@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.builders import build_model
-from modules.fusion import encode_text_with_probes, plm_targets
+from modules.fusion import FusionInputs, encode_text_with_probes, plm_targets, readout_plan, transformer_rows
 from modules.incremental_text import TextKVCache, extend_text_cache
 from modules.membridge import MemBridgeModel
 from tests.fusion_fixtures import EOT, FRAMES, SOT, WORDS, stage2_batch, text_batch, tiny_model
@@ -70,13 +70,85 @@ def test_incremental_text_encoder_equals_full_encoding(model):
 # ------------------------------------------------------------------------------------------------------- decoding
 
 
-@pytest.mark.parametrize("beam_size", [1, 3])
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
 def test_cached_decoding_equals_naive_reencoding(model, videos, beam_size):
     frames, mask = videos
     cached = generate_captions(model, frames, mask, MAX_LEN, beam_size=beam_size, bos=SOT)
     naive = generate_captions(model, frames, mask, MAX_LEN, beam_size=beam_size, bos=SOT, use_cache=False)
     assert cached.shape[1] > 3  # long enough that the cache is really used
     assert torch.equal(cached, naive)
+
+
+def _plm_inputs(frames: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor, seed: int) -> FusionInputs:
+    """A prefix-LM pass over random text features with per-row prefixes (slots ``0 .. max(prefix)+1``)."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = int(prefix.max()) + 2
+    feats = torch.randn(frames.shape[0], slots, frames.shape[-1], generator=gen)
+    probe = torch.randn(frames.shape[0], frames.shape[-1], generator=gen)
+    text_mask = torch.ones(frames.shape[0], slots, dtype=torch.long)
+    return FusionInputs.prefix_lm(frames, mask, feats, text_mask, prefix, probe)
+
+
+@torch.no_grad()
+def test_readout_plan_skips_what_the_scored_slot_does_not_read(model, videos):
+    """Prefix LM with bridges: the last layer computes the scored slot only, over bridge + text keys; the layer
+    before skips the video rows' outputs (only bridges + text read them next); earlier layers compute everything."""
+    frames, mask = videos
+    fusion = model.fusion
+    i, t, k = 4, FRAMES, fusion.num_bridges
+    _, attn_mask, _ = fusion._sequence(_plm_inputs(frames, mask, torch.full((NUM_VIDEOS,), i), seed=0))
+    n = attn_mask.shape[-1]
+    slot = t + 1 + k + i + 1
+    plan = readout_plan(attn_mask, torch.tensor([slot]), fusion.config.layers)
+    (last_out, last_cols), (prev_out, prev_cols) = plan[-1], plan[-2]
+    assert last_out.nonzero().squeeze(1).tolist() == [slot]
+    assert last_cols.nonzero().squeeze(1).tolist() == list(range(t + 1, n))  # bridges + text 0 .. i+1
+    assert prev_out.nonzero().squeeze(1).tolist() == list(range(t + 1, n))  # no video row
+    assert bool(prev_cols.all())  # bridges read every column
+    assert all(bool(out.all()) and bool(cols.all()) for out, cols in plan[:-2])
+
+
+@pytest.mark.parametrize("bridge_source", ["memory", "none"])
+@torch.no_grad()
+def test_pruned_fusion_equals_the_full_pass(videos, bridge_source):
+    """transformer_rows / next_token_logits_pruned against the full pass, with a padded frame, per-row prefixes and
+    (``none``) the ablation where video and text see each other directly."""
+    frames, mask = videos
+    model = tiny_model(seed=4, bridge_source=bridge_source).eval()
+    fusion, embedding = model.fusion, model.encoder.clip.token_embedding.weight
+    prefix = torch.tensor([0, 5, 2])
+    inputs = _plm_inputs(frames, mask, prefix, seed=1)
+    x, attn_mask, _ = fusion._sequence(inputs)
+    full = fusion.transformer(x, attn_mask)
+    rows = torch.tensor([fusion.text_offset(FRAMES) + 1, x.shape[1] - 1, FRAMES])
+    assert torch.allclose(transformer_rows(fusion.transformer, x, attn_mask, rows), full[:, rows], atol=ATOL)
+    hidden_frame = attn_mask.clone()
+    hidden_frame[..., FRAMES - 1] = float("-inf")  # a column no row sees is left out from layer 0 on
+    plan = readout_plan(hidden_frame, rows, fusion.config.layers)
+    assert not bool(plan[0][0][FRAMES - 1] | plan[0][1][FRAMES - 1])
+    expected_rows = fusion.transformer(x, hidden_frame)[:, rows]
+    assert torch.allclose(transformer_rows(fusion.transformer, x, hidden_frame, rows), expected_rows, atol=ATOL)
+    expected, _ = fusion.next_token_logits(inputs, fusion.vocab_weight(embedding))
+    pruned = fusion.next_token_logits_pruned(inputs, embedding)
+    assert pruned.shape == expected.shape == (NUM_VIDEOS, embedding.shape[0])
+    assert torch.allclose(pruned, expected, atol=ATOL)
+    hidden = torch.randn(4, fusion.config.width)
+    factored = fusion.vocab_logits_factored(hidden, embedding)
+    assert torch.allclose(factored, fusion.vocab_logits(hidden, token_embedding=embedding), atol=ATOL)
+
+
+@torch.no_grad()
+def test_cached_step_logits_equal_naive_step_logits(model, videos):
+    """Step by step along one teacher-forced prefix, the cached step's log-probabilities equal the plain step's."""
+    frames, mask = videos
+    ids, _ = text_batch([WORDS] * NUM_VIDEOS, seed=7)
+    cached, naive = FusionCaptioner(model, frames, mask), FusionCaptioner(model, frames, mask, use_cache=False)
+    cached_state, naive_state = cached.initial_state(), naive.initial_state()
+    assert cached.vocab_weight is None  # the fast path never forms P @ E_tok^T
+    for i in range(WORDS - 1):
+        fast, cached_state = cached.step(ids[:, : i + 1], cached_state)
+        plain, naive_state = naive.step(ids[:, : i + 1], naive_state)
+        assert torch.allclose(fast, plain, atol=ATOL), f"step {i}"
 
 
 def test_beam_size_one_equals_greedy(model, videos):

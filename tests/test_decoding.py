@@ -255,7 +255,8 @@ def test_beam_state_follows_beams(beam_size: int) -> None:
     assert torch.equal(tokens, plain_tokens) and torch.equal(scores, plain_scores)
     assert scorer.reorders[0] == torch.arange(3).repeat_interleave(beam_size).tolist()  # videos expanded to beams
     rows_seen = scorer.rows_per_step
-    assert all(n % beam_size == 0 for n in rows_seen) and rows_seen[0] == 3 * beam_size
+    assert rows_seen[0] == 3  # the first step scores [BOS] once per video, not once per beam
+    assert all(n % beam_size == 0 for n in rows_seen[1:]) and rows_seen[1] == 3 * beam_size
 
 
 def test_bad_settings_and_bad_scorer_raise() -> None:

@@ -8,11 +8,18 @@ token ``i+1``. The bridge tokens are read from the memory with ``v_sep`` and the
 the text block is causal, bridge rows see text slots ``0 .. i+1`` only and video rows no text, so the slots after
 ``i+1`` that training carries change nothing and are left out.
 
-What is reused across steps: the frame features (encoded once per video), ``P @ E_tok^T`` (once per decode) and,
-with ``use_cache`` (the default), the CLIP text encoder's per-layer keys/values of the prefix
-(:mod:`modules.incremental_text`), so a step encodes only the new token and the EOT probe. The fusion itself runs
-every step (the bridge tokens depend on the prefix). ``use_cache=False`` re-encodes ``[SOT, w1 .. wi]`` and
-``[SOT, w1 .. wi, EOT]`` with ``encode_text_tokens`` at every step: the plain reference the cache is tested against.
+What is reused, and what cannot be: the frame features are encoded once per video, and beam search scores
+``[SOT]`` once per video before expanding to the beams; videos x beams run as one batch. With ``use_cache`` (the
+default) the CLIP text encoder keeps the per-layer keys/values of the prefix (:mod:`modules.incremental_text`), so a
+step encodes only the new token and the EOT probe. The fusion cannot be cached across steps: the bridge tokens are
+read with the probe, so they change every step, and every row downstream of them does too (video rows see bridge
+columns from layer 1 on, text rows from layer 0). What the cached path still saves in the fusion is what the scored
+slot never reads (:meth:`MemBridgeFusion.next_token_logits_pruned`: the last layer runs one query over bridge + text
+keys, the one before skips the video rows' outputs), and it never forms ``P @ E_tok^T [D, V]``: the head is applied
+factored (``D x D x V`` multiply-adds saved per decode). ``use_cache=False`` re-encodes ``[SOT, w1 .. wi]`` and
+``[SOT, w1 .. wi, EOT]`` with ``encode_text_tokens`` at every step and runs the full training read-out
+(:meth:`MemBridgeFusion.next_token_logits`): the plain reference the fast path is tested against (same tokens, logits
+to float tolerance).
 """
 
 from __future__ import annotations
@@ -74,7 +81,9 @@ class FusionCaptioner:
         self.video_mask = video_mask
         self.use_cache = use_cache
         self.eot_id = self.fusion.config.eot_token_id
-        self.vocab_weight = self.fusion.vocab_weight(self.clip.token_embedding.weight)  # [D, V], once per decode
+        # The plain path reads out as training does (P @ E_tok^T [D, V], once per decode); the cached path never
+        # forms it (vocab_logits_factored: a decode scores far fewer than V rows).
+        self.vocab_weight = None if use_cache else self.fusion.vocab_weight(self.clip.token_embedding.weight)
 
     @property
     def batch_size(self) -> int:
@@ -103,11 +112,11 @@ class FusionCaptioner:
                 )
             feat, probe, cache = extend_text_cache(self.clip, state.cache, tokens[:, -1], self.eot_id)
             token_feats = torch.cat([state.token_feats, feat.unsqueeze(1)], dim=1)
-        logits = self.next_token_logits(state.video_rows, token_feats, probe)
+        logits = self.next_token_logits(state.video_rows, token_feats, probe, pruned=state.cache is not None)
         return F.log_softmax(logits.float(), dim=-1), CaptionState(state.video_rows, token_feats, cache)
 
     def next_token_logits(
-        self, video_rows: torch.Tensor, token_feats: torch.Tensor, eot_probe: torch.Tensor
+        self, video_rows: torch.Tensor, token_feats: torch.Tensor, eot_probe: torch.Tensor, pruned: bool = False
     ) -> torch.Tensor:
         """Vocabulary logits ``[N, V]`` of slot ``i+1`` given the prefix features ``[N, i+1, D]``: the rows of
         :meth:`MemBridgeFusion.plm_objective`, through the same :meth:`FusionInputs.prefix_lm` and
@@ -118,7 +127,12 @@ class FusionCaptioner:
         prefix = torch.full((rows,), prefix_len - 1, dtype=torch.long, device=token_feats.device)
         frames = self.frame_feats[video_rows]
         inputs = FusionInputs.prefix_lm(frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe)
-        return self.fusion.next_token_logits(inputs, self.vocab_weight)[0]
+        if pruned:
+            return self.fusion.next_token_logits_pruned(inputs, self.clip.token_embedding.weight)
+        weight = self.vocab_weight
+        if weight is None:
+            weight = self.vocab_weight = self.fusion.vocab_weight(self.clip.token_embedding.weight)
+        return self.fusion.next_token_logits(inputs, weight)[0]
 
 
 @torch.no_grad()

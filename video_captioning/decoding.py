@@ -136,22 +136,28 @@ def beam_search(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search of ``batch_size`` videos at once (``batch_size * beam_size`` rows; see the module docstring).
 
-    ``init_state`` holds one row per video; ``reorder_fn`` expands it to the beams. Videos that are done leave
-    the batch. Returns the best hypothesis per video, tokens long ``[B, <= max_len]``, and its normalised score
+    ``init_state`` holds one row per video. The first step scores it as it is (every beam of a video holds the
+    same ``[BOS]``), then ``reorder_fn`` expands the scores' state to the beams. Videos that are done leave the
+    batch. Returns the best hypothesis per video, tokens long ``[B, <= max_len]``, and its normalised score
     float ``[B]``.
     """
     _check_settings(batch_size, max_len, beam_size)
     device = torch.device(device)
     k = beam_size
     videos = list(range(batch_size))  # video of each live group of k rows
-    state = reorder_fn(init_state, torch.arange(batch_size, device=device).repeat_interleave(k))
+    state = init_state
     tokens = torch.full((batch_size * k, 1), bos, dtype=torch.long, device=device)
     # Only beam 0 of each video is real at the start; the others (-inf) would duplicate it.
     sums = torch.full((batch_size, k), -math.inf, device=device)
     sums[:, 0] = 0.0
     finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch_size)]
     for length in range(1, max_len + 1):
-        logprobs, state = _step(step_fn, tokens, state)
+        if length == 1:  # all beams of a video hold [BOS]: score one row per video, then expand to the beams
+            logprobs, state = _step(step_fn, tokens[::k], state)
+            expand = torch.arange(batch_size, device=device).repeat_interleave(k)
+            logprobs, state = logprobs[expand], reorder_fn(state, expand)
+        else:
+            logprobs, state = _step(step_fn, tokens, state)
         vocab = logprobs.shape[1]
         candidates = (sums[:, :, None] + logprobs.view(-1, k, vocab)).view(-1, k * vocab)
         top_sums, top_index = candidates.topk(min(CANDIDATES_PER_BEAM * k, k * vocab), dim=1)
