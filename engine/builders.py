@@ -94,6 +94,7 @@ def cache_visual_features(args: argparse.Namespace, train_set, encoder: nn.Modul
         "pad_frames": args.pad_frames,
         "feature_framerate": args.feature_framerate,
         "image_size": image_size,
+        "transform": args.transform,
         "train_datatype": args.train_datatype,
     }
     cache_root = Path(args.visual_cache_dir or Path(args.output_dir) / "visual_cache")

@@ -325,6 +325,7 @@ def open_corpus(
         "frame_order": f.eval_frame_order,
         "pad_frames": f.pad_frames,
         "image_size": search.transform.image_size,
+        "transform": search.transform.backend,
     }
     if videos is not None:
         folder = Path(videos)
