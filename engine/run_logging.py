@@ -42,7 +42,7 @@ def release_output_dir() -> None:
     held = _held_lock.pop("file", None)
     _held_lock.pop("path", None)
     if held is not None:
-        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
+        fcntl.lockf(held.fileno(), fcntl.LOCK_UN)
         held.close()
 
 
@@ -54,7 +54,9 @@ def _lock(output_dir: Path) -> str | None:
     release_output_dir()  # a new run in this process: the previous one has ended
     handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the process ends
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock, not flock: it belongs to this process alone, so the DataLoader workers it forks do not
+        # inherit it, and a SIGKILLed run frees the folder at once (an flock would live on in its orphaned workers).
+        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
         owner = handle.read().strip() or "unknown"

@@ -8,6 +8,7 @@ global batch 4 over 2 gloo ranks = 6 steps, a checkpoint every 2 steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -355,6 +356,31 @@ def test_a_concurrent_run_into_the_same_output_dir_is_refused(tmp_path):
     finally:
         holder.communicate("\n", timeout=LAUNCH_TIMEOUT)
     claim_output_dir(out, None, is_main=True)  # the lock dies with its process
+
+
+HOLD_LOCK_WITH_CHILD = (
+    "import os, sys, time; from engine.run_logging import claim_output_dir; claim_output_dir(sys.argv[1], None, True)\n"
+    "child = os.fork()  # like a DataLoader worker: it inherits every open file of the run\n"
+    "if child == 0:\n    time.sleep(60); os._exit(0)\n"
+    "print(child, flush=True); time.sleep(60)"
+)
+
+
+def test_a_killed_run_frees_its_output_dir_even_while_its_forked_workers_live(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_WITH_CHILD, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ConfigError, match="in use by another run"):
+            claim_output_dir(out, "auto", is_main=True)
+        holder.kill()  # SIGKILL: the run dies, its forked worker lives on
+        holder.wait(timeout=LAUNCH_TIMEOUT)
+        os.kill(child, 0)  # still alive
+        claim_output_dir(out, "auto", is_main=True)  # a --resume can start at once
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_training_into_a_used_output_dir_stops_before_touching_it(synthetic_small, tmp_path):
