@@ -435,3 +435,22 @@ def test_mcq_stage1_learns_on_small_synthetic_set(synthetic_small, tmp_path):
     assert "(stage1_aux.bridge) not loaded" in log and ", 0 missing, 0 unexpected" in log
     again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert again["t2v_R1"] == pytest.approx(result["t2v_R1"])
+
+
+@pytest.mark.parametrize(
+    ("script", "frames", "question", "lr", "init"),
+    [
+        ("start_clip_mcq_1frame.sh", 1, "noun", 1e-4, None),
+        ("start_clip_mcq_4frame_noun.sh", 4, "noun", 3e-5, "/ckpt"),
+        ("start_clip_mcq_4frame_verb.sh", 4, "verb", 1e-5, "/ckpt"),
+    ],
+)
+def test_curriculum_launch_scripts(tmp_path, script, frames, question, lr, init):
+    from engine.flags import build_parser
+    from tests.test_launch_scripts import DEFAULT_NODE_FLAGS, launch, split_entry
+
+    entry, flags = split_entry(launch(tmp_path, script)[len(DEFAULT_NODE_FLAGS) :])
+    args = build_parser("clip").parse_args(flags)
+    assert entry == "main_task_clip.py" and args.stage1_objective == "mcq" and args.phrase_file
+    assert (args.max_frames, args.mcq_question, args.lr, args.init_model) == (frames, question, lr, init)
+    assert (args.visual_pretrain_path is None) == (init is not None)
