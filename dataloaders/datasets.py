@@ -3,7 +3,8 @@
 Items are dicts of tensors only (the default collate stacks them):
 
 - train retrieval / captioning: ``video`` float [T, 3, H, W], ``video_mask`` long [T], ``text_ids`` long [L],
-  ``text_mask`` long [L], ``video_index`` long scalar (into the dataset's ``video_ids``);
+  ``text_mask`` long [L], ``video_index`` long scalar (into the dataset's ``video_ids``); with MCQ's questions
+  (``extra_items``, dataloaders/mcq_questions.py) also ``mcq_question_ids/mask`` and ``mcq_answer_ids/mask`` long [L];
 - eval retrieval: ``.video_dataset()`` items ``video, video_mask, video_index``; ``.text_dataset()`` items
   ``text_ids, text_mask, text_index``;
 - eval captioning: ``video, video_mask, video_index`` (references in ``.references``);
