@@ -454,3 +454,32 @@ def test_curriculum_launch_scripts(tmp_path, script, frames, question, lr, init)
     assert entry == "main_task_clip.py" and args.stage1_objective == "mcq" and args.phrase_file
     assert (args.max_frames, args.mcq_question, args.lr, args.init_model) == (frames, question, lr, init)
     assert (args.visual_pretrain_path is None) == (init is not None)
+
+
+@pytest.mark.slow
+def test_mcq_two_gloo_ranks_equal_one_process(synthetic_small, tmp_path):
+    """The MCQ losses are over the global batch (gathers keep the local gradient): 2 ranks x 2 samples train exactly
+    as 1 process x 4 samples, bridge included."""
+    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+
+    flags = ("--max_steps", "3", "--epochs", "1", "--stage1_objective", "mcq", "--mcq_question", "mixed",
+             "--phrase_file", str(synthetic_small / "webvid" / "noun_verb.tsv"))  # fmt: skip
+    run_script(stage1_flags(synthetic_small, tmp_path / "one", *flags), nproc=1)
+    run_script(stage1_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-5, abs=1e-6)
+    w1, w2 = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys() and any(name.startswith("stage1_aux.bridge.") for name in w1)
+    for name in w1:
+        a, b = w1[name], w2[name]
+        if name.endswith("attn.in_proj_bias"):
+            # The key bias has an exactly zero gradient (softmax ignores a per-query constant): Adam normalises the
+            # rounding noise into updates of up to lr per step, different in 1 and 2 processes. Checked to 3 x lr.
+            width = a.shape[0] // 3
+            torch.testing.assert_close(a[width : 2 * width], b[width : 2 * width], rtol=0, atol=3e-3, msg=name)
+            a, b = torch.cat([a[:width], a[2 * width :]]), torch.cat([b[:width], b[2 * width :]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "scalars.jsonl").read_text().splitlines()]
+    assert all(row["train/mcq"] > 0 for row in rows if "train/mcq" in row)
