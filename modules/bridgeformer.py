@@ -25,7 +25,7 @@ was never released** (TencentARC/MCQ issues #5 and #14). This module follows the
   patches (question padding is not applied there, as in MCQ: outputs at valid positions do not depend on it); in the
   bridge self-attention the bridge CLS attends to all bridge tokens and a frame-``t`` token to ``[bridge CLS; frame t
   tokens]``, with padded question positions **and padded frames** hidden as keys by ``-inf``-style masking (MCQ adds
-  ``-10000`` and has no frame mask);
+  ``-10000`` and has no frame mask: ``frame_mask=False``, selected by ``--official_quirks``, attends padded frames);
 - **init**: MCQ's 1-frame init for the whole bridge (the README says MCQ-CLIP used a random BridgeFormer):
   trunc-normal(0.02) Linear weights, zero biases, LayerNorm 1/0; LayerNorm eps 1e-6 and erf-GELU as in MCQ.
 
@@ -67,6 +67,7 @@ class BridgeFormerConfig:
     layer_map: str = "half"
     global_query: str = "eot"
     mlp_ratio: float = 4.0
+    frame_mask: bool = True  # False (--official_quirks): padded frames are attended as real ones, as in MCQ
 
     def __post_init__(self) -> None:
         if self.layer_map not in LAYER_MAPS:
@@ -77,11 +78,14 @@ class BridgeFormerConfig:
             raise ConfigError(f"bridge width {self.width} is not divisible by {self.heads} heads")
 
     @classmethod
-    def for_clip(cls, clip: CLIP, layer_map: str = "half", global_query: str = "eot") -> BridgeFormerConfig:
+    def for_clip(
+        cls, clip: CLIP, layer_map: str = "half", global_query: str = "eot", frame_mask: bool = True
+    ) -> BridgeFormerConfig:
         c = clip.config
         return cls(
             width=c.vision_width, text_width=c.transformer_width, heads=c.vision_heads, layers=c.vision_layers,
             text_layers=c.transformer_layers, embed_dim=c.embed_dim, layer_map=layer_map, global_query=global_query,
+            frame_mask=frame_mask,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -286,6 +290,8 @@ class BridgeFormer(nn.Module):
         global_pos, frame_pos, frame_query_mask = query_positions(question_ids, question_mask, c.global_query)
         per_frame = frame_pos.shape[1]
         dtype = video_layers[0].dtype
+        if not c.frame_mask:
+            video_mask = torch.ones_like(video_mask)
         cross_mask = additive(cross_attention_allowed(frames, per_frame, patches, video_mask), dtype)
         key_valid = (frame_query_mask[:, None, :] * (video_mask[:, :, None] > 0)).reshape(b, frames * per_frame)
         key_valid = torch.cat([torch.ones_like(key_valid[:, :1]), key_valid], dim=1)

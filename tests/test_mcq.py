@@ -483,3 +483,52 @@ def test_mcq_two_gloo_ranks_equal_one_process(synthetic_small, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     rows = [json.loads(line) for line in (tmp_path / "two" / "scalars.jsonl").read_text().splitlines()]
     assert all(row["train/mcq"] > 0 for row in rows if "train/mcq" in row)
+
+
+def test_official_quirks_bridge_attends_padded_frames():
+    model, ids, qmask, video, video_mask = _tiny_inputs()
+    torch.manual_seed(3)
+    quirky = BridgeFormer(BridgeFormerConfig.for_clip(model.encoder.clip, frame_mask=False))
+    masked = BridgeFormer(BridgeFormerConfig.for_clip(model.encoder.clip))
+    masked.load_state_dict(quirky.state_dict())
+    with torch.no_grad():
+        _, layers = model.encoder.encode_video(video, video_mask, return_layer_tokens=True)
+        states = question_layer_states(model.encoder.clip, ids)
+        got = quirky(layers, video_mask, states, ids, qmask)
+        all_real = masked(layers, torch.ones_like(video_mask), states, ids, qmask)
+        intended = masked(layers, video_mask, states, ids, qmask)
+    torch.testing.assert_close(got, all_real)
+    assert torch.equal(got[0], intended[0]) and not torch.allclose(got[2], intended[2])  # sample 0 has no padding
+
+
+def test_mcq_flag_rules_and_phrase_coverage(tmp_path):
+    from dataloaders.errors import ConfigError
+    from video_text_retrieval.stage1 import check_mcq, prepare_mcq_set
+
+    args = argparse.Namespace(do_train=True, phrase_file=None, sim_header="meanP")
+    with pytest.raises(ConfigError, match="pass --phrase_file"):
+        check_mcq(args)
+    with pytest.raises(ConfigError, match="dual-encoder"):
+        check_mcq(argparse.Namespace(do_train=True, phrase_file="p.tsv", sim_header="tightTransf"))
+    tsv = _write_tsv(tmp_path / "p.tsv", ["a red circle\tother\t['red circle']\t[]"])
+    flags = argparse.Namespace(phrase_file=str(tsv), official_quirks=False, max_words=12, mcq_question="noun",
+                               mcq_mask_id=0, mcq_answer_prompt=3)  # fmt: skip
+    dataset = argparse.Namespace(video_ids=["video0", "video1"], extra_items=None)
+    with pytest.raises(ConfigError, match="no row for any of the 2 training videos"):
+        prepare_mcq_set(flags, dataset)
+
+
+def test_mcq_clip_checkpoint_layout_loads_as_clip_weights(tmp_path):
+    """MCQ_CLIP.pth (§A.12): an OpenAI-layout CLIP under ``state_dict`` with DDP ``module.`` prefixes, next to
+    trainer entries. Without its pickled ConfigParser (which no weights-only reader accepts) it loads as CLIP."""
+    from modules.clip_model import CLIP, load_clip
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig.from_json(TINY))
+    wrapped = {"arch": "MCQ", "epoch": 3, "monitor_best": 0.5,
+               "state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}}  # fmt: skip
+    path = tmp_path / "MCQ_CLIP.pth"
+    torch.save(wrapped, path)
+    loaded = load_clip(path=path, config=CLIPConfig.from_json(TINY))
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name].float(), tensor.float()), name

@@ -165,7 +165,9 @@ def check_mcq(args: argparse.Namespace) -> None:
 
 
 def build_mcq_task(args: argparse.Namespace, model: MemBridgeModel) -> MCQTask:
-    config = BridgeFormerConfig.for_clip(model.encoder.clip, args.bridge_text_layer_map, args.bridge_global_query)
+    config = BridgeFormerConfig.for_clip(
+        model.encoder.clip, args.bridge_text_layer_map, args.bridge_global_query, frame_mask=not args.official_quirks
+    )
     bridge = BridgeFormer(config).to(model.encoder.logit_scale.device)
     if args.precision == "fp16":
         convert_weights_fp16(bridge)
