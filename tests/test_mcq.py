@@ -532,3 +532,41 @@ def test_mcq_clip_checkpoint_layout_loads_as_clip_weights(tmp_path):
     loaded = load_clip(path=path, config=CLIPConfig.from_json(TINY))
     for name, tensor in clip.state_dict().items():
         assert torch.equal(loaded.state_dict()[name].float(), tensor.float()), name
+
+
+@pytest.mark.slow
+def test_mcq_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
+    """The bridge (``stage1_aux.bridge.*``), its optimizer state and the question draws resume exactly."""
+    import signal
+    import time
+
+    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+
+    # no DataLoader workers: a killed run's workers keep its output-folder lock until they notice (up to 5 s)
+    flags = ("--epochs", "2", "--save_steps", "2", "--stage1_objective", "mcq", "--mcq_question", "mixed",
+             "--num_thread_reader", "0", "--phrase_file", str(synthetic_small / "webvid" / "noun_verb.tsv"))  # fmt: skip
+    full = tmp_path / "full"
+    run_script(stage1_flags(synthetic_small, full, *flags))
+    reference = losses(full)
+    assert len(reference) == 12
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *stage1_flags(synthetic_small, killed, *flags)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "ckpt" / "latest").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = int((killed / "ckpt" / "latest").read_text().strip().split("-")[1])
+    assert interrupted_at < 12
+    run_script(stage1_flags(synthetic_small, killed, *flags, "--resume"))
+    resumed = losses(killed)
+    for step in range(interrupted_at + 1, 13):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    w_full, w_resumed = latest_weights(full), latest_weights(killed)
+    assert any(name.startswith("stage1_aux.bridge.") for name in w_full) and w_full.keys() == w_resumed.keys()
+    for name in w_full:
+        torch.testing.assert_close(w_resumed[name], w_full[name], rtol=1e-5, atol=1e-6, msg=name)
