@@ -543,8 +543,9 @@ def test_mcq_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
     from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
 
     # no DataLoader workers: a killed run's workers keep its output-folder lock until they notice (up to 5 s)
+    phrases = str(synthetic_small / "webvid" / "noun_verb.tsv")
     flags = ("--epochs", "2", "--save_steps", "2", "--stage1_objective", "mcq", "--mcq_question", "mixed",
-             "--num_thread_reader", "0", "--phrase_file", str(synthetic_small / "webvid" / "noun_verb.tsv"))  # fmt: skip
+             "--num_thread_reader", "0", "--phrase_file", phrases)  # fmt: skip
     full = tmp_path / "full"
     run_script(stage1_flags(synthetic_small, full, *flags))
     reference = losses(full)
