@@ -120,18 +120,13 @@ def divided_attention_allowed(frames: int, per_frame: int, key_valid: torch.Tens
     return allowed[None] & (key_valid[:, None, :] > 0)
 
 
-def cross_attention_allowed(frames: int, per_frame: int, patches: int, frame_valid: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[B, 1 + frames * per_frame, frames * patches]``: the global query (row 0) attends to the patches of
-    every real frame (``frame_valid [B, frames]``; all frames when none is real); the frame-``t`` copy of each other
-    query attends to frame ``t``'s patches."""
-    device = frame_valid.device
-    query_frame = torch.arange(frames, device=device).repeat_interleave(per_frame)
-    key_frame = torch.arange(frames, device=device).repeat_interleave(patches)
-    local = (query_frame[:, None] == key_frame[None, :])[None].expand(frame_valid.shape[0], -1, -1)
+def global_query_keys(frame_valid: torch.Tensor, patches: int) -> torch.Tensor:
+    """Boolean ``[B, frames * patches]``: the patches the global query attends to, those of every real frame
+    (``frame_valid [B, frames]``; every frame when none is real). The per-frame queries of frame ``t`` attend to all
+    of frame ``t``'s patches (computed frame by frame, no mask)."""
     real = frame_valid > 0
     real = torch.where(real.any(dim=1, keepdim=True), real, torch.ones_like(real))
-    global_row = real.repeat_interleave(patches, dim=1)[:, None, :]
-    return torch.cat([global_row, local], dim=1)
+    return real.repeat_interleave(patches, dim=1)
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -185,15 +180,27 @@ class CrossAttention(nn.Module):
         self.kv_video = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, queries: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``queries [B, Nq, Wt]``, ``video [B, Nk, W]``, additive ``mask [B, 1, Nq, Nk]`` -> ``[B, Nq, W]``."""
-        b, nq, _ = queries.shape
-        q = self.q_question(queries)
-        k, v = self.kv_video(video).chunk(2, dim=-1)
-        width = q.shape[-1]
-        q, k, v = (t.reshape(b, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(b, nq, width))
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        return x.reshape(n, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, global_query: torch.Tensor, frame_queries: torch.Tensor, video: torch.Tensor,
+                global_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``global_query [B, 1, Wt]``, ``frame_queries [B, M, Wt]``, ``video [B, T, P, W]``, additive
+        ``global_mask [B, 1, 1, T*P]`` -> ``[B, 1 + T*M, W]``: the global query over every real frame's patches,
+        then frame by frame (frame-major) the ``M`` queries over that frame's patches."""
+        b, frames, patches, width = video.shape
+        m = frame_queries.shape[1]
+        k, v = self.kv_video(video).chunk(2, dim=-1)  # [B, T, P, W]
+        q_global = self._heads(self.q_question(global_query))
+        k_all, v_all = (self._heads(t.reshape(b, frames * patches, width)) for t in (k, v))
+        out_global = F.scaled_dot_product_attention(q_global, k_all, v_all, attn_mask=global_mask.to(q_global.dtype))
+        q_frames = self.q_question(frame_queries)[:, None].expand(b, frames, m, width).reshape(b * frames, m, width)
+        k_frames, v_frames = (self._heads(t.reshape(b * frames, patches, width)) for t in (k, v))
+        out_frames = F.scaled_dot_product_attention(self._heads(q_frames), k_frames, v_frames)
+        out_global = out_global.transpose(1, 2).reshape(b, 1, width)
+        out_frames = out_frames.transpose(1, 2).reshape(b, frames * m, width)
+        return self.proj(torch.cat([out_global, out_frames], dim=1))
 
 
 class SelfAttention(nn.Module):
@@ -241,14 +248,16 @@ class BridgeBlock(nn.Module):
     def forward(
         self,
         bridge: torch.Tensor | None,
-        queries: torch.Tensor,
+        global_query: torch.Tensor,
+        frame_queries: torch.Tensor,
         video: torch.Tensor,
-        cross_mask: torch.Tensor,
+        global_mask: torch.Tensor,
         self_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """``bridge [B, N, W]`` (None in the first block), ``queries [B, N, Wt]`` (global + per-frame copies),
-        ``video [B, T*P, W]`` (this ViT block's input patches) -> the new bridge stream ``[B, N, W]``."""
-        t = self.crossattn(self.norm5(queries), self.norm4(video), cross_mask)
+        """``bridge [B, N, W]`` (None in the first block; ``N = 1 + T*M``), question states ``global_query
+        [B, 1, Wt]`` and ``frame_queries [B, M, Wt]``, ``video [B, T, P, W]`` (this ViT block's input patches) -> the
+        new bridge stream ``[B, N, W]``."""
+        t = self.crossattn(self.norm5(global_query), self.norm5(frame_queries), self.norm4(video), global_mask)
         if bridge is not None:
             t = t + bridge
         r = t + self.bridgeattn(self.norm7(t), self_mask)
@@ -292,7 +301,7 @@ class BridgeFormer(nn.Module):
         dtype = video_layers[0].dtype
         if not c.frame_mask:
             video_mask = torch.ones_like(video_mask)
-        cross_mask = additive(cross_attention_allowed(frames, per_frame, patches, video_mask), dtype)
+        global_mask = additive(global_query_keys(video_mask, patches)[:, None, :], dtype)  # [B, 1, 1, T*P]
         key_valid = (frame_query_mask[:, None, :] * (video_mask[:, :, None] > 0)).reshape(b, frames * per_frame)
         key_valid = torch.cat([torch.ones_like(key_valid[:, :1]), key_valid], dim=1)
         self_mask = additive(divided_attention_allowed(frames, per_frame, key_valid), dtype)
@@ -302,9 +311,8 @@ class BridgeFormer(nn.Module):
             states = question_states[c.text_state_index(index)]
             global_query = states[rows, global_pos][:, None]  # [B, 1, Wt]
             frame_queries = torch.gather(states, 1, frame_pos[..., None].expand(-1, -1, states.shape[-1]))
-            queries = torch.cat([global_query, frame_queries.repeat(1, frames, 1)], dim=1)
-            video = video_layers[index][:, :, 1:].reshape(b, frames * patches, -1)
-            bridge = block(bridge, queries, video, cross_mask, self_mask)
+            video = video_layers[index][:, :, 1:]
+            bridge = block(bridge, global_query, frame_queries, video, global_mask, self_mask)
         return self.bridge_proj(self.norm2(bridge)[:, 0])
 
 

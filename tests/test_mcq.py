@@ -34,8 +34,8 @@ from engine.checkpoint import load_weights
 from modules.bridgeformer import (
     BridgeFormer,
     BridgeFormerConfig,
-    cross_attention_allowed,
     divided_attention_allowed,
+    global_query_keys,
     query_positions,
     question_layer_states,
 )
@@ -160,12 +160,10 @@ def test_divided_attention_mask_by_hand():
     assert torch.equal(allowed[0], expected)
 
 
-def test_cross_attention_mask_by_hand():
-    # 2 frames (the second padded), 1 per-frame query, 2 patches per frame: keys [f0p0, f0p1, f1p0, f1p1]
-    allowed = cross_attention_allowed(2, 1, 2, torch.tensor([[1, 0], [0, 0]]))
-    expected0 = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
-    expected1 = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)  # no real frame: all
-    assert torch.equal(allowed[0], expected0) and torch.equal(allowed[1], expected1)
+def test_global_query_keys_by_hand():
+    # 2 frames (the second padded), 2 patches per frame: keys [f0p0, f0p1, f1p0, f1p1]; no real frame: every key
+    keys = global_query_keys(torch.tensor([[1, 0], [0, 0], [1, 1]]), 2)
+    assert keys.tolist() == [[True, True, False, False], [True] * 4, [True] * 4]
 
 
 def test_query_positions_by_hand():
