@@ -28,19 +28,23 @@ from engine.builders import build_model, build_pretrain_set
 from engine.flags import build_parser
 from engine.run import Job, cli, prepare_model, run_main
 from video_text_retrieval.settings import build_retrieval_evaluator
-from video_text_retrieval.task import ContrastiveTask
+from video_text_retrieval.stage1 import check_stage1_flags, stage1_objective
 
 
 def build(args, dist) -> Job:
-    """CLIP dual encoder (``--freeze_layer_num``, ``--precision``), InfoNCE on the global batch, retrieval test."""
+    """CLIP dual encoder (``--freeze_layer_num``, ``--precision``), the ``--stage1_objective`` task (clip: InfoNCE on
+    the global batch; mcq: + BridgeFormer, video_text_retrieval/stage1.py), retrieval test."""
     model = prepare_model(args, build_model(args, with_fusion=False))
     size = model.encoder.clip.config.image_resolution
     test = build_retrieval_evaluator(args, args.datatype, "test", size, dist) if args.val_csv else None
-    return Job(ContrastiveTask(model), train_set=lambda: build_pretrain_set(args, size), test=test)
+    objective = stage1_objective(args)
+    train_set = lambda: objective.prepare_train_set(args, build_pretrain_set(args, size))  # noqa: E731
+    return Job(objective.build_task(args, model), train_set=train_set, test=test)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_main(build_parser("clip", description=__doc__.split("\n\n")[0]), build, argv)
+    parser = build_parser("clip", description=__doc__.split("\n\n")[0])
+    return run_main(parser, build, argv, check=check_stage1_flags)
 
 
 if __name__ == "__main__":

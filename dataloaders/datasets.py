@@ -3,7 +3,8 @@
 Items are dicts of tensors only (the default collate stacks them):
 
 - train retrieval / captioning: ``video`` float [T, 3, H, W], ``video_mask`` long [T], ``text_ids`` long [L],
-  ``text_mask`` long [L], ``video_index`` long scalar (into the dataset's ``video_ids``);
+  ``text_mask`` long [L], ``video_index`` long scalar (into the dataset's ``video_ids``); with MCQ's questions
+  (``extra_items``, dataloaders/mcq_questions.py) also ``mcq_question_ids/mask`` and ``mcq_answer_ids/mask`` long [L];
 - eval retrieval: ``.video_dataset()`` items ``video, video_mask, video_index``; ``.text_dataset()`` items
   ``text_ids, text_mask, text_index``;
 - eval captioning: ``video, video_mask, video_index`` (references in ``.references``);
@@ -185,6 +186,9 @@ class RetrievalTrainDataset(_SkippingTrainDataset):
         self.read_video = _VideoReader(source, transform, video_keys)
         self.tokenizer = tokenizer
         self.max_words = max_words
+        # Optional per-sample extras ``(video_id, caption, rng) -> Item`` drawn after the caption and the frames,
+        # e.g. MCQ's questions and answers (dataloaders/mcq_questions.py); None adds nothing.
+        self.extra_items: Callable[[str, str, np.random.Generator], Item] | None = None
 
     def _sample(self, index: int, rng: np.random.Generator) -> Item:
         pair = self.pairs[index]
@@ -194,6 +198,8 @@ class RetrievalTrainDataset(_SkippingTrainDataset):
         item = {self.read_video.output_key: video, "video_mask": video_mask}
         item.update(_text_item(self.tokenizer, caption, self.max_words, "text"))
         item["video_index"] = _scalar(self._video_index[pair.video_id])
+        if self.extra_items is not None:
+            item.update(self.extra_items(pair.video_id, caption, rng))
         return item
 
 

@@ -13,6 +13,7 @@ Layout written under ``--output_dir`` (the same file formats as the real dataset
     msvd/train_list.txt  val_list.txt  test_list.txt  raw-captions.pkl
     msrvtt_qa/train.jsonl  val.jsonl  test.jsonl  train_ans2label.json
     webvid/frozen_train_labels.json  webvid/tfrecord/path-00000.tfrecord ... path.index   (train videos only)
+    webvid/noun_verb.tsv                            MCQ phrase file: exact noun / verb phrases of each WebVid caption
     manifest.json                                   counts, video format, vocabularies, chance levels, attributes
 
 Every video shows 1-3 shapes of one colour and one type that move left / right / up / down, grow or shrink. Each
@@ -50,6 +51,7 @@ from tqdm import tqdm
 
 from dataloaders import shard_build
 from dataloaders.errors import ConfigError, DataError
+from dataloaders.mcq_questions import format_phrase_row
 from dataloaders.tfrecord_format import RAW_FRAME_SIZE
 from dataloaders.tfrecord_io import read_index
 
@@ -161,6 +163,7 @@ TEXTURE_MAX_CYCLES = 3
 # thread); without it, repeated runs are byte-identical (checked with 24 concurrent runs).
 ENCODER_OPTIONS = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
 
+PHRASE_FILE_NAME = "noun_verb.tsv"  # under webvid/ (--phrase_file of --stage1_objective mcq)
 MSRVTT_SPLIT_NAMES = {"train": "train", "val": "validate", "test": "test"}
 SPLITS = ("train", "val", "test")
 MOTION_DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -408,6 +411,20 @@ def make_specs(sizes: dict[str, int], seed: int) -> list[SceneSpec]:
 
 def caption_variants(spec: SceneSpec) -> list[str]:
     """Every templated caption of the scene; each names the colour, shape, count and motion."""
+    return [caption for caption, _, _ in caption_variants_with_phrases(spec)]
+
+
+def caption_phrases(spec: SceneSpec, caption: str) -> tuple[list[str], list[str]]:
+    """The exact noun and verb phrases of one of the scene's captions (MCQ's questions, dataloaders/mcq_questions.py):
+    nouns ``"{c} {s}"`` (``"{s}"`` and ``"{c}"`` where the template separates them), verbs the motion phrase."""
+    for text, nouns, verbs in caption_variants_with_phrases(spec):
+        if text == caption:
+            return nouns, verbs
+    raise ValueError(f"{caption!r} is not a caption of scene {spec.video_id}")
+
+
+def caption_variants_with_phrases(spec: SceneSpec) -> list[tuple[str, list[str], list[str]]]:
+    """``(caption, nouns, verbs)`` for every templated caption of the scene (see :func:`caption_phrases`)."""
     plural = spec.count > 1
     if plural:
         count_phrases: tuple[str, ...] = (COUNT_WORDS[spec.count],)
@@ -421,7 +438,10 @@ def caption_variants(spec: SceneSpec) -> list[str]:
             for singular, plural_verb, gerund in MOTION_PHRASES[spec.motion]:
                 fields = {"n": count_phrase, "c": spec.color, "s": noun, "g": gerund}
                 fields |= {"v": plural_verb if plural else singular, "be": "are" if plural else "is"}
-                captions.append(template.format(**fields))
+                together = "{c} {s}" in template
+                nouns = [f"{spec.color} {noun}"] if together else [noun, spec.color]
+                verbs = [fields["v"] if "{v}" in template else gerund]
+                captions.append((template.format(**fields), nouns, verbs))
     return captions
 
 
@@ -446,6 +466,16 @@ def qa_items(spec: SceneSpec, rng: np.random.Generator) -> list[dict[str, str]]:
 
 
 # ---- writers ----------------------------------------------------------------------------------------------------
+def _write_phrase_file(path: Path, specs: list[SceneSpec], entries: list[dict[str, str]]) -> None:
+    """MCQ's noun/verb TSV (header, then caption, video id, nouns, verbs) with the exact phrases of each caption."""
+    by_id = {spec.video_id: spec for spec in specs}
+    lines = ["caption\tpath\tnoun\tverb"]
+    for entry in entries:
+        nouns, verbs = caption_phrases(by_id[entry["video_id"]], entry["caption"])
+        lines.append(format_phrase_row(entry["caption"], entry["video_id"], nouns, verbs))
+    _write_lines(path, lines)
+
+
 def _write_json(path: Path, data: Any, indent: int | None = None) -> None:
     path.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
 
@@ -675,6 +705,7 @@ def generate(
     (output_dir / "webvid").mkdir(parents=True, exist_ok=True)
     webvid = [{"video_id": spec.video_id, "caption": sample_captions(spec, 1, rng)[0]} for spec in train]
     _write_json(output_dir / "webvid" / "frozen_train_labels.json", webvid)
+    _write_phrase_file(output_dir / "webvid" / PHRASE_FILE_NAME, train, webvid)
 
     jobs = [(spec, fmt, output_dir / "videos") for spec in specs]
     with contextlib.ExitStack() as stack:

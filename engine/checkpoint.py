@@ -65,6 +65,9 @@ MAX_LISTED_KEYS = 20
 STEP_DIR_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 TEMP_DIR_RE = re.compile(rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)})(\d+)-(\d+)(?:-[0-9a-f]+)?$")
 SAFE_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
+TRAINING_ONLY_PREFIX = "stage1_aux."
+"""Training-only parts of a stage-1 objective (MCQ's BridgeFormer, ...; video_text_retrieval/stage1.py). A model
+without any of them (stage 2, retrieval, search) does not load them: one info line, not a missing/unexpected report."""
 
 StateDict = dict[str, torch.Tensor]
 KeyMap = Callable[[StateDict], StateDict]
@@ -583,6 +586,7 @@ def load_weights(
         loaded = key_map(loaded)
     target = unwrap_model(model)
     expected = target.state_dict()
+    loaded = _drop_training_only(loaded, expected, path)
     mismatched = [
         f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[name].shape)}"
         for name, t in loaded.items()
@@ -681,6 +685,21 @@ def load_checkpoint(
         restore_rng_state(rng[min(rank, len(rng) - 1)])
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state["extra"]
+
+
+def _drop_training_only(loaded: dict, expected: dict, path: Path) -> dict:
+    """Without :data:`TRAINING_ONLY_PREFIX` tensors in the model, drop those of the file (with one info line)."""
+    if any(name.startswith(TRAINING_ONLY_PREFIX) for name in expected):
+        return loaded
+    dropped = [name for name in loaded if name.startswith(TRAINING_ONLY_PREFIX)]
+    if not dropped:
+        return loaded
+    parts = sorted({name[len(TRAINING_ONLY_PREFIX) :].split(".")[0] for name in dropped})
+    logger.info(
+        "%s: %d training-only tensors of a stage-1 objective (%s%s) not loaded: this model does not use them",
+        path, len(dropped), TRAINING_ONLY_PREFIX, "/".join(parts),
+    )  # fmt: skip
+    return {name: t for name, t in loaded.items() if not name.startswith(TRAINING_ONLY_PREFIX)}
 
 
 def read_weight_shapes(path: str | os.PathLike[str]) -> dict[str, torch.Size]:

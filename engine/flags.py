@@ -45,6 +45,12 @@ IGNORED_FLAGS = "ignored_flags"  # namespace attribute: the flags given that hav
 STAGE2_COEF_LR = "stage 2 trains only the fusion; CLIP is frozen"
 STAGE2_LR = 1e-5  # the published stage-2 --lr, which trains the fusion
 MAX_SEED = 2**32  # exclusive; the loader seed is seed * 1_000_003 + epoch and must fit torch's 64-bit seed
+# Stage-1 objectives (video_text_retrieval/stage1.py STAGE1_OBJECTIVES; literals here keep --help free of torch).
+STAGE1_OBJECTIVES = ("clip", "mcq")
+MCQ_QUESTION_KINDS = ("noun", "verb", "mixed")  # dataloaders.mcq_questions.QUESTION_KINDS
+VT_LOSSES = ("clip", "normsoftmax")
+BRIDGE_LAYER_MAPS = ("half", "same")  # modules.bridgeformer.LAYER_MAPS
+BRIDGE_GLOBAL_QUERIES = ("eot", "first")  # modules.bridgeformer.GLOBAL_QUERIES
 
 
 def _coded_choice(mapping: dict[str, str], name: str):
@@ -228,6 +234,45 @@ def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--log_tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard")
 
 
+def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("stage-1 objective (MCQ_HMMC.md C.2-C.3)")
+    g.add_argument(
+        "--stage1_objective",
+        choices=STAGE1_OBJECTIVES,
+        default="clip",
+        help="clip: symmetric InfoNCE (the published stage 1); mcq: + MCQ's BridgeFormer answer-bridge loss",
+    )
+    g.add_argument("--phrase_file", default=None, help="mcq: MCQ noun/verb TSV (caption, path, nouns, verbs)")
+    g.add_argument("--mcq_question", choices=MCQ_QUESTION_KINDS, default="noun", help="mcq: phrase kind erased")
+    g.add_argument("--mcq_weight", type=float, default=1.0, help="mcq: weight of the answer-bridge loss")
+    g.add_argument("--mcq_temperature", type=float, default=0.05, help="mcq: NormSoftmax temperature (MCQ: 0.05)")
+    g.add_argument(
+        "--vt_loss",
+        choices=VT_LOSSES,
+        default="clip",
+        help="mcq: text-video loss: clip (InfoNCE, learnable logit scale) or normsoftmax (MCQ: fixed T, summed)",
+    )
+    g.add_argument("--mcq_answer_prompt", type=int, default=3, help="mcq: mask tokens before the answer phrase")
+    g.add_argument("--mcq_mask_id", type=int, default=0, help="mcq: token id of erased words and the prompt")
+    g.add_argument(
+        "--bridge_text_layer_map",
+        choices=BRIDGE_LAYER_MAPS,
+        default="half",
+        help="mcq: question state of bridge block l: text layer l//2 (MCQ) or l",
+    )
+    g.add_argument(
+        "--bridge_global_query",
+        choices=BRIDGE_GLOBAL_QUERIES,
+        default="eot",
+        help="mcq: the bridge's global query: the question's EOT state (CLIP is causal) or position 0 (MCQ)",
+    )
+    g.add_argument(
+        "--official_quirks",
+        action="store_true",
+        help="mcq: MCQ's literal question building and phrase-file parsing (MCQ_HMMC.md A.15 items 2-3)",
+    )
+
+
 def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fusion (stage 2 and downstream)")
     g.add_argument("--fusion_lr", type=float, default=1e-5, help="learning rate of the fusion parameters")
@@ -337,6 +382,8 @@ def build_parser(task: str, description: str | None = None) -> argparse.Argument
     _add_train_flags(p, task)
     if task != "clip":
         _add_fusion_flags(p)
+    else:
+        _add_stage1_objective_flags(p)
     if task in PRETRAIN_TASKS:
         p.add_argument(
             "--train_datatype",
@@ -401,6 +448,10 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("max_grad_norm", lambda v: True, "a finite number (0 or negative: no clipping)")
     check("warmup_proportion", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     check("feature_framerate", lambda v: v > 0, "a finite number > 0")
+    check("mcq_weight", lambda v: v >= 0, "a finite number >= 0")
+    check("mcq_temperature", lambda v: v > 0, "a finite number > 0")
+    check("mcq_answer_prompt", lambda v: v >= 0, ">= 0")
+    check("mcq_mask_id", lambda v: 0 <= v < 49408, "a CLIP token id in [0, 49408)")
     for name in ("w_vtm", "w_mlm", "w_plm", "vtm_negative_scale"):
         check(name, lambda v: v >= 0, "a finite number >= 0")
     if _is_stage2(args) and not any(getattr(args, w) > 0 for w in ("w_vtm", "w_mlm", "w_plm")):

@@ -17,3 +17,31 @@ def contrastive_loss(sim: torch.Tensor) -> torch.Tensor:
     target = torch.arange(sim.shape[0], device=sim.device)
     sim = sim.float()
     return (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target)) / 2
+
+
+DEFAULT_NORM_SOFTMAX_TEMPERATURE = 0.05
+"""MCQ's ``NormSoftmaxLoss`` temperature (scale 20), fixed, not learned."""
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """MCQ's ``sim_matrix``: cosine similarities ``[Na, Nb]``, each row divided by ``max(||row||, eps)``."""
+    a = a.float() / a.float().norm(dim=-1, keepdim=True).clamp(min=eps)
+    b = b.float() / b.float().norm(dim=-1, keepdim=True).clamp(min=eps)
+    return a @ b.t()
+
+
+def norm_softmax_loss(sim: torch.Tensor, temperature: float = DEFAULT_NORM_SOFTMAX_TEMPERATURE) -> torch.Tensor:
+    """MCQ's ``NormSoftmaxLoss`` of a square cosine matrix ``[N, N]`` (rows: text / answer; diagonal = positives).
+
+    ``-mean_i log_softmax(sim / T)[i, i] - mean_j log_softmax(sim.T / T)[j, j]``: the **sum** of the two directions
+    (not their mean, unlike :func:`contrastive_loss`) at a fixed temperature ``T``. For the global batch pass the
+    gathered matrix.
+    """
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"norm_softmax_loss needs a square [N, N] similarity matrix, got {tuple(sim.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"norm_softmax_loss needs a temperature > 0, got {temperature}")
+    logits = sim.float() / temperature
+    rows = torch.diagonal(F.log_softmax(logits, dim=1))
+    cols = torch.diagonal(F.log_softmax(logits.t(), dim=1))
+    return -rows.mean() - cols.mean()

@@ -176,14 +176,23 @@ class VideoCLIP(nn.Module):
 
     # ----- encoders -----
 
-    def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, T, 3, S, S]`` -> per-frame features ``[B, T, D]``; the last ``J`` ViT blocks attend across frames."""
+    def encode_video(
+        self, video: torch.Tensor, video_mask: torch.Tensor | None = None, return_layer_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """``[B, T, 3, S, S]`` -> per-frame features ``[B, T, D]``; the last ``J`` ViT blocks attend across frames.
+
+        ``return_layer_tokens`` also returns the *input* tokens of every ViT block, each ``[B, T, 1+P, W]`` (frame CLS
+        first), for MCQ's BridgeFormer (modules/bridgeformer.py).
+        """
         b, t = video.shape[:2]
         visual = self.clip.visual
         x = visual.embed_video(video)  # [B*T, 1+P, W]
         n_tokens, width = x.shape[1:]
+        layers: list[torch.Tensor] = []
         split = len(visual.blocks) - self.joint_layers
         for block in visual.blocks[:split]:
+            if return_layer_tokens:
+                layers.append(x.reshape(b, t, n_tokens, width))
             x = block(x)
         if self.joint_layers:
             if video_mask is None:
@@ -191,9 +200,12 @@ class VideoCLIP(nn.Module):
             key_mask = additive_key_mask(video_mask.repeat_interleave(n_tokens, dim=1), x.dtype)
             x = x.reshape(b, t * n_tokens, width)
             for block in visual.blocks[split:]:
+                if return_layer_tokens:
+                    layers.append(x.reshape(b, t, n_tokens, width))
                 x = block(x, key_mask)
             x = x.reshape(b * t, n_tokens, width)
-        return visual.head(x[:, 0]).reshape(b, t, -1)
+        feats = visual.head(x[:, 0]).reshape(b, t, -1)
+        return (feats, layers) if return_layer_tokens else feats
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` -> unnormalised EOT features ``[B, D]``."""
