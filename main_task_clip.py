@@ -32,8 +32,7 @@ from video_text_retrieval.stage1 import check_stage1_flags, stage1_objective
 
 
 def build(args, dist) -> Job:
-    """CLIP dual encoder (``--freeze_layer_num``, ``--precision``), the ``--stage1_objective`` task (clip: InfoNCE on
-    the global batch; mcq: + BridgeFormer, video_text_retrieval/stage1.py), retrieval test."""
+    """The ``--stage1_objective`` task on the dual encoder (video_text_retrieval/stage1.py); retrieval test."""
     model = prepare_model(args, build_model(args, with_fusion=False))
     size = model.encoder.clip.config.image_resolution
     test = build_retrieval_evaluator(args, args.datatype, "test", size, dist) if args.val_csv else None
