@@ -117,7 +117,8 @@ def execute(args: argparse.Namespace, job: Job, dist: DistInfo) -> dict:
     if job.test is None:
         return selection.summary()
     summary = {**selection.summary(), **{f"val_{name}": value for name, value in selection.metrics.items()}}
-    step = ckpt.checkpoint_step(ckpt.find_latest(args.output_dir, clean=False))  # the run's last optimizer step
+    last = ckpt.find_latest(args.output_dir, clean=False)
+    step = ckpt.checkpoint_step(last) if last is not None else 0  # the run's last optimizer step
     return run_evaluation(args, task, lambda t: {**job.test(t), **summary}, dist, step=step, tag="test")
 
 
