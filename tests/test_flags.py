@@ -28,7 +28,7 @@ def parsed(task: str, *flags: str):
 BAD_VALUES = [
     ("clip", "lr", ["nan", "inf", "-inf", "-1e-4"]),
     ("clip", "coef_lr", ["nan", "inf", "-1"]),
-    ("retrieval", "fusion_lr", ["nan", "inf", "0", "-1e-5"]),
+    ("retrieval", "fusion_lr", ["nan", "inf", "-1e-5"]),
     ("fusion", "lr", ["nan", "-1"]),
     ("clip", "weight_decay", ["nan", "inf", "-0.1"]),
     ("clip", "max_grad_norm", ["nan", "inf"]),
