@@ -34,6 +34,7 @@ from engine.flags import build_parser
 from engine.run_logging import write_json_atomic
 from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
 from modules.membridge import MemBridgeModel
+from modules.methods import refuse_unsupported
 from video_captioning.captioner import generate_captions
 from video_captioning.decoding import DEFAULT_LENGTH_PENALTY, SOT_ID
 from video_captioning.metrics import METRIC_KEYS, CaptionScorer
@@ -78,6 +79,8 @@ class CaptionTask(nn.Module):
         super().__init__()
         if model.fusion is None:
             raise ValueError("captioning needs a MemBridgeModel with a fusion encoder")
+        if model.encoder.tubes is not None:
+            refuse_unsupported("t2vlp", "video captioning")
         if targets not in CAPTION_TARGETS:
             raise ConfigError(f"--caption_targets {targets!r}: choose one of {CAPTION_TARGETS}")
         self.model = model
