@@ -36,7 +36,8 @@ def build(args, dist) -> Job:
     model = prepare_model(args, build_model(args, with_fusion=False))
     size = model.encoder.clip.config.image_resolution
     test = build_retrieval_evaluator(args, args.datatype, "test", size, dist) if args.val_csv else None
-    return Job(ContrastiveTask(model), train_set=lambda: build_pretrain_set(args, size), test=test)
+    task = ContrastiveTask(model, align_weight=args.w_align)
+    return Job(task, train_set=lambda: build_pretrain_set(args, size), test=test)
 
 
 def main(argv: list[str] | None = None) -> dict:

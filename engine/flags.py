@@ -154,6 +154,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="membridge: memory bridge tokens; t2vlp: Focus-and-Align tube tokens + local alignment (modules/methods)",
     )
     g.add_argument("--num_tubes", type=int, default=DEFAULT_NUM_TUBES, help="T2VLP tube tokens (--method t2vlp only)")
+    g.add_argument(
+        "--w_align", type=float, default=1.0, help="weight of T2VLP's local alignment loss (--method t2vlp only)"
+    )
     g.add_argument("--joint_layers", type=int, default=2, help="last ViT blocks that attend jointly over all frames")
     g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
     g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
@@ -276,7 +279,6 @@ def _add_pretrain_fusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w_vtm", type=float, default=1.0, help="weight of video-text matching")
     g.add_argument("--w_mlm", type=float, default=1.0, help="weight of masked language modelling")
     g.add_argument("--w_plm", type=float, default=1.0, help="weight of prefix language modelling")
-    g.add_argument("--w_align", type=float, default=1.0, help="weight of T2VLP's local alignment (--method t2vlp)")
     g.add_argument(
         "--vtm_negative_scale",
         type=float,

@@ -89,4 +89,4 @@ class TubeTokens(nn.Module):
 
     def text_queries(self) -> torch.Tensor:
         """Centres projected to the text space ``Q [K, E]`` (the alignment loss's queries)."""
-        return self.proj_center(self.centres)
+        return self.proj_center(self.centres.to(self.proj_center.weight.dtype))
