@@ -3,9 +3,9 @@
 Each method is one row of :data:`METHOD_PRESETS`: the extra-token source (``bridge_source``), the fusion layout
 (``attention``: ``bridge`` = DESIGN 2.3 modality separation, ``joint`` = padding only; ``positional``: ``except_sep``
 exempts ``v_sep`` / EOT from the positional embedding, ``all`` adds it everywhere; ``vsep_first``: ``v_sep`` before
-the frames), the prefix-LM scheme (``plm_mode``: ``prefix`` = MemBridge's per-prefix rows, ``single_pass`` = one
-teacher-forced causal pass) and the auxiliary loss (``aux_loss``). A further method (e.g. STOA-VLP's ``stoa`` with
-``bridge_source object``) is one more row plus its token source.
+the frames), the head dropout, the prefix-LM scheme (``plm_mode``: ``prefix`` = MemBridge's per-prefix rows,
+``single_pass`` = one teacher-forced causal pass) and the auxiliary loss (``aux_loss``). A further method (e.g.
+STOA-VLP's ``stoa`` with ``bridge_source object``) is one more row plus its token source.
 
 The fusion-layout fields may be overridden one by one (``--fusion_attention``, ``--fusion_pos``, ``--plm_mode``);
 ``bridge_source`` is tied to the method's token source: a contradictory choice is a :class:`ConfigError`.
@@ -34,11 +34,12 @@ class MethodPreset:
     plm_mode: str
     aux_loss: str  # "none" | "align"
     video_tokens: str | None  # model-level video-only token module: None | "tube"
+    head_dropout: float | None = None  # dropout of the vocabulary / VTM heads (None: the fusion JSON's)
 
 
 METHOD_PRESETS: dict[str, MethodPreset] = {
     "membridge": MethodPreset(("memory", "learned", "none"), "bridge", "except_sep", False, "prefix", "none", None),
-    "t2vlp": MethodPreset(("tube",), "joint", "all", True, "single_pass", "align", "tube"),
+    "t2vlp": MethodPreset(("tube",), "joint", "all", True, "single_pass", "align", "tube", head_dropout=0.2),
 }
 METHODS = tuple(METHOD_PRESETS)
 
@@ -74,6 +75,7 @@ def fusion_overrides(
     if source is None and preset.video_tokens is not None:
         source = preset.bridge_sources[0]
     return {
+        "dropout": preset.head_dropout,  # None keeps the fusion JSON's (T2VLP: 0.2 in pre-training, quirk T6)
         "bridge_source": source,
         "attention": attention or preset.attention,
         "positional": positional or preset.positional,

@@ -42,7 +42,7 @@ def t2vlp_model(seed: int = 0, with_fusion: bool = True, freeze: bool = True, **
     encoder = VideoCLIP(clip, joint_layers=2, max_frames=FRAMES, num_tubes=TUBES)
     fusion = None
     if with_fusion:
-        layout = fusion_overrides("t2vlp")
+        layout = {k: v for k, v in fusion_overrides("t2vlp").items() if k != "dropout"}  # exact comparisons
         fusion = MemBridgeFusion(tiny_config(num_bridge_tokens=TUBES, **{**layout, **overrides}))
         fusion.init_from_clip(clip)
     model = MemBridgeModel(encoder, fusion)
@@ -259,6 +259,7 @@ def test_method_presets_set_the_fusion_layout_and_reject_contradictions():
     t2vlp = build_fusion_config(_fusion_args("--method", "t2vlp", "--num_tubes", "5"))
     assert (t2vlp.bridge_source, t2vlp.attention, t2vlp.positional) == ("tube", "joint", "all")
     assert t2vlp.vsep_first and t2vlp.plm_mode == "single_pass" and t2vlp.num_bridge_tokens == 5
+    assert t2vlp.dropout == 0.2 and default.dropout == FusionConfig.from_json(TINY_FUSION).dropout
     with pytest.raises(ConfigError, match="contradicts --method t2vlp"):
         build_fusion_config(_fusion_args("--method", "t2vlp", "--bridge_source", "memory"))
     with pytest.raises(ConfigError, match="contradicts --method membridge"):
