@@ -162,6 +162,7 @@ class MemBridgeModel(nn.Module):
         local_offset: int = 0,
         draws: Stage2Draws | None = None,
         return_details: bool = False,
+        gather_with_grad: GatherFn | None = None,
     ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Stage-2 losses of one (local) batch: ``{loss, vtm, mlm, plm, vtm_acc, mlm_acc, plm_acc}``.
 
@@ -169,7 +170,9 @@ class MemBridgeModel(nn.Module):
         is on), PLM suffix starts, hard negatives (when VTM is on); with ``draws=None`` this is the published
         sequence, and a given part is simply not drawn. With ``gather`` (all-gather along dim 0 over ranks) the
         hard negatives come from the global batch, whose rows ``local_offset .. local_offset + B - 1`` are this
-        rank's (given ``neg_video`` / ``neg_text`` are indices into that global batch).
+        rank's (given ``neg_video`` / ``neg_text`` are indices into that global batch). Video-only tokens that train
+        (T2VLP tubes) are gathered with ``gather_with_grad`` when given (e.g. ``all_gather_with_grad``: a tube used
+        as another rank's negative sends its gradient back), else only this rank's rows keep their gradient.
 
         With ``return_details`` it returns ``(losses, details)``; ``details`` holds the draws used (the
         :class:`Stage2Draws` field names: pass ``Stage2Draws.from_details(details)`` back to repeat the step) and,
@@ -243,7 +246,9 @@ class MemBridgeModel(nn.Module):
             pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot, extra)
             if gather is not None:
                 pool = _PairPool(*(None if v is None else gather(v) for v in vars(pool).values()))
-                if extra is not None:  # this rank's tubes keep their gradient
+                if extra is not None and gather_with_grad is not None:
+                    pool.extra_tokens = gather_with_grad(extra)
+                elif extra is not None:  # this rank's tubes keep their gradient
                     pool.extra_tokens = torch.cat(
                         [pool.extra_tokens[:local_offset], extra, pool.extra_tokens[local_offset + len(extra) :]]
                     )

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import DistInfo, all_gather_object, all_gather_tensor, get_rank, get_world_size, shard_indices
+from engine.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_gather_tensor,
+    all_gather_with_grad,
+    get_rank,
+    get_world_size,
+    shard_indices,
+)
 from modules.fusion import eot_positions
 from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Draws, Stage2Weights
 
@@ -45,6 +53,7 @@ class FusionPretrainTask(nn.Module):
             local_offset=get_rank() * local,
             draws=draws,
             return_details=return_details,
+            gather_with_grad=all_gather_with_grad if world > 1 else None,
         )
 
     def train(self, mode: bool = True) -> FusionPretrainTask:

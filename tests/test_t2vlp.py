@@ -412,3 +412,46 @@ def test_stage2_and_retrieval_rerank_with_tubes(stage1_run: Path, synthetic_smal
     rows = _scalars(retrieval)
     assert any("train/align" in row and "train/vtm" in row for row in rows)
     assert "eval/rerank_t2v_R1" in rows[-1]
+
+
+@pytest.mark.slow
+def test_stage1_two_gloo_ranks_equal_one_process(synthetic_small: Path, tmp_path: Path):
+    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+
+    flags = ("--max_steps", "3", "--epochs", "1", "--method", "t2vlp", "--num_tubes", "3")
+    run_script(stage1_flags(synthetic_small, tmp_path / "one", *flags), nproc=1)
+    run_script(stage1_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
+    assert sorted(losses(tmp_path / "one")) == sorted(losses(tmp_path / "two")) == [1, 2, 3]
+    # the contrastive loss is global on every rank; the logged alignment is rank 0's local mean (DDP averages the
+    # per-rank gradients, which equals the global mean's gradient: the weights below)
+    one, two = (
+        {row["step"]: row["train/contrastive"] for row in _scalars(tmp_path / run) if "train/contrastive" in row}
+        for run in ("one", "two")
+    )
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-5, abs=1e-6)
+    w1, w2 = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys() and any(k.startswith("encoder.tubes.") for k in w1)
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_stage2_two_gloo_ranks_one_sample_each(synthetic_small: Path, tmp_path: Path):
+    from tests.test_stage1 import latest_weights
+    from tests.test_stage2 import fusion_flags, losses, run
+
+    flags = ("--method", "t2vlp", "--num_tubes", "3", "--batch_size", "2", "--max_steps", "2", "--epochs", "1")
+    run("main_task_fusion.py", fusion_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
+    rows = losses(tmp_path / "two")
+    assert sorted(rows) == [1, 2]
+    for row in rows.values():
+        assert all(math.isfinite(row[k]) for k in ("train/vtm", "train/mlm", "train/plm", "train/align"))
+        assert row["train/vtm"] > 0
+    run("main_task_fusion.py", fusion_flags(synthetic_small, tmp_path / "init", *flags[:4], "--max_steps", "1",
+                                            "--epochs", "1", "--fusion_lr", "1e-12", "--lr", "1e-12"))  # fmt: skip
+    trained, initial = latest_weights(tmp_path / "two"), latest_weights(tmp_path / "init")
+    tubes = [n for n in trained if n.startswith("encoder.tubes.")]
+    assert tubes and any(not torch.equal(trained[n], initial[n]) for n in tubes)
+    clip = [n for n in trained if n.startswith("encoder.clip.")]
+    assert all(torch.equal(trained[n], initial[n]) for n in clip)

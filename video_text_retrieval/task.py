@@ -108,6 +108,7 @@ class ContrastiveTask(nn.Module):
                 weights=VTM_ONLY,
                 gather=all_gather_tensor if get_world_size() > 1 else None,
                 local_offset=get_rank() * frames.shape[0],
+                gather_with_grad=all_gather_with_grad if get_world_size() > 1 else None,
             )
             out.update({"vtm": vtm["vtm"], "vtm_acc": vtm["vtm_acc"]})
             loss = loss + self.vtm_weight * vtm["vtm"]
