@@ -282,8 +282,31 @@ def test_refused_tasks_name_the_method():
 
     with pytest.raises(ConfigError, match="video captioning is not implemented for --method t2vlp"):
         CaptionTask(t2vlp_model())
-    with pytest.raises(ConfigError, match="video QA is not implemented for --method t2vlp"):
-        build_qa_model(argparse.Namespace(method="t2vlp"), None)
+    with pytest.raises(ConfigError, match="video QA is not implemented for --method stoa"):  # a future method
+        build_qa_model(argparse.Namespace(method="stoa"), None)
+
+
+def test_t2vlp_qa_answer_state_matches_an_unpadded_reference():
+    from tests.test_qa import qa_batch
+    from video_qa.model import MemBridgeQAModel
+
+    base = t2vlp_model(freeze=False)
+    model = MemBridgeQAModel(base.encoder, base.fusion, head="first_token").eval()
+    batch = qa_batch([5, 8])
+    fusion = model.fusion
+    with torch.no_grad():
+        logits, _ = model.answer_logits(batch)
+        frames, tubes = model.encoder.encode_video_tokens(batch["video"], batch["video_mask"])
+        q_feats, q_eot = model.encode_question(batch["question_ids"], batch["question_mask"])
+        state = model.answer_state(frames, batch["video_mask"], q_feats, batch["question_mask"], q_eot, tubes)
+        for b in range(2):
+            n_q = int(batch["question_mask"][b].sum())
+            x = torch.cat([frames[b].mean(0, keepdim=True), frames[b], tubes[b], q_feats[b, :n_q], torch.zeros(1, 64)])
+            x = x + fusion.positional_embedding[: x.shape[0]]  # everywhere, no exemption
+            expected = fusion.transformer(x.unsqueeze(0))[0, -1]  # joint attention, nothing padded
+            assert torch.allclose(state[b], expected, atol=1e-5)
+        head = fusion.vocab_logits(state, model.encoder.clip.token_embedding.weight)
+    assert torch.allclose(logits, head, atol=1e-5)
 
 
 def test_published_t2vlp_state_dict_converts_and_loads_strictly():
@@ -506,3 +529,15 @@ def test_stage1_resume_after_sigkill_continues_exactly(synthetic_small: Path, tm
     final, expected = latest_weights(killed), latest_weights(full)
     for name in (n for n in expected if n.startswith("encoder.tubes.")):
         torch.testing.assert_close(final[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_qa_runs_with_t2vlp(synthetic_small: Path, tmp_path: Path):
+    from tests.test_qa import qa_flags, run_entry
+
+    out = tmp_path / "qa"
+    run_entry(qa_flags(synthetic_small, out, "--do_train", "--do_eval", "--method", "t2vlp", "--num_tubes", "3",
+                       "--epochs", "1", "--batch_size", "8", "--lr", "1e-3"))  # fmt: skip
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["accuracy"] <= 100.0
+    assert read_model_config(out / "ckpt" / (out / "ckpt" / "latest").read_text().strip()).method == "t2vlp"

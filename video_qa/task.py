@@ -121,7 +121,7 @@ def build_qa_model(args: argparse.Namespace, num_answers: int | None) -> MemBrid
     """The QA model of the flags: CLIP (sizes as ``engine.builders.build_clip``), a fusion sized by
     ``--cross_config_path`` and the fusion flags, the answer head; ``--init_model`` weights (see
     :func:`init_qa_weights`). It carries its ModelConfig (head settings included) for its checkpoints."""
-    refuse_unsupported(args.method, "video QA")
+    refuse_unsupported(args.method, "video QA", supported=("membridge", "t2vlp"))
     clip = build_clip(args)
     config = dataclasses.replace(
         model_config(args, clip.config, with_fusion=True),
