@@ -90,5 +90,5 @@ def refuse_unsupported(method: str, what: str, supported: tuple[str, ...] = (DEF
     if method not in supported:
         raise ConfigError(
             f"{what} is not implemented for --method {method} yet (supported: {', '.join(supported)}); "
-            f"train and evaluate {method} with main_task_clip.py, main_task_fusion.py and retrieval"
+            "choose a supported --method for this task"
         )

@@ -276,12 +276,46 @@ def test_method_presets_set_the_fusion_layout_and_reject_contradictions():
     assert ModelConfig.from_dict(stored.to_dict()) == stored
 
 
-def test_refused_tasks_name_the_method():
+def test_t2vlp_captioning_decodes_with_one_causal_pass_per_step_and_trains_tubes():
+    from video_captioning.captioner import generate_captions
     from video_captioning.task import CaptionTask
+
+    model = t2vlp_model(freeze=False).eval()
+    fusion, clip = model.fusion, model.encoder.clip
+    batch = stage2_batch([5, 7])
+    sot = TEST_VOCAB - 2
+    with torch.no_grad():
+        frames, tubes = model.encoder.encode_video_tokens(batch["video"], batch["video_mask"])
+        cached = generate_captions(model, frames, batch["video_mask"], 4, bos=sot, video_tokens=tubes)
+        plain = generate_captions(model, frames, batch["video_mask"], 4, bos=sot, video_tokens=tubes, use_cache=False)
+        assert torch.equal(cached, plain)
+        head = fusion.vocab_proj @ clip.token_embedding.weight.t()
+        for b in range(2):  # greedy by hand: re-encode the prefix, fuse [v_sep | frames | tubes | prefix], last slot
+            prefix = [sot]
+            for _ in range(4):
+                text = clip.encode_text_tokens(torch.tensor([prefix]))[0]
+                x = torch.cat([frames[b].mean(0, keepdim=True), frames[b], tubes[b], text])
+                x = x + fusion.positional_embedding[: x.shape[0]]
+                n_video = 1 + FRAMES + TUBES
+                mask = torch.zeros(x.shape[0], x.shape[0])
+                mask[:n_video, n_video:] = float("-inf")
+                mask[n_video:, n_video:] = torch.full((len(prefix), len(prefix)), float("-inf")).triu(1)
+                logits = fusion.transformer(x.unsqueeze(0), mask)[0, -1] @ head + fusion.vocab_bias
+                prefix.append(int(logits.argmax()))
+                if prefix[-1] == TEST_VOCAB - 1:
+                    break
+            produced = cached[b][: len(prefix) - 1].tolist()
+            assert produced == prefix[1:], (produced, prefix)
+    task = CaptionTask(model).train()
+    out = task(batch)
+    assert {"loss", "plm_acc", "align"} <= set(out)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.encoder.tubes.parameters())
+
+
+def test_refused_tasks_name_the_method():
     from video_qa.task import build_qa_model
 
-    with pytest.raises(ConfigError, match="video captioning is not implemented for --method t2vlp"):
-        CaptionTask(t2vlp_model())
     with pytest.raises(ConfigError, match="video QA is not implemented for --method stoa"):  # a future method
         build_qa_model(argparse.Namespace(method="stoa"), None)
 
