@@ -575,3 +575,18 @@ def test_qa_runs_with_t2vlp(synthetic_small: Path, tmp_path: Path):
     results = json.loads((out / "eval_results.json").read_text())
     assert 0.0 <= results["accuracy"] <= 100.0
     assert read_model_config(out / "ckpt" / (out / "ckpt" / "latest").read_text().strip()).method == "t2vlp"
+
+
+@pytest.mark.slow
+def test_captioning_runs_with_t2vlp(synthetic_small: Path, tmp_path: Path):
+    out = tmp_path / "caption"
+    _run("video_captioning.main_task_caption", [
+        "--do_train", "--do_eval", "--method", "t2vlp", "--num_tubes", "3", "--clip_config", str(TINY_CLIP),
+        "--cross_config_path", str(TINY_FUSION), "--output_dir", str(out), "--datatype", "msvd",
+        "--data_path", str(synthetic_small / "msvd"), "--features_path", str(synthetic_small / "videos"),
+        "--max_frames", "4", "--max_words", "12", "--batch_size", "8", "--batch_size_val", "12", "--epochs", "1",
+        "--lr", "1e-3", "--num_thread_reader", "0", "--torch_threads", "1", "--no-log_tensorboard",
+    ])  # fmt: skip
+    results = json.loads((out / "eval_results.json").read_text())
+    assert all(math.isfinite(results[key]) for key in ("Bleu_4", "CIDEr"))
+    assert any("train/align" in row for row in _scalars(out))
