@@ -27,6 +27,7 @@ from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
 from modules.fusion import FusionConfig
 from modules.membridge import MemBridgeModel
+from modules.methods import fusion_overrides, method_preset
 from modules.model_config import ModelConfig, build_membridge, read_model_config
 from modules.published_keys import convert_published_state_dict, is_published_layout
 
@@ -182,7 +183,14 @@ def model_config(args: argparse.Namespace, clip_config: CLIPConfig, with_fusion:
         sim_header=args.sim_header,
         max_frames=args.max_frames,
         fusion=build_fusion_config(args) if with_fusion else None,
+        method=args.method,
+        num_tubes=num_tubes(args),
     )
+
+
+def num_tubes(args: argparse.Namespace) -> int:
+    """T2VLP tube tokens of the flags (0 unless the method makes tubes)."""
+    return args.num_tubes if method_preset(args.method).video_tokens == "tube" else 0
 
 
 def build_clip(args: argparse.Namespace) -> CLIP:
@@ -194,16 +202,19 @@ def build_clip(args: argparse.Namespace) -> CLIP:
 
 
 def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
-    """The fusion sizes: ``fusion.json`` under --cross_config_path, overridden by the explicit fusion flags."""
+    """The fusion sizes: ``fusion.json`` under --cross_config_path, overridden by the explicit fusion flags; the
+    layout switches come from the ``--method`` preset unless given (``modules/methods.py``)."""
+    layout = fusion_overrides(args.method, args.bridge_source, args.fusion_attention, args.fusion_pos, args.plm_mode)
+    tubes = num_tubes(args)
     return FusionConfig.from_json(
         args.cross_config_path,
         layers=args.fusion_layers,
-        num_bridge_tokens=args.num_bridge_tokens,
+        num_bridge_tokens=tubes or args.num_bridge_tokens,
         memory_size=args.memory_size,
-        bridge_source=args.bridge_source,
         official_quirks=args.official_quirks or None,  # the flag turns the quirks on; so does the JSON
         max_frames=args.max_frames,
         max_words=args.max_words,
+        **layout,
     )
 
 
@@ -214,6 +225,11 @@ def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
     When the loaded weights carry no fusion (a stage-1 checkpoint), the fusion is initialised from the *loaded*
     CLIP text blocks and positional embedding, as stage 2 starts from the stage-1 CLIP.
     """
+    stored = read_model_config(args.init_model) if args.init_model else None
+    if stored is not None and stored.method != args.method:
+        raise ConfigError(
+            f"--init_model {args.init_model} is a --method {stored.method} model; pass --method {stored.method}"
+        )
     clip = build_clip(args)
     model = build_membridge(model_config(args, clip.config, with_fusion), clip)
     report = load_init_model(args, model)

@@ -169,12 +169,15 @@ def encode_video_set(
     dist: DistInfo,
     desc: str,
     hint: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    video_tokens: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Frame features ``[N, T, D]`` (float32), video masks ``[N, T]`` and readable flags ``ok [N]`` of every item of
     ``videos``, in dataset order, on every rank. Each rank encodes its contiguous shard (``batch_size`` is global).
 
     A ``DataError`` on any rank (an unreadable video in a set that is not wrapped in :class:`TolerantVideos`) stops
     every rank with the same error, ``hint`` appended, instead of leaving the other ranks blocked in the gather.
+
+    ``video_tokens`` (an encoder with T2VLP tubes): a fourth result, the tube tokens ``[N, K, D]``.
     """
     device = dist.device
     loader, indices = build_eval_loader(
@@ -182,12 +185,17 @@ def encode_video_set(
     )
     was_training = encoder.training
     encoder.eval()
-    frames, masks, oks = [], [], []
+    frames, masks, oks, extras = [], [], [], []
     failure = None
     try:
         for batch in tqdm(loader, desc=desc, disable=dist.rank != 0, leave=False):
             video, mask = batch["video"].to(device), batch["video_mask"].to(device)
-            frames.append(encoder.encode_video(video, mask).float())
+            if video_tokens:
+                feats, extra = encoder.encode_video_tokens(video, mask, detach_tap=True)
+                frames.append(feats.float())
+                extras.append(extra.float())
+            else:
+                frames.append(encoder.encode_video(video, mask).float())
             masks.append(mask)
             ok = batch["ok"].to(device) if "ok" in batch else torch.ones(len(mask), dtype=torch.long, device=device)
             oks.append(ok)
@@ -200,18 +208,22 @@ def encode_video_set(
         if message is not None:
             raise DataError(f"{desc} stopped on rank {rank}: {message}{hint}")
     n = len(videos)  # type: ignore[arg-type]
+    d = encoder.clip.config.embed_dim
     if frames:
         frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
+        extra_rows = torch.cat(extras) if video_tokens else None
     else:  # an empty shard: shapes from the first readable video
         t = first_readable(videos, desc)["video_mask"].shape[0]
-        frame_rows = torch.zeros(0, t, encoder.clip.config.embed_dim, device=device)
+        frame_rows = torch.zeros(0, t, d, device=device)
         mask_rows = torch.zeros(0, t, dtype=torch.long, device=device)
         ok_rows = torch.zeros(0, dtype=torch.long, device=device)
-    return (
+        extra_rows = torch.zeros(0, encoder.tubes.num_tubes, d, device=device) if video_tokens else None
+    out = (
         gather_eval_rows(frame_rows, indices, n),
         gather_eval_rows(mask_rows, indices, n),
         gather_eval_rows(ok_rows, indices, n),
     )
+    return (*out, gather_eval_rows(extra_rows, indices, n)) if video_tokens else out
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 
 from dataloaders.errors import ConfigError
+from modules.fusion import BRIDGE_SOURCES, FUSION_ATTENTIONS, FUSION_POSITIONALS, PLM_MODES
+from modules.methods import DEFAULT_METHOD, METHODS
+from modules.t2vlp import DEFAULT_NUM_TUBES
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +159,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="folder (or JSON file) with the fusion configuration fusion.json",
     )
     g.add_argument("--init_model", default=None, help="weights of a previous stage (ours or the published key layout)")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="membridge: memory bridge tokens; t2vlp: Focus-and-Align tube tokens + local alignment (modules/methods)",
+    )
+    g.add_argument("--num_tubes", type=int, default=DEFAULT_NUM_TUBES, help="T2VLP tube tokens (--method t2vlp only)")
+    g.add_argument(
+        "--w_align", type=float, default=1.0, help="weight of T2VLP's local alignment loss (--method t2vlp only)"
+    )
     g.add_argument("--joint_layers", type=int, default=2, help="last ViT blocks that attend jointly over all frames")
     g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
     g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
@@ -281,9 +294,28 @@ def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory_size", type=int, default=None, help="memory slots S (default: fusion.json, 8192)")
     g.add_argument(
         "--bridge_source",
-        choices=("memory", "learned", "none"),
+        choices=BRIDGE_SOURCES,
         default=None,
-        help="bridge tokens read from the memory (default), K static learned tokens, or none (ablations)",
+        help="bridge tokens read from the memory (default), K static learned tokens, or none (ablations); tube: "
+        "T2VLP's tube tokens (--method t2vlp sets it)",
+    )
+    g.add_argument(
+        "--fusion_attention",
+        choices=FUSION_ATTENTIONS,
+        default=None,
+        help="bridge: modality-separating mask (DESIGN 2.3); joint: padding only (default: from --method)",
+    )
+    g.add_argument(
+        "--fusion_pos",
+        choices=FUSION_POSITIONALS,
+        default=None,
+        help="positional embedding on every slot but v_sep/EOT (except_sep) or on all (default: from --method)",
+    )
+    g.add_argument(
+        "--plm_mode",
+        choices=PLM_MODES,
+        default=None,
+        help="prefix LM as per-prefix rows (prefix) or one teacher-forced pass (single_pass; default: from --method)",
     )
     g.add_argument(
         "--official_quirks",
@@ -452,7 +484,8 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("mcq_temperature", lambda v: v > 0, "a finite number > 0")
     check("mcq_answer_prompt", lambda v: v >= 0, ">= 0")
     check("mcq_mask_id", lambda v: 0 <= v < 49408, "a CLIP token id in [0, 49408)")
-    for name in ("w_vtm", "w_mlm", "w_plm", "vtm_negative_scale"):
+    check("num_tubes", lambda v: v >= 1, ">= 1")
+    for name in ("w_vtm", "w_mlm", "w_plm", "w_align", "vtm_negative_scale"):
         check(name, lambda v: v >= 0, "a finite number >= 0")
     if _is_stage2(args) and not any(getattr(args, w) > 0 for w in ("w_vtm", "w_mlm", "w_plm")):
         errors.append("--w_vtm, --w_mlm and --w_plm are all 0: stage 2 would train on no loss; set one > 0")
@@ -515,6 +548,10 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
                     f"--max_words {args.max_words} is longer than the text positional table ({context} positions in "
                     f"{cfg}): use --max_words <= {context}"
                 )
+    if args.method != DEFAULT_METHOD and getattr(args, "num_bridge_tokens", None) is not None:
+        errors.append(f"--num_bridge_tokens is MemBridge's; --method {args.method} sets its tokens with --num_tubes")
+    if args.method == "t2vlp" and getattr(args, "cache_visual_features", False):
+        errors.append("--cache_visual_features keeps frame features only; T2VLP's tubes need the video: drop it")
     if getattr(args, "cache_visual_features", False) and args.train_frame_order == "shuffle":
         errors.append("--cache_visual_features needs deterministic frames: drop --train_frame_order shuffle")
     if errors:

@@ -44,9 +44,13 @@ from modules.clip_blocks import LayerNorm, ResidualAttentionBlock, Transformer, 
 logger = logging.getLogger(__name__)
 
 FUSION_CONFIG_FILE = "fusion.json"
-BRIDGE_SOURCES = ("memory", "learned", "none")
-FUSION_MODES = ("vtm", "eval", "mlm", "plm", "qa")
-FusionMode = Literal["vtm", "eval", "mlm", "plm", "qa"]
+BRIDGE_SOURCES = ("memory", "learned", "none", "tube")
+VIDEO_TOKEN_SOURCES = ("tube",)  # extra tokens computed from the video alone, given with FusionInputs.extra_tokens
+FUSION_ATTENTIONS = ("bridge", "joint")
+FUSION_POSITIONALS = ("except_sep", "all")
+PLM_MODES = ("prefix", "single_pass")
+FUSION_MODES = ("vtm", "eval", "mlm", "plm", "qa", "lm")
+FusionMode = Literal["vtm", "eval", "mlm", "plm", "qa", "lm"]
 
 DEFAULT_EOT_TOKEN_ID = 49407  # CLIP's <|endoftext|>
 MLM_MASK_ID = 0  # id fed to the CLIP text encoder at a masked position (the published choice)
@@ -78,11 +82,28 @@ class FusionConfig:
     official_quirks: bool = False
     dropout: float = DEFAULT_HEAD_DROPOUT
     mlm_prob: float = DEFAULT_MLM_PROB
+    # layout switches set by the --method preset (modules/methods.py); the defaults are MemBridge's
+    attention: str = "bridge"  # bridge: DESIGN 2.3 modality separation; joint: padding columns only
+    positional: str = "except_sep"  # except_sep: no positional embedding at v_sep / EOT; all: everywhere
+    vsep_first: bool = False  # [v_sep | frames | ...] instead of [frames | v_sep | ...]
+    plm_mode: str = "prefix"  # prefix: MemBridge's per-prefix rows; single_pass: one teacher-forced causal pass
 
     def __post_init__(self) -> None:
         problems = []
         if self.bridge_source not in BRIDGE_SOURCES:
             problems.append(f"bridge_source {self.bridge_source!r} is not one of {BRIDGE_SOURCES}")
+        for name, allowed in (
+            ("attention", FUSION_ATTENTIONS),
+            ("positional", FUSION_POSITIONALS),
+            ("plm_mode", PLM_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} {getattr(self, name)!r} is not one of {allowed}")
+        if self.plm_mode == "single_pass" and self.attention != "joint":
+            problems.append(
+                "plm_mode single_pass needs attention joint (the bridge layout's PLM reads the prefix through the "
+                "bridge rows): use --plm_mode prefix or --fusion_attention joint"
+            )
         for name in ("width", "layers", "max_frames", "max_words", "vocab_size", "memory_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -176,8 +197,14 @@ def fusion_attention_mask(
     num_bridges: int,
     causal_text: bool,
     plm_prefix: int | torch.Tensor | None = None,
+    attention: str = "bridge",
+    vsep_first: bool = False,
 ) -> torch.Tensor:
     """Additive attention mask ``[B, 1, N, N]`` of the fusion sequence (0 visible, ``-inf`` hidden).
+
+    ``attention == "joint"`` (T2VLP): every row sees every non-padded column; with ``causal_text`` the video and
+    extra rows do not see text and the text x text block is causal (``plm_prefix`` is not used). ``vsep_first``:
+    the video block is ``[v_sep | frames]`` instead of ``[frames | v_sep]``. The rest describes ``bridge``:
 
     Video rows (frames + ``v_sep``) see video and bridge columns, text rows see text and bridge columns, bridge
     rows see every column; padded frame/text columns are hidden from all rows. With ``causal_text`` the
@@ -194,8 +221,18 @@ def fusion_attention_mask(
     bridges = slice(t + 1, t + 1 + num_bridges)
     text = slice(t + 1 + num_bridges, n)
     ones = torch.ones(b, 1 + num_bridges, dtype=torch.bool, device=video_mask.device)
-    columns = torch.cat([video_mask.bool(), ones, text_mask.bool()], dim=1)
+    if vsep_first:
+        columns = torch.cat([ones[:, :1], video_mask.bool(), ones[:, 1:], text_mask.bool()], dim=1)
+    else:
+        columns = torch.cat([video_mask.bool(), ones, text_mask.bool()], dim=1)
     visible = columns.unsqueeze(1).expand(b, n, n).clone()
+    if attention == "joint":
+        if causal_text:
+            visible[:, : t + 1 + num_bridges, text] = False
+            visible[:, text, text] = torch.ones(length, length, dtype=torch.bool, device=video_mask.device).tril()
+        return _additive(visible).unsqueeze(1)
+    if attention != "bridge":
+        raise ValueError(f"attention must be one of {FUSION_ATTENTIONS}, got {attention!r}")
     if num_bridges:
         visible[:, video, text] = False
         visible[:, text, video] = False
@@ -502,7 +539,13 @@ class FusionInputs:
       only ``v_sep`` exempt; under ``official_quirks`` (Q3) the video tokens are detached;
     - ``qa``: the text slots are a question followed by one answer slot (the last valid slot, see
       :meth:`for_question`); bidirectional; no positional embedding at ``v_sep`` and the question's EOT (the slot
-      before the answer slot); ``official_quirks`` does not apply (there is no published QA code).
+      before the answer slot); ``official_quirks`` does not apply (there is no published QA code);
+    - ``lm``: one teacher-forced causal pass (``plm_mode single_pass``, T2VLP): causal text, video and extra rows do
+      not see text, text slot ``j`` predicts token ``j+1`` (joint attention only).
+
+    ``extra_tokens [B, K, D]``: the video-only tokens between video and text (T2VLP tubes, ``bridge_source tube``);
+    None for memory / learned bridges, which the fusion computes itself. Under ``positional == "all"`` every slot
+    gets its positional embedding (no exemption).
     """
 
     frame_feats: torch.Tensor
@@ -512,6 +555,7 @@ class FusionInputs:
     t_eot: torch.Tensor
     mode: FusionMode = "vtm"
     plm_prefix: int | torch.Tensor | None = None
+    extra_tokens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in FUSION_MODES:
@@ -525,6 +569,8 @@ class FusionInputs:
             "text_mask": (b,),
             "t_eot": (b,),
         }
+        if self.extra_tokens is not None:
+            expected["extra_tokens"] = (b,)
         for name, lead in expected.items():
             shape = tuple(getattr(self, name).shape)
             if shape[: len(lead)] != lead:
@@ -539,13 +585,16 @@ class FusionInputs:
         text_mask: torch.Tensor,
         prefix: torch.Tensor,
         probe: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
     ) -> FusionInputs:
         """Rows of the prefix LM: text slots ``0 .. prefix[r]`` hold ``token_feats``, later slots only their
         positional embedding (zero features), ``probe [R, D]`` (the EOT feature of ``[SOT, w1 .. wi, EOT]``) is the
         memory query; slot ``prefix[r] + 1`` predicts the next token (DESIGN 2.6)."""
         slots = torch.arange(token_feats.shape[1], device=token_feats.device).unsqueeze(0)
         text_in = token_feats.masked_fill((slots > prefix.unsqueeze(1)).unsqueeze(-1), 0.0)
-        return cls(frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix)
+        return cls(
+            frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix, extra_tokens=extra_tokens
+        )
 
     @classmethod
     def for_question(
@@ -555,10 +604,11 @@ class FusionInputs:
         question_feats: torch.Tensor,
         question_mask: torch.Tensor,
         question_eot: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
     ) -> FusionInputs:
         """The QA pass ``[frames | v_sep | bridges | question | answer slot]`` (:func:`with_answer_slot`)."""
         text_feats, text_mask, _ = with_answer_slot(question_feats, question_mask)
-        return cls(frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa")
+        return cls(frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa", extra_tokens=extra_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -594,6 +644,7 @@ class MemBridgeFusion(nn.Module):
             self.ln = LayerNorm(2 * d)
         elif config.bridge_source == "learned":
             self.learned_bridges = nn.Parameter(torch.randn(k, d) * scale)  # [K, D]
+        # bridge_source "tube": the tokens come with the inputs (FusionInputs.extra_tokens), no parameters here
         self.vocab_proj = nn.Parameter(torch.randn(d, d) * scale)  # P
         self.vocab_bias = nn.Parameter(torch.zeros(config.vocab_size))  # b [V]
         self.match_matrix = nn.Parameter(torch.randn(d, d) * scale)  # M
@@ -607,6 +658,15 @@ class MemBridgeFusion(nn.Module):
     def text_offset(self, num_frames: int) -> int:
         """Sequence index of text slot 0 for ``num_frames`` frames."""
         return num_frames + 1 + self.num_bridges
+
+    def vsep_index(self, num_frames: int) -> int:
+        """Sequence index of ``v_sep``: 0 with ``vsep_first`` (T2VLP), else right after the frames."""
+        return 0 if self.config.vsep_first else num_frames
+
+    @property
+    def video_token_source(self) -> bool:
+        """True when the extra tokens come with the inputs (``FusionInputs.extra_tokens``), e.g. T2VLP tubes."""
+        return self.config.bridge_source in VIDEO_TOKEN_SOURCES
 
     @torch.no_grad()
     def init_from_clip(self, clip: nn.Module) -> None:
@@ -630,6 +690,8 @@ class MemBridgeFusion(nn.Module):
         b = v_sep.shape[0]
         if self.config.bridge_source == "none":
             return v_sep.new_zeros(b, 0, v_sep.shape[-1]), None
+        if self.video_token_source:
+            raise ValueError(f"bridge_source {self.config.bridge_source!r} tokens come with FusionInputs.extra_tokens")
         if self.config.bridge_source == "learned":
             return self.learned_bridges.unsqueeze(0).expand(b, -1, -1), None
         q0 = self.ln(torch.cat([v_sep.detach(), t_eot.detach()], dim=-1)).to(self.query.dtype)  # [B, 2D]
@@ -649,9 +711,11 @@ class MemBridgeFusion(nn.Module):
         b, t = video_mask.shape
         n = self.text_offset(t) + text_mask.shape[1]
         keep = torch.ones(b, n, device=video_mask.device)
-        quirk_q1 = self.config.official_quirks and mode in ("vtm", "eval")
-        keep[:, t + 1 if quirk_q1 else t] = 0.0
-        if mode != "plm":
+        if self.config.positional == "all":
+            return keep
+        quirk_q1 = self.config.official_quirks and mode in ("vtm", "eval") and not self.config.vsep_first
+        keep[:, t + 1 if quirk_q1 else self.vsep_index(t)] = 0.0
+        if mode not in ("plm", "lm"):
             eot = self.text_offset(t) + eot_positions(text_mask) - (1 if mode == "qa" else 0)
             keep[torch.arange(b, device=keep.device), eot] = 0.0
         return keep
@@ -682,17 +746,30 @@ class MemBridgeFusion(nn.Module):
         :meth:`fuse` (everything :meth:`fuse` does before the transformer)."""
         t = inputs.frame_feats.shape[1]
         frame_feats = inputs.frame_feats
+        if inputs.mode == "lm" and self.config.attention != "joint":
+            raise ValueError("the single-pass 'lm' mode needs attention 'joint' (FusionConfig.attention)")
         v_sep = video_sep_token(frame_feats, inputs.video_mask)
-        bridges, memory_attention = self.memory_read(v_sep, inputs.t_eot)
+        if self.video_token_source:
+            if inputs.extra_tokens is None or inputs.extra_tokens.shape[1] != self.num_bridges:
+                got = None if inputs.extra_tokens is None else tuple(inputs.extra_tokens.shape)
+                raise ValueError(
+                    f"bridge_source {self.config.bridge_source!r} needs FusionInputs.extra_tokens [B, "
+                    f"{self.num_bridges}, D] (the video's tokens); got {got}"
+                )
+            bridges, memory_attention = inputs.extra_tokens, None
+        else:
+            bridges, memory_attention = self.memory_read(v_sep, inputs.t_eot)
         text_feats = inputs.text_feats.to(frame_feats.dtype)
-        x = torch.cat([frame_feats, v_sep.unsqueeze(1), bridges.to(frame_feats.dtype), text_feats], dim=1)
+        video = [v_sep.unsqueeze(1), frame_feats] if self.config.vsep_first else [frame_feats, v_sep.unsqueeze(1)]
+        x = torch.cat([*video, bridges.to(frame_feats.dtype), text_feats], dim=1)
         keep = self._positional_keep(inputs).to(x.dtype)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype) * keep.unsqueeze(-1)
         if inputs.mode == "plm" and self.config.official_quirks:
             x = torch.cat([x[:, : t + 1].detach(), x[:, t + 1 :]], dim=1)
         mask = fusion_attention_mask(
-            inputs.video_mask, inputs.text_mask, self.num_bridges, inputs.mode == "plm", inputs.plm_prefix
-        ).to(x.dtype)
+            inputs.video_mask, inputs.text_mask, self.num_bridges, inputs.mode in ("plm", "lm"), inputs.plm_prefix,
+            self.config.attention, self.config.vsep_first,
+        ).to(x.dtype)  # fmt: skip
         details = {"fusion_inputs": x, "attention_mask": mask}
         if memory_attention is not None:
             details["memory_attention"] = memory_attention
@@ -746,7 +823,7 @@ class MemBridgeFusion(nn.Module):
         t = inputs.frame_feats.shape[1]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h_eot = hidden[rows, self.text_offset(t) + eot_positions(inputs.text_mask)]
-        return self.vtm_logits(hidden[:, t], h_eot, group_size, intended_norm), details
+        return self.vtm_logits(hidden[:, self.vsep_index(t)], h_eot, group_size, intended_norm), details
 
     def match_logits(
         self,
@@ -758,10 +835,14 @@ class MemBridgeFusion(nn.Module):
         group_size: int | None = None,
         intended_norm: bool = False,
         return_details: bool = False,
+        extra_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path; ``group_size`` and
-        ``intended_norm`` as in :meth:`vtm_logits`); ``return_details`` adds the details of :meth:`fuse`."""
-        inputs = FusionInputs(frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm")
+        ``intended_norm`` as in :meth:`vtm_logits`); ``return_details`` adds the details of :meth:`fuse`;
+        ``extra_tokens [R, K, D]``: the videos' own tokens (T2VLP tubes)."""
+        inputs = FusionInputs(
+            frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm", extra_tokens=extra_tokens
+        )
         logits, details = self._match(inputs, group_size, intended_norm)
         return (logits, details) if return_details else logits
 
@@ -772,16 +853,19 @@ class MemBridgeFusion(nn.Module):
         text_feats: torch.Tensor,
         text_mask: torch.Tensor,
         t_eot: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``match_prob(text_idx [Q, k], video_idx [Q, k]) -> p_match [Q, k]`` over cached features, for
-        :func:`rerank` (videos: ``frame_feats [Nv, T, D]``, ``video_mask``; texts: ``text_feats [Nt, L, D]``,
-        ``text_mask``, ``t_eot [Nt, D]``)."""
+        :func:`rerank` (videos: ``frame_feats [Nv, T, D]``, ``video_mask``, ``extra_tokens [Nv, K, D]`` for a
+        video-token source; texts: ``text_feats [Nt, L, D]``, ``text_mask``, ``t_eot [Nt, D]``)."""
 
         def match_prob(text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
             ti, vi = text_idx.reshape(-1), video_idx.reshape(-1)
+            extra = None if extra_tokens is None else extra_tokens[vi]
             logits = self.match_logits(
-                frame_feats[vi], video_mask[vi], text_feats[ti], text_mask[ti], t_eot[ti], group_size=text_idx.shape[1]
-            )
+                frame_feats[vi], video_mask[vi], text_feats[ti], text_mask[ti], t_eot[ti], group_size=text_idx.shape[1],
+                extra_tokens=extra,
+            )  # fmt: skip
             return logits.float().softmax(-1)[:, 1].reshape(text_idx.shape)
 
         return match_prob
@@ -833,6 +917,7 @@ class MemBridgeFusion(nn.Module):
         local_index: torch.Tensor,
         neg_video: torch.Tensor,
         neg_text: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Video-text matching over ``3b`` pairs: positives, text->video and video->text hard negatives.
 
@@ -843,9 +928,11 @@ class MemBridgeFusion(nn.Module):
         """
         video_idx = torch.cat([local_index, neg_video, local_index])
         text_idx = torch.cat([local_index, local_index, neg_text])
+        extra = None if extra_tokens is None else extra_tokens[video_idx]  # video-only tokens travel with the video
         inputs = FusionInputs(
-            frame_feats[video_idx], video_mask[video_idx], text_feats[text_idx], text_mask[text_idx], t_eot[text_idx]
-        )
+            frame_feats[video_idx], video_mask[video_idx], text_feats[text_idx], text_mask[text_idx], t_eot[text_idx],
+            extra_tokens=extra,
+        )  # fmt: skip
         logits, details = self._match(inputs, group_size=None, intended_norm=False)
         targets = torch.zeros(video_idx.shape[0], dtype=torch.long, device=logits.device)
         targets[: local_index.shape[0]] = 1
@@ -864,6 +951,7 @@ class MemBridgeFusion(nn.Module):
         masked_t_eot: torch.Tensor,
         labels: torch.Tensor,
         token_embedding: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Masked language modelling; ``masked_text_feats`` / ``masked_t_eot`` encode the masked ids.
 
@@ -872,7 +960,9 @@ class MemBridgeFusion(nn.Module):
         """
         masked = labels != IGNORE_INDEX
         text_in = masked_text_feats.masked_fill(masked.unsqueeze(-1), 0.0)
-        inputs = FusionInputs(frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm")
+        inputs = FusionInputs(
+            frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm", extra_tokens=extra_tokens
+        )
         hidden, details = self._fuse(inputs)
         h_text = hidden[:, self.text_offset(frame_feats.shape[1]) :]
         return ObjectiveOutput(self.vocab_logits(h_text[masked], token_embedding), labels[masked], details)
@@ -892,6 +982,7 @@ class MemBridgeFusion(nn.Module):
         probe_feats: torch.Tensor,
         prefixes: torch.Tensor,
         token_embedding: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Prefix LM in one batched fusion pass over the ``R`` (sample, prefix) rows that carry loss.
 
@@ -904,10 +995,38 @@ class MemBridgeFusion(nn.Module):
         """
         rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
         t_eot = probe_feats[rows, torch.searchsorted(prefixes, prefix)]
+        extra = None if extra_tokens is None else extra_tokens[rows]
         inputs = FusionInputs.prefix_lm(
-            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot
+            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot, extra
         )
         logits, details = self.next_token_logits(inputs, self.vocab_weight(token_embedding))
+        return ObjectiveOutput(logits, targets, {**details, "rows": rows, "prefix": prefix})
+
+    def single_pass_lm_objective(
+        self,
+        frame_feats: torch.Tensor,
+        video_mask: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        starts: torch.Tensor,
+        token_feats: torch.Tensor,
+        t_eot: torch.Tensor,
+        token_embedding: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """Prefix LM as one teacher-forced causal pass per text (``plm_mode single_pass``, T2VLP's PLM).
+
+        ``token_feats [B, L, D]``: the unmasked causal text features (slot ``j`` depends on tokens ``<= j``); text
+        slot ``j`` predicts token ``j+1`` for the scored tokens ``starts[b] .. eot[b]`` (:func:`plm_targets`).
+        Logits ``[R, V]``; the details add ``rows`` and ``prefix [R]`` (the reading slot = target position - 1).
+        """
+        rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
+        inputs = FusionInputs(
+            frame_feats, video_mask, token_feats, text_mask, t_eot, mode="lm", extra_tokens=extra_tokens
+        )
+        hidden, details = self._fuse(inputs)
+        out = hidden[rows, self.text_offset(frame_feats.shape[1]) + prefix]
+        logits = self.vocab_logits(out, weight=self.vocab_weight(token_embedding))
         return ObjectiveOutput(logits, targets, {**details, "rows": rows, "prefix": prefix})
 
     def plm_loss(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

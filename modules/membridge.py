@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from modules.aux_losses import local_alignment
 from modules.fusion import (
     MemBridgeFusion,
     ObjectiveOutput,
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
 CACHED_FRAME_FEATURES_KEY = "frame_feats"  # optional batch key [B, T, D] (--cache_visual_features)
+CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed T2VLP tubes (evaluation only)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Stage2Weights:
     mlm: float = 1.0
     plm: float = 1.0
     vtm_negative_scale: float = 1.0
+    align: float = 1.0  # T2VLP's local alignment (only a model with tube tokens computes it)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class _PairPool:
     text_feats: torch.Tensor  # [Bg, L, D]
     text_mask: torch.Tensor  # [Bg, L]
     t_eot: torch.Tensor  # [Bg, D]
+    extra_tokens: torch.Tensor | None = None  # [Bg, K, D] video-only tokens (T2VLP tubes)
 
 
 class MemBridgeModel(nn.Module):
@@ -111,8 +115,25 @@ class MemBridgeModel(nn.Module):
         self.fusion = fusion
 
     def freeze_encoder(self) -> None:
-        """Stage 2: no CLIP parameter trains."""
+        """Stage 2: no CLIP parameter trains (T2VLP's tube module keeps training: it is not part of CLIP)."""
         self.encoder.requires_grad_(False)
+        if self.encoder.tubes is not None:
+            self.encoder.tubes.requires_grad_(True)
+
+    def video_tokens(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frame features ``[B, T, D]`` (no gradient) and the video-only extra tokens (T2VLP tubes ``[B, K, D]``,
+        trained on a detached ViT input; None without a tube module). Precomputed tubes come with the batch
+        (``video_tokens``, evaluation); cached frame features alone cannot give tubes."""
+        tubes = self.encoder.tubes
+        if tubes is None:
+            return self.frame_features(batch), None
+        if CACHED_VIDEO_TOKENS_KEY in batch:
+            return self.frame_features(batch), batch[CACHED_VIDEO_TOKENS_KEY]
+        if "video" not in batch:
+            raise ValueError("tube tokens need the video (or precomputed 'video_tokens'): no --cache_visual_features")
+        with torch.no_grad():
+            frames, tap = self.encoder.encode_video(batch["video"], batch["video_mask"], return_tap=True)
+        return frames, tubes(tap, batch["video_mask"])
 
     def _require_fusion(self) -> MemBridgeFusion:
         if self.fusion is None:
@@ -141,6 +162,7 @@ class MemBridgeModel(nn.Module):
         local_offset: int = 0,
         draws: Stage2Draws | None = None,
         return_details: bool = False,
+        gather_with_grad: GatherFn | None = None,
     ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Stage-2 losses of one (local) batch: ``{loss, vtm, mlm, plm, vtm_acc, mlm_acc, plm_acc}``.
 
@@ -148,7 +170,9 @@ class MemBridgeModel(nn.Module):
         is on), PLM suffix starts, hard negatives (when VTM is on); with ``draws=None`` this is the published
         sequence, and a given part is simply not drawn. With ``gather`` (all-gather along dim 0 over ranks) the
         hard negatives come from the global batch, whose rows ``local_offset .. local_offset + B - 1`` are this
-        rank's (given ``neg_video`` / ``neg_text`` are indices into that global batch).
+        rank's (given ``neg_video`` / ``neg_text`` are indices into that global batch). Video-only tokens that train
+        (T2VLP tubes) are gathered with ``gather_with_grad`` when given (e.g. ``all_gather_with_grad``: a tube used
+        as another rank's negative sends its gradient back), else only this rank's rows keep their gradient.
 
         With ``return_details`` it returns ``(losses, details)``; ``details`` holds the draws used (the
         :class:`Stage2Draws` field names: pass ``Stage2Draws.from_details(details)`` back to repeat the step) and,
@@ -169,9 +193,10 @@ class MemBridgeModel(nn.Module):
         token_embedding = clip.token_embedding.weight
         video_mask, text_ids, text_mask = batch["video_mask"], batch["text_ids"], batch["text_mask"]
         draws.check(text_ids.shape)
-        frame_feats = self.frame_features(batch)
+        frame_feats, extra = self.video_tokens(batch)
         zero = frame_feats.new_zeros(())
         out = {name: zero for name in ("vtm", "mlm", "plm", "vtm_acc", "mlm_acc", "plm_acc")}
+        single_pass = fusion.config.plm_mode == "single_pass"
         details: dict[str, torch.Tensor] = {}
 
         def record(name: str, objective: ObjectiveOutput) -> None:
@@ -190,29 +215,43 @@ class MemBridgeModel(nn.Module):
             record(
                 "mlm",
                 fusion.mlm_objective(
-                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding
+                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding, extra
                 ),
             )
 
         starts = draw_plm_starts(text_mask, generator) if draws.plm_starts is None else draws.plm_starts
-        prefixes = plm_targets(text_ids, text_mask, starts)[1].unique() if weights.plm else starts.new_zeros(0)
+        with_probes = weights.plm and not single_pass
+        prefixes = plm_targets(text_ids, text_mask, starts)[1].unique() if with_probes else starts.new_zeros(0)
         with torch.no_grad():
             text_feats, probe_feats = encode_text_with_probes(clip, text_ids, prefixes, fusion.config.eot_token_id)
         t_eot = text_feats[torch.arange(text_feats.shape[0], device=text_feats.device), eot_positions(text_mask)]
         details["plm_starts"] = starts
-        if weights.plm:
+        if weights.plm and single_pass:
+            record(
+                "plm",
+                fusion.single_pass_lm_objective(
+                    frame_feats, video_mask, text_ids, text_mask, starts, text_feats, t_eot, token_embedding, extra
+                ),
+            )
+        elif weights.plm:
             record(
                 "plm",
                 fusion.plm_objective(
                     frame_feats, video_mask, text_ids, text_mask, starts, text_feats, probe_feats, prefixes,
-                    token_embedding,
+                    token_embedding, extra,
                 ),
             )  # fmt: skip
 
         if weights.vtm:
-            pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot)
+            pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot, extra)
             if gather is not None:
-                pool = _PairPool(*(gather(tensor) for tensor in vars(pool).values()))
+                pool = _PairPool(*(None if v is None else gather(v) for v in vars(pool).values()))
+                if extra is not None and gather_with_grad is not None:
+                    pool.extra_tokens = gather_with_grad(extra)
+                elif extra is not None:  # this rank's tubes keep their gradient
+                    pool.extra_tokens = torch.cat(
+                        [pool.extra_tokens[:local_offset], extra, pool.extra_tokens[local_offset + len(extra) :]]
+                    )
             local_size = text_ids.shape[0]
             if draws.neg_video is None:
                 with torch.no_grad():
@@ -228,9 +267,12 @@ class MemBridgeModel(nn.Module):
                 "vtm",
                 fusion.vtm_objective(
                     pool.frame_feats, pool.video_mask, pool.text_feats, pool.text_mask, pool.t_eot, local_index,
-                    neg_video, neg_text,
+                    neg_video, neg_text, pool.extra_tokens,
                 ),
             )  # fmt: skip
 
         out["loss"] = weights.vtm * out["vtm"] + weights.mlm * out["mlm"] + weights.plm * out["plm"]
+        if extra is not None:  # T2VLP: local alignment on the detached text features; the tubes learn from it
+            out["align"] = local_alignment(self.encoder.tubes.text_queries(), text_feats, text_mask, extra)
+            out["loss"] = out["loss"] + weights.align * out["align"]
         return (out, details) if return_details else out

@@ -16,10 +16,11 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from dataloaders.errors import CheckpointError
+from dataloaders.errors import CheckpointError, ConfigError
 from modules.clip_model import CLIP, CLIPConfig
 from modules.fusion import FusionConfig, MemBridgeFusion
 from modules.membridge import MemBridgeModel
+from modules.methods import DEFAULT_METHOD, method_preset
 from modules.video_clip import VideoCLIP
 
 MODEL_CONFIG_METADATA_KEY = "membridge_model_config"
@@ -37,6 +38,26 @@ class ModelConfig:
     max_frames: int = 12
     fusion: FusionConfig | None = None
     head: dict[str, Any] | None = None  # task head settings (QA), built by the task package
+    method: str = DEFAULT_METHOD  # --method (modules/methods.py): membridge | t2vlp
+    num_tubes: int = 0  # T2VLP tube tokens K (0 without --method t2vlp)
+
+    def __post_init__(self) -> None:
+        preset = method_preset(self.method)
+        tubes = preset.video_tokens == "tube"
+        if tubes != (self.num_tubes > 0):
+            raise ConfigError(
+                f"--method {self.method} with num_tubes {self.num_tubes}: tube tokens belong to --method t2vlp "
+                "(num_tubes >= 1) and to it only"
+            )
+        if self.fusion is not None and self.fusion.bridge_source not in preset.bridge_sources:
+            raise ConfigError(
+                f"the fusion's bridge_source {self.fusion.bridge_source!r} contradicts --method {self.method}"
+            )
+        if tubes and self.fusion is not None and self.fusion.num_bridge_tokens != self.num_tubes:
+            raise ConfigError(
+                f"the fusion holds {self.fusion.num_bridge_tokens} extra tokens but the model makes {self.num_tubes} "
+                "tubes: set --num_tubes only"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (nested configs as dicts)."""
@@ -72,6 +93,7 @@ def build_video_encoder(config: ModelConfig, clip: CLIP | None = None) -> VideoC
         linear_patch=config.linear_patch,
         sim_header=config.sim_header,
         max_frames=config.max_frames,
+        num_tubes=config.num_tubes,
     )
 
 

@@ -5,6 +5,12 @@ The published model keeps everything under ``clip.``: the OpenAI CLIP weights, a
 ``fusion_query``, ``fusion_ln``), the tied vocabulary head (``fusion_proj``, ``fusion_logit_bias``), the VTM head
 (``fusion_match_matrix``, ``fusion_unmatch_matrix``), ``fusion_positional_embedding`` and an unused ``lm_head``.
 CLIP4Clip's similarity heads live at the top level (``frame_position_embeddings``, ``transformerClip``, ...).
+
+The T2VLP (Focus-and-Align) release uses the same skeleton (spec ``T2VLP_STOA.md`` A.1/A.2): its tube module is
+``clip.fusion_center`` (shape ``[1, 1, K, W]``, ours ``[K, W]``), ``clip.fusion_proj_center``, and
+``clip.local_visual`` of which only the two blocks, ``ln_post`` and ``proj`` run (its copies of ``conv1``,
+``class_embedding``, ``positional_embedding``, ``ln_pre`` are unused, as is ``clip.visual_linear``); its vocabulary
+projection is ``clip.fusion_proj_embedding``. There is no memory bank.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ PUBLISHED_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("clip.fusion_match_matrix", "fusion.match_matrix"),
     ("clip.fusion_unmatch_matrix", "fusion.unmatch_matrix"),
     ("clip.lm_head.", DROPPED),
+    # T2VLP
+    ("clip.fusion_proj_embedding", "fusion.vocab_proj"),
+    ("clip.fusion_center", "encoder.tubes.centres"),
+    ("clip.fusion_proj_center.", "encoder.tubes.proj_center."),
+    ("clip.local_visual.transformer.", "encoder.tubes.blocks."),
+    ("clip.local_visual.ln_post.", "encoder.tubes.ln_post."),
+    ("clip.local_visual.proj", "encoder.tubes.proj"),
+    ("clip.local_visual.", DROPPED),
+    ("clip.visual_linear.", DROPPED),
     ("clip.", "encoder.clip."),
     ("frame_position_embeddings.", "encoder.frame_position_embeddings."),
     ("transformerClip.", "encoder.transformerClip."),
@@ -36,7 +51,7 @@ PUBLISHED_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("cross.", "encoder.cross."),
     ("similarity_dense.", "encoder.similarity_dense."),
 )
-PUBLISHED_MARKERS = ("clip.fusion_memory", "clip.fusion_transformer.")
+PUBLISHED_MARKERS = ("clip.fusion_memory", "clip.fusion_transformer.", "clip.fusion_center", "clip.local_visual.")
 _FUSION_BLOCK = re.compile(r"^clip\.fusion_transformer\.resblocks\.(\d+)\.")
 
 
@@ -71,6 +86,8 @@ def convert_published_state_dict(
         target = published_to_ours(key)
         if target is None or (block is not None and int(block.group(1)) >= fusion_layers):
             unmapped.append(key)
+        elif key == "clip.fusion_center":  # published [1, 1, K, W]
+            converted[target] = value.reshape(-1, value.shape[-1])
         else:
             converted[target] = value
     return converted, sorted(unmapped)

@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from dataloaders.errors import ConfigError
 from modules.clip_blocks import LayerNorm, QuickGELU, Transformer
 from modules.clip_model import CLIP
+from modules.t2vlp import TUBE_BLOCKS, TubeTokens
 
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 LINEAR_PATCHES = ("2d", "3d")
@@ -115,6 +116,7 @@ class VideoCLIP(nn.Module):
         max_frames: int = DEFAULT_MAX_FRAMES,
         temporal_layers: int = DEFAULT_TEMPORAL_LAYERS,
         cross_dropout: float = CROSS_DROPOUT,
+        num_tubes: int = 0,
     ):
         super().__init__()
         config = clip.config
@@ -129,6 +131,10 @@ class VideoCLIP(nn.Module):
         self.linear_patch = linear_patch
         self.sim_header = sim_header
         self.max_frames = max_frames
+        self.tubes: TubeTokens | None = None
+        if num_tubes:  # --method t2vlp: video-only tube tokens (modules/t2vlp.py), initialised from the ViT
+            self.tubes = TubeTokens(config.vision_width, config.embed_dim, num_tubes, config.vision_heads)
+            self.tubes.init_from_visual(clip.visual)
         if linear_patch == "3d" and clip.visual.conv2 is None:
             clip.visual.enable_3d_patch()
         if linear_patch == "2d" and clip.visual.conv2 is not None:
@@ -177,35 +183,59 @@ class VideoCLIP(nn.Module):
     # ----- encoders -----
 
     def encode_video(
-        self, video: torch.Tensor, video_mask: torch.Tensor | None = None, return_layer_tokens: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        self,
+        video: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+        return_tap: bool = False,
+        return_layer_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """``[B, T, 3, S, S]`` -> per-frame features ``[B, T, D]``; the last ``J`` ViT blocks attend across frames.
 
-        ``return_layer_tokens`` also returns the *input* tokens of every ViT block, each ``[B, T, 1+P, W]`` (frame CLS
-        first), for MCQ's BridgeFormer (modules/bridgeformer.py).
+        ``return_tap`` also returns the tokens entering ViT block ``N - TUBE_BLOCKS`` (block 10 of ViT-B/16), per
+        frame ``[B, T, 1+P, W]``, with their gradient (the tube tokens' input, :mod:`modules.t2vlp`).
+        ``return_layer_tokens`` instead returns the *input* tokens of every ViT block, each ``[B, T, 1+P, W]`` (frame
+        CLS first), for MCQ's BridgeFormer (modules/bridgeformer.py).
         """
+        if return_tap and return_layer_tokens:
+            raise ValueError("encode_video returns either the tube tap or every block's input tokens, not both")
         b, t = video.shape[:2]
         visual = self.clip.visual
         x = visual.embed_video(video)  # [B*T, 1+P, W]
         n_tokens, width = x.shape[1:]
-        layers: list[torch.Tensor] = []
-        split = len(visual.blocks) - self.joint_layers
-        for block in visual.blocks[:split]:
-            if return_layer_tokens:
-                layers.append(x.reshape(b, t, n_tokens, width))
-            x = block(x)
+        blocks = list(visual.blocks)
+        split = len(blocks) - self.joint_layers
+        tap_at = max(0, len(blocks) - TUBE_BLOCKS)
+        tap, layers = None, []
         if self.joint_layers:
             if video_mask is None:
                 video_mask = torch.ones(b, t, dtype=torch.long, device=video.device)
             key_mask = additive_key_mask(video_mask.repeat_interleave(n_tokens, dim=1), x.dtype)
-            x = x.reshape(b, t * n_tokens, width)
-            for block in visual.blocks[split:]:
-                if return_layer_tokens:
-                    layers.append(x.reshape(b, t, n_tokens, width))
-                x = block(x, key_mask)
-            x = x.reshape(b * t, n_tokens, width)
-        feats = visual.head(x[:, 0]).reshape(b, t, -1)
-        return (feats, layers) if return_layer_tokens else feats
+        for index, block in enumerate(blocks):
+            if return_tap and index == tap_at:
+                tap = x.reshape(b, t, n_tokens, width)
+            if return_layer_tokens:
+                layers.append(x.reshape(b, t, n_tokens, width))
+            if index == split:
+                x = x.reshape(b, t * n_tokens, width)
+            x = block(x, key_mask) if index >= split else block(x)
+        x = x.reshape(b * t, n_tokens, width)
+        if return_tap and tap is None:  # no blocks at all
+            tap = x.reshape(b, t, n_tokens, width)
+        frames = visual.head(x[:, 0]).reshape(b, t, -1)
+        if return_layer_tokens:
+            return frames, layers
+        return (frames, tap) if return_tap else frames
+
+    def encode_video_tokens(
+        self, video: torch.Tensor, video_mask: torch.Tensor, detach_tap: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frame features ``[B, T, D]`` and the video-only extra tokens of the method (T2VLP tube tokens
+        ``[B, K, D]``; None without). ``detach_tap``: the tubes' ViT input carries no gradient (stage 2 and
+        downstream, as published; stage 1 keeps it)."""
+        if self.tubes is None:
+            return self.encode_video(video, video_mask), None
+        frames, tap = self.encode_video(video, video_mask, return_tap=True)
+        return frames, self.tubes(tap.detach() if detach_tap else tap, video_mask)
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` -> unnormalised EOT features ``[B, D]``."""

@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import DistInfo, all_gather_object, all_gather_tensor, get_rank, get_world_size, shard_indices
+from engine.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_gather_tensor,
+    all_gather_with_grad,
+    get_rank,
+    get_world_size,
+    shard_indices,
+)
 from modules.fusion import eot_positions
-from modules.membridge import MemBridgeModel, Stage2Draws, Stage2Weights
+from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Draws, Stage2Weights
 
 HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
 HELD_OUT_SEED = 1234  # fixed draws (masks, suffixes, negatives) so held-out accuracies are comparable across runs
@@ -45,6 +53,7 @@ class FusionPretrainTask(nn.Module):
             local_offset=get_rank() * local,
             draws=draws,
             return_details=return_details,
+            gather_with_grad=all_gather_with_grad if world > 1 else None,
         )
 
     def train(self, mode: bool = True) -> FusionPretrainTask:
@@ -63,11 +72,13 @@ def held_out_accuracies(
     text_tokens: torch.Tensor,
     text_to_video: list[int],
     dist: DistInfo,
+    video_tokens: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """VTM / MLM / PLM accuracy (%) on held-out (caption, video) pairs, batches sharded across ranks.
 
     ``text_tokens [Nt, L, D]`` are the captions' per-position CLIP features, already computed by the retrieval
-    evaluation (``encode_eval_set``); they are reused, not recomputed.
+    evaluation (``encode_eval_set``); they are reused, not recomputed, as are ``video_tokens [Nv, K, D]`` (T2VLP
+    tubes, with the videos).
 
     ``heldout_vtm_acc``: the training task's accuracy (1 positive + 2 hard negatives per pair, so always answering
     "no match" scores 66.7%). ``heldout_vtm_pair_acc``: how often a caption's match score with its own video exceeds
@@ -103,12 +114,14 @@ def held_out_accuracies(
                 "text_ids": text_ids[idx],
                 "text_mask": text_mask[idx],
             }
+            if video_tokens is not None:
+                batch[CACHED_VIDEO_TOKENS_KEY] = video_tokens[vid]
             out = model.stage2_losses(batch, weights=Stage2Weights())
             for key in ACCURACY_KEYS:
                 sums[key] += float(out[key]) * len(idx)
             pair_wins, random_correct = _pair_decisions(
                 model, frame_feats, video_mask, vid, random_video[idx.cpu()].to(vid.device),
-                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx],
+                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx], video_tokens,
             )  # fmt: skip
             sums["vtm_pair_acc"] += pair_wins
             sums["vtm_random_acc"] += random_correct
@@ -130,6 +143,7 @@ def _pair_decisions(
     text_mask: torch.Tensor,
     t_eot: torch.Tensor,
     sim: torch.Tensor,
+    video_tokens: torch.Tensor | None = None,
 ) -> tuple[int, float]:
     """For captions whose own videos are ``vid``: how many match their own video better than their hardest other
     video (the most similar under the dual-encoder similarity ``sim [b, Nv]``), and how many of the 2b balanced
@@ -139,9 +153,11 @@ def _pair_decisions(
     hardest = hardest.argmax(dim=1)
     margins = []  # match - unmatch logit: finer than the probability, which saturates to exactly 0 or 1
     for videos in (vid, hardest, random_vid):
+        extra = None if video_tokens is None else video_tokens[videos]
         logits = model.fusion.match_logits(
-            frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, intended_norm=True
-        ).float()
+            frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, intended_norm=True,
+            extra_tokens=extra,
+        ).float()  # fmt: skip
         margins.append(logits[:, 1] - logits[:, 0])
     own, hard, rand = margins
     return int((own > hard).sum()), 0.5 * float((own > 0).sum() + (rand < 0).sum())
@@ -153,5 +169,5 @@ def held_out_metrics(model: MemBridgeModel, enc, eval_set, dist: DistInfo) -> di
     readable = [i for i, v in enumerate(eval_set.text_to_video) if bool(enc.video_ok[v])]
     return held_out_accuracies(
         model, enc.frame_feats, enc.video_mask, enc.text_ids[readable], enc.text_mask[readable],
-        enc.text_tokens[readable], [eval_set.text_to_video[i] for i in readable], dist,
+        enc.text_tokens[readable], [eval_set.text_to_video[i] for i in readable], dist, enc.video_tokens,
     )  # fmt: skip

@@ -72,6 +72,7 @@ class FusionCaptioner:
         frame_feats: torch.Tensor,
         video_mask: torch.Tensor,
         use_cache: bool = True,
+        video_tokens: torch.Tensor | None = None,
     ) -> None:
         if model.fusion is None:
             raise ValueError("captioning needs a MemBridgeModel with a fusion encoder")
@@ -79,6 +80,7 @@ class FusionCaptioner:
         self.clip = model.encoder.clip
         self.frame_feats = frame_feats
         self.video_mask = video_mask
+        self.video_tokens = video_tokens  # [B, K, D] T2VLP tubes (--method t2vlp), None otherwise
         self.use_cache = use_cache
         self.eot_id = self.fusion.config.eot_token_id
         # The plain path reads out as training does (P @ E_tok^T [D, V], once per decode); the cached path never
@@ -120,13 +122,26 @@ class FusionCaptioner:
     ) -> torch.Tensor:
         """Vocabulary logits ``[N, V]`` of slot ``i+1`` given the prefix features ``[N, i+1, D]``: the rows of
         :meth:`MemBridgeFusion.plm_objective`, through the same :meth:`FusionInputs.prefix_lm` and
-        :meth:`MemBridgeFusion.next_token_logits`."""
+        :meth:`MemBridgeFusion.next_token_logits`. Under ``plm_mode single_pass`` (T2VLP) the prefix goes through
+        one causal ``lm`` pass and its last slot predicts the next token, as in the single-pass training."""
         rows, prefix_len, d = token_feats.shape
+        extra = None if self.video_tokens is None else self.video_tokens[video_rows]
+        if self.fusion.config.plm_mode == "single_pass":
+            frames, vmask = self.frame_feats[video_rows], self.video_mask[video_rows]
+            text_mask = torch.ones(rows, prefix_len, dtype=torch.long, device=token_feats.device)
+            inputs = FusionInputs(frames, vmask, token_feats, text_mask, eot_probe, mode="lm", extra_tokens=extra)
+            hidden = self.fusion.fuse(inputs)
+            out = hidden[:, self.fusion.text_offset(frames.shape[1]) + prefix_len - 1]
+            if self.vocab_weight is None:  # the cached path never forms P @ E_tok^T
+                return self.fusion.vocab_logits_factored(out, self.clip.token_embedding.weight)
+            return self.fusion.vocab_logits(out, weight=self.vocab_weight)
         text_in = torch.cat([token_feats, token_feats.new_zeros(rows, 1, d)], dim=1)  # slot i+1: position only
         text_mask = torch.ones(rows, prefix_len + 1, dtype=torch.long, device=token_feats.device)
         prefix = torch.full((rows,), prefix_len - 1, dtype=torch.long, device=token_feats.device)
         frames = self.frame_feats[video_rows]
-        inputs = FusionInputs.prefix_lm(frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe)
+        inputs = FusionInputs.prefix_lm(
+            frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe, extra
+        )
         if pruned:
             return self.fusion.next_token_logits_pruned(inputs, self.clip.token_embedding.weight)
         weight = self.vocab_weight
@@ -145,12 +160,14 @@ def generate_captions(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     bos: int = SOT_ID,
     use_cache: bool = True,
+    video_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Caption tokens ``[B, <= max_len]`` (EOT included where produced, padded with 0) of ``B`` videos.
+    """Caption tokens ``[B, <= max_len]`` (EOT included where produced, padded with 0) of ``B`` videos
+    (``video_tokens [B, K, D]``: their T2VLP tubes with ``--method t2vlp``).
 
     ``beam_size == 1`` is greedy search (the family default), otherwise beam search with ``length_penalty``.
     """
-    captioner = FusionCaptioner(model, frame_feats, video_mask, use_cache=use_cache)
+    captioner = FusionCaptioner(model, frame_feats, video_mask, use_cache=use_cache, video_tokens=video_tokens)
     common = {
         "batch_size": captioner.batch_size,
         "bos": bos,

@@ -32,7 +32,8 @@ from engine.data import build_eval_loader
 from engine.distributed import DistInfo, all_gather_object, broadcast_object
 from engine.flags import build_parser
 from engine.run_logging import write_json_atomic
-from modules.fusion import draw_plm_starts, encode_text_with_probes, plm_targets
+from modules.aux_losses import local_alignment
+from modules.fusion import draw_plm_starts, encode_text_with_probes, eot_positions, plm_targets
 from modules.membridge import MemBridgeModel
 from video_captioning.captioner import generate_captions
 from video_captioning.decoding import DEFAULT_LENGTH_PENALTY, SOT_ID
@@ -89,17 +90,31 @@ class CaptionTask(nn.Module):
         text_ids, text_mask, video_mask = batch["text_ids"], batch["text_mask"], batch["video_mask"]
         train_video = self.training and any(p.requires_grad for p in clip.visual.parameters())
         with torch.set_grad_enabled(train_video and torch.is_grad_enabled()):
-            frames = encoder.encode_video(batch["video"], video_mask)
+            frames, tap = encoder.encode_video(batch["video"], video_mask, return_tap=True)
+        tubes = None if encoder.tubes is None else encoder.tubes(tap.detach(), video_mask)  # T2VLP, trains
         if self.targets == "all":
             starts = torch.ones(text_ids.shape[0], dtype=torch.long, device=text_ids.device)
         else:
             starts = draw_plm_starts(text_mask)
+        if fusion.config.plm_mode == "single_pass":  # T2VLP: one teacher-forced pass, + the local alignment
+            with torch.no_grad():
+                token_feats = clip.encode_text_tokens(text_ids)
+            t_eot = token_feats[torch.arange(len(text_ids), device=text_ids.device), eot_positions(text_mask)]
+            loss, accuracy = fusion.single_pass_lm_objective(
+                frames, video_mask, text_ids, text_mask, starts, token_feats, t_eot, clip.token_embedding.weight,
+                tubes,
+            ).loss_and_accuracy()  # fmt: skip
+            out = {"plm_acc": accuracy}
+            if tubes is not None:
+                out["align"] = local_alignment(encoder.tubes.text_queries(), token_feats, text_mask, tubes)
+                loss = loss + out["align"]
+            return {"loss": loss, **out}
         prefixes = plm_targets(text_ids, text_mask, starts)[1].unique()
         with torch.no_grad():
             token_feats, probe_feats = encode_text_with_probes(clip, text_ids, prefixes, fusion.config.eot_token_id)
         loss, accuracy = fusion.plm_loss(
             frames, video_mask, text_ids, text_mask, starts, token_feats, probe_feats, prefixes,
-            clip.token_embedding.weight,
+            clip.token_embedding.weight, tubes,
         )  # fmt: skip
         return {"loss": loss, "plm_acc": accuracy}
 
@@ -142,7 +157,7 @@ def caption_videos(
     local: list[tuple[int, str]] = []
     for batch in tqdm(loader, desc="caption videos", disable=dist.rank != 0, leave=False):
         video, video_mask = batch["video"].to(device), batch["video_mask"].to(device)
-        frames = model.encoder.encode_video(video, video_mask)
+        frames, tubes = model.encoder.encode_video_tokens(video, video_mask, detach_tap=True)
         tokens = generate_captions(
             model,
             frames,
@@ -152,6 +167,7 @@ def caption_videos(
             length_penalty=settings.length_penalty,
             bos=settings.bos,
             use_cache=settings.use_cache,
+            video_tokens=tubes,
         )
         local.extend(
             (index, tokenizer.decode(row))

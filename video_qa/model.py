@@ -17,6 +17,10 @@ prediction slot of PLM; its fused state answers the question. The sequence is bu
   convention).
 
 There is no published MemBridge QA code, so ``official_quirks`` does not change this path.
+
+With ``--method t2vlp`` the layout is T2VLP's (spec A.6): ``[v_sep | frames | tubes | question | answer slot]``,
+joint attention (padding only), the positional embedding on every slot; the tubes come from the video with a
+detached ViT input, as in every downstream copy of the published code. There is no alignment loss in QA.
 """
 
 from __future__ import annotations
@@ -94,9 +98,13 @@ class MemBridgeQAModel(MemBridgeModel):
         question_feats: torch.Tensor,
         question_mask: torch.Tensor,
         question_eot: torch.Tensor,
+        video_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fused state of the answer slot ``[B, D]``: the ``qa`` pass of the fusion (see the module docstring)."""
-        inputs = FusionInputs.for_question(frame_feats, video_mask, question_feats, question_mask, question_eot)
+        """Fused state of the answer slot ``[B, D]``: the ``qa`` pass of the fusion (see the module docstring);
+        ``video_tokens [B, K, D]``: the videos' T2VLP tubes (``--method t2vlp``)."""
+        inputs = FusionInputs.for_question(
+            frame_feats, video_mask, question_feats, question_mask, question_eot, video_tokens
+        )
         hidden = self.fusion.fuse(inputs)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, self.fusion.text_offset(frame_feats.shape[1]) + eot_positions(inputs.text_mask)]
@@ -105,9 +113,9 @@ class MemBridgeQAModel(MemBridgeModel):
         """Logits ``[B, A]`` (classifier) or ``[B, V]`` (first_token) of a QA batch, and the encoder outputs
         (``frame_feats [B, T, D]``, ``question_eot [B, D]``) for auxiliary losses."""
         video_mask, question_mask = batch["video_mask"], batch["question_mask"]
-        frame_feats = self.encoder.encode_video(batch["video"], video_mask)
+        frame_feats, tubes = self.encoder.encode_video_tokens(batch["video"], video_mask, detach_tap=True)
         question_feats, question_eot = self.encode_question(batch["question_ids"], question_mask)
-        state = self.answer_state(frame_feats, video_mask, question_feats, question_mask, question_eot)
+        state = self.answer_state(frame_feats, video_mask, question_feats, question_mask, question_eot, tubes)
         if self.qa_head is not None:
             logits = self.qa_head(state)
         else:

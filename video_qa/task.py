@@ -37,6 +37,7 @@ from engine.flags import build_parser
 from engine.trainer import move_to_device
 from modules.fusion import MemBridgeFusion
 from modules.losses import contrastive_loss
+from modules.methods import refuse_unsupported
 from modules.model_config import build_video_encoder
 from modules.published_keys import convert_published_state_dict
 from video_qa.model import QA_HEADS, MemBridgeQAModel
@@ -120,6 +121,7 @@ def build_qa_model(args: argparse.Namespace, num_answers: int | None) -> MemBrid
     """The QA model of the flags: CLIP (sizes as ``engine.builders.build_clip``), a fusion sized by
     ``--cross_config_path`` and the fusion flags, the answer head; ``--init_model`` weights (see
     :func:`init_qa_weights`). It carries its ModelConfig (head settings included) for its checkpoints."""
+    refuse_unsupported(args.method, "video QA", supported=("membridge", "t2vlp"))
     clip = build_clip(args)
     config = dataclasses.replace(
         model_config(args, clip.config, with_fusion=True),

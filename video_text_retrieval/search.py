@@ -83,7 +83,7 @@ CAPTION_KEY = "caption"
 ARCHITECTURE_FLAGS = (
     "visual_pretrain_path", "clip_config", "cross_config_path", "joint_layers", "linear_patch", "sim_header",
     "max_frames", "max_words", "fusion_layers", "num_bridge_tokens", "memory_size", "bridge_source", "official_quirks",
-    "rerank_topk",
+    "rerank_topk", "method", "num_tubes", "fusion_attention", "fusion_pos", "plm_mode",
 )  # fmt: skip
 SAMPLING_FLAGS = ("feature_framerate", "slice_framepos", "eval_frame_order", "pad_frames")
 FINGERPRINT_MEMO = "encoder_fingerprints.json"  # weights file -> encoder fingerprint

@@ -203,7 +203,7 @@ def prepare_mcq_set(args: argparse.Namespace, dataset):
 
 
 STAGE1_OBJECTIVES: dict[str, Stage1Objective] = {
-    "clip": Stage1Objective(build_task=lambda args, model: ContrastiveTask(model)),
+    "clip": Stage1Objective(build_task=lambda args, model: ContrastiveTask(model, align_weight=args.w_align)),
     "mcq": Stage1Objective(build_task=build_mcq_task, prepare_train_set=prepare_mcq_set, check=check_mcq),
 }
 
@@ -216,5 +216,11 @@ def stage1_objective(args: argparse.Namespace) -> Stage1Objective:
 
 
 def check_stage1_flags(args: argparse.Namespace) -> None:
-    """The chosen objective's flag rules (``run_main``'s ``check``)."""
+    """The chosen objective's flag rules (``run_main``'s ``check``). Only the ``clip`` objective has a T2VLP form
+    (tube tokens + alignment); the others run on the MemBridge dual encoder."""
+    if args.stage1_objective != "clip" and args.method != "membridge":
+        raise ConfigError(
+            f"--stage1_objective {args.stage1_objective} runs with --method membridge (the plain dual encoder); "
+            f"--method {args.method} has its own stage-1 objective: use --stage1_objective clip"
+        )
     stage1_objective(args).check(args)

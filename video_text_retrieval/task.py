@@ -46,31 +46,44 @@ from engine.metrics import (
     retrieval_metrics,
     v2t_group_metrics,
 )
+from modules.aux_losses import local_alignment
 from modules.fusion import DEFAULT_RERANK_QUERY_CHUNK, check_rerank_range, rerank_queries
 from modules.losses import contrastive_loss
-from modules.membridge import MemBridgeModel, Stage2Weights
+from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Weights
 
 logger = logging.getLogger(__name__)
 
 TEXT_CHUNK = 256  # caption rows per similarity chunk (tightTransf runs a cross encoder per pair)
-VTM_ONLY = Stage2Weights(vtm=1.0, mlm=0.0, plm=0.0)
+VTM_ONLY = Stage2Weights(vtm=1.0, mlm=0.0, plm=0.0, align=0.0)
 
 
 class ContrastiveTask(nn.Module):
     """Symmetric InfoNCE on the global batch; ``vtm_weight > 0`` adds the fusion's matching loss (fine-tuning with
-    re-ranking). ``model`` holds the weights that checkpoints save."""
+    re-ranking). ``model`` holds the weights that checkpoints save.
 
-    def __init__(self, model: MemBridgeModel, vtm_weight: float = 0.0):
+    With T2VLP tube tokens (``--method t2vlp``) the loss adds ``align_weight`` x the local alignment (spec A.3/A.4)
+    between the tubes and the text token features; the tubes' ViT input keeps its gradient in stage 1 (no fusion)
+    and is detached when fine-tuning a model with a fusion, as published."""
+
+    def __init__(self, model: MemBridgeModel, vtm_weight: float = 0.0, align_weight: float = 1.0):
         super().__init__()
         if vtm_weight > 0 and model.fusion is None:
             raise ValueError("vtm_weight > 0 needs a model with a fusion encoder")
         self.model = model
         self.vtm_weight = vtm_weight
+        self.align_weight = align_weight
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         encoder = self.model.encoder
-        frames = encoder.encode_video(batch["video"], batch["video_mask"])  # [b, T, D]
-        text = encoder.text_features(batch["text_ids"])  # [b, D]
+        frames, tubes = encoder.encode_video_tokens(
+            batch["video"], batch["video_mask"], detach_tap=self.model.fusion is not None
+        )  # [b, T, D], tubes [b, K, D] or None
+        if tubes is None:
+            text = encoder.text_features(batch["text_ids"])  # [b, D]
+        else:
+            text_ids = batch["text_ids"]
+            tokens = encoder.clip.encode_text_tokens(text_ids)  # [b, L, D]
+            text = tokens[torch.arange(len(tokens), device=tokens.device), text_ids.argmax(dim=-1)]
         if encoder.loose_type:
             video_emb = all_gather_with_grad(encoder.video_embedding(frames, batch["video_mask"]))
             text_emb = all_gather_with_grad(F.normalize(text, dim=-1))
@@ -81,15 +94,21 @@ class ContrastiveTask(nn.Module):
             )
         out = {"contrastive": contrastive_loss(sim)}
         loss = out["contrastive"]
+        if tubes is not None:
+            out["align"] = local_alignment(encoder.tubes.text_queries(), tokens, batch["text_mask"], tubes)
+            loss = loss + self.align_weight * out["align"]
         if self.vtm_weight > 0:
             # The fusion learns matching on detached CLIP features (as in stage 2); hard negatives come from the
             # global batch.
             vtm_batch = {**batch, "frame_feats": frames.detach()}
+            if tubes is not None:  # the tubes travel with their video into the VTM pairs (and learn from them)
+                vtm_batch[CACHED_VIDEO_TOKENS_KEY] = tubes
             vtm = self.model.stage2_losses(
                 vtm_batch,
                 weights=VTM_ONLY,
                 gather=all_gather_tensor if get_world_size() > 1 else None,
                 local_offset=get_rank() * frames.shape[0],
+                gather_with_grad=all_gather_with_grad if get_world_size() > 1 else None,
             )
             out.update({"vtm": vtm["vtm"], "vtm_acc": vtm["vtm_acc"]})
             loss = loss + self.vtm_weight * vtm["vtm"]
@@ -111,6 +130,7 @@ class EncodedEvalSet:
     text_ids: torch.Tensor  # [Nt, L]
     text_mask: torch.Tensor  # [Nt, L]
     video_ok: torch.Tensor  # [Nv] 1 = decoded
+    video_tokens: torch.Tensor | None = None  # [Nv, K, D] T2VLP tube tokens (None without)
 
 
 @torch.no_grad()
@@ -126,9 +146,11 @@ def encode_eval_set(
     what = "the evaluation videos: check --features_path"
     if allow_missing:
         videos = TolerantVideos(videos, first_readable(videos, what), "evaluation")
-    frame_feats, video_mask, video_ok = encode_video_set(
+    with_tubes = encoder.tubes is not None
+    frame_feats, video_mask, video_ok, *video_tokens = encode_video_set(
         encoder, videos, batch_size, num_workers, dist, "encoding the evaluation videos",
         hint=" (or pass --allow_missing_eval_videos to evaluate without the unreadable videos)",
+        video_tokens=with_tubes,
     )  # fmt: skip
 
     texts = eval_set.text_dataset()
@@ -149,7 +171,10 @@ def encode_eval_set(
     text_ids = gather_eval_rows(id_rows, indices, n_t)
     text_mask = gather_eval_rows(mask_rows, indices, n_t)
     text_feats = text_tokens[torch.arange(n_t, device=device), text_ids.argmax(dim=-1)]
-    return EncodedEvalSet(frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok)
+    return EncodedEvalSet(
+        frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok,
+        video_tokens[0] if video_tokens else None,
+    )  # fmt: skip
 
 
 def eval_set_text_len(eval_set: RetrievalEvalSet) -> int:
@@ -251,8 +276,9 @@ def rerank_similarity(
     check_rerank_range(sim)
     device = dist.device
     kt, kv = keep_t.to(device), keep_v.to(device)
+    extra = None if enc.video_tokens is None else enc.video_tokens[kv]
     match_prob = model.fusion.pair_match_fn(
-        enc.frame_feats[kv], enc.video_mask[kv], enc.text_tokens[kt], enc.text_mask[kt], enc.text_feats[kt]
+        enc.frame_feats[kv], enc.video_mask[kv], enc.text_tokens[kt], enc.text_mask[kt], enc.text_feats[kt], extra
     )
     scores = sim.to(device)
     mine = shard_indices(scores.shape[0], dist.rank, dist.world_size)
