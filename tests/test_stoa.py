@@ -313,3 +313,148 @@ def test_matching_loss_equals_a_brute_force_reference_and_trains_only_the_video_
         traj, none_valid, act, text, text_mask, nouns, verbs, skip_actions_without_objects=True
     )
     assert skipped == 0 and skipped.requires_grad
+
+
+# ---- model wiring, gradients and the end-to-end run --------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stoa_model(object_count: int = 2):
+    from modules.clip_model import CLIPConfig
+    from modules.fusion import FusionConfig
+    from modules.methods import fusion_overrides
+    from modules.model_config import ModelConfig, build_membridge
+
+    clip = CLIPConfig(**json.loads((REPO / "CLIP-modules" / "tiny.json").read_text()))
+    fusion = FusionConfig.from_json(
+        REPO / "CLIP-modules" / "fusion-tiny.json", num_bridge_tokens=2 * object_count + 4, max_frames=3, max_words=8,
+        **fusion_overrides("stoa"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_membridge(
+        ModelConfig(clip=clip, fusion=fusion, method="stoa", object_count=object_count, max_frames=3)
+    )
+    model.freeze_encoder()
+    return model
+
+
+def _stoa_batch(model, b: int = 3) -> dict:
+    size = model.encoder.clip.config.image_resolution
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(b, 8, dtype=torch.long)
+    ids[:, 0], ids[:, 1:5], ids[:, 5] = 49406, torch.randint(1, 400, (b, 4), generator=generator), 49407
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.5, 0.4, 0.9, 0.9]]).expand(b, 3, 2, 4).clone()
+    classes = torch.tensor([[1, 2], [1, 0], [2, 1]]).expand(b, 3, 2).clone()
+    boxes[classes == 0] = -1
+    return {
+        "video": torch.randn(b, 3, 3, size, size, generator=generator),
+        "video_mask": torch.ones(b, 3, dtype=torch.long),
+        "text_ids": ids, "text_mask": (torch.arange(8) <= 5).long().expand(b, 8).clone(),
+        "object_boxes": boxes, "object_classes": classes, "trajectory_ids": torch.tensor([1, 2, 0, 0]).expand(b, 4),
+        "noun_mask": torch.tensor([0, 1, 0, 1, 0, 0, 0, 0]).expand(b, 8),
+        "verb_mask": torch.tensor([0, 0, 1, 0, 0, 0, 0, 0]).expand(b, 8),
+    }  # fmt: skip
+
+
+def test_stage2_gradients_reach_exactly_the_fusion_and_the_object_module():
+    from modules.membridge import Stage2Weights
+
+    model = _stoa_model()
+    out = model.stage2_losses(_stoa_batch(model), torch.Generator().manual_seed(1), Stage2Weights())
+    assert {"vtm", "mlm", "plm", "match"} <= set(out) and out["match"] > 0
+    out["loss"].backward()
+    grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
+    clip = [n for n in grads if n.startswith("encoder.") and not n.startswith("encoder.objects.")]
+    assert clip and not any(grads[n] for n in clip)  # CLIP frozen
+    for name in ("encoder.objects.action_queries", "encoder.objects.encoder.patch_to_d.0.weight",
+                 "encoder.objects.trajectory.proj", "encoder.objects.action.proj", "fusion.vocab_proj"):  # fmt: skip
+        assert grads[name], name
+    # the matching loss alone trains only the object module
+    model.zero_grad()
+    only = model.stage2_losses(_stoa_batch(model), torch.Generator().manual_seed(1), Stage2Weights(0, 0, 0, 1, 0, 1))
+    only["loss"].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(n.startswith("encoder.objects.") for n in trained)
+
+
+def _run(script: str, args: list[str], timeout: int = 240) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *([str(REPO / script)] if script.endswith(".py") else ["-m", script]), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _common(data: Path, out: Path) -> list[str]:
+    return [
+        "--clip_config", str(REPO / "CLIP-modules" / "tiny.json"), "--output_dir", str(out),
+        "--val_csv", str(data / "msrvtt" / "MSRVTT_JSFUSION_test.csv"), "--features_path", str(data / "videos"),
+        "--max_frames", "4", "--max_words", "12", "--batch_size", "8", "--n_display", "3", "--seed", "42",
+        "--no-log_tensorboard", "--torch_threads", "1",
+    ]  # fmt: skip
+
+
+def _stoa_flags(data: Path) -> list[str]:
+    return [
+        "--method", "stoa", "--object_count", "3", "--objects_dir", str(data / "objects"),
+        "--labelmap_path", str(data / synthetic.LABEL_MAP_FILE_NAME),
+        "--cross_config_path", str(REPO / "CLIP-modules" / "fusion-tiny.json"), "--rerank_topk", "4",
+    ]  # fmt: skip
+
+
+def _latest(run: Path) -> Path:
+    return run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
+
+
+@pytest.mark.slow
+def test_stage2_stoa_from_a_stage1_checkpoint_then_retrieval_rerank(synthetic_small: Path, tmp_path: Path):
+    webvid = synthetic_small / "webvid"
+    train = ["--train_csv", str(webvid / "frozen_train_labels.json"), "--webvid_tfrecord", str(webvid / "tfrecord")]
+    stage1 = tmp_path / "stage1"
+    _run("main_task_clip.py", ["--do_train", *_common(synthetic_small, stage1), *train, "--epochs", "2", "--lr", "2e-3",
+                               "--coef_lr", "1"])  # fmt: skip
+    stage2 = tmp_path / "stage2"
+    _run("main_task_fusion.py", [
+        "--do_train", "--do_eval", *_common(synthetic_small, stage2), *train, *_stoa_flags(synthetic_small),
+        "--tag_file", str(webvid / synthetic.TAG_FILE_NAME), "--epochs", "4", "--lr", "1e-3",
+        "--init_model", str(_latest(stage1)),
+    ])  # fmt: skip
+    rows = [json.loads(line) for line in (stage2 / "scalars.jsonl").read_text().splitlines()]
+    match = [row["train/match"] for row in rows if "train/match" in row]
+    assert len(match) >= 3 and match[-1] < 0.6 * match[0], match
+    assert {"eval/rerank_t2v_R1", "eval/heldout_vtm_acc"} <= set(rows[-1])
+    retrieval = tmp_path / "retrieval"
+    _run("video_text_retrieval.main_task_retrieval", [
+        "--do_train", *_common(synthetic_small, retrieval), *_stoa_flags(synthetic_small), "--epochs", "1",
+        "--lr", "1e-4", "--init_model", str(_latest(stage2)), "--datatype", "msrvtt",
+        "--train_csv", str(synthetic_small / "msrvtt" / "MSRVTT_train.9k.csv"),
+        "--data_path", str(synthetic_small / "msrvtt" / "MSRVTT_data.json"),
+    ])  # fmt: skip
+    rows = [json.loads(line) for line in (retrieval / "scalars.jsonl").read_text().splitlines()]
+    assert any("train/vtm" in row for row in rows) and "eval/rerank_t2v_R1" in rows[-1]
+
+
+def test_stoa_refuses_stage1_and_captioning_and_needs_detections():
+    from dataloaders.errors import ConfigError
+    from engine.builders import build_model
+    from engine.flags import build_parser, validate
+    from video_captioning.task import validate_caption_flags
+
+    base = ["--do_train", "--output_dir", "/tmp/unused", "--clip_config", str(REPO / "CLIP-modules" / "tiny.json")]
+    with pytest.raises(ConfigError, match="needs --objects_dir"):
+        validate(build_parser("fusion").parse_args([*base, "--method", "stoa"]))
+    args = build_parser("clip").parse_args([*base, "--method", "stoa", "--objects_dir", "x", "--labelmap_path", "y"])
+    with pytest.raises(ConfigError, match="no stage 1 of its own"):
+        build_model(args, with_fusion=False)
+    with pytest.raises(ConfigError, match="video captioning is not implemented for --method stoa"):
+        validate_caption_flags(argparse_namespace(method="stoa", datatype="msvd", beam_size=1))
+
+
+def argparse_namespace(**values: object):
+    import argparse
+
+    return argparse.Namespace(**values)
