@@ -458,3 +458,49 @@ def argparse_namespace(**values: object):
     import argparse
 
     return argparse.Namespace(**values)
+
+
+def test_published_stoa_state_dict_converts_and_loads_strictly():
+    from modules.published_keys import convert_published_state_dict, is_published_layout
+
+    model = _stoa_model()
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda t: torch.randn(t.shape, generator=gen)  # noqa: E731
+    sd = {f"clip.{k}": rand(v) for k, v in model.encoder.clip.state_dict().items()}
+    objects, fusion = model.encoder.objects, model.fusion
+    prefix = "clip.visual.transformer.object_encoder."
+    sd.update({f"{prefix}patch_to_d.{k}": rand(v) for k, v in objects.encoder.patch_to_d.state_dict().items()})
+    sd.update(
+        {f"{prefix}c_coord_to_feature.{k}": rand(v) for k, v in objects.encoder.coord_to_feature.state_dict().items()}
+    )
+    sd[f"{prefix}box_categories"] = rand(objects.encoder.box_categories)
+    for name, head in (("object_fusion", objects.trajectory), ("object_act_fusion", objects.action)):
+        sd.update({f"clip.{name}.transformer.{k}": rand(v) for k, v in head.blocks.state_dict().items()})
+        sd.update({f"clip.{name}.ln_post.{k}": rand(v) for k, v in head.ln_post.state_dict().items()})
+        sd[f"clip.{name}.proj"] = rand(head.proj)
+    width = objects.frame_pos.shape[1]
+    sd["clip.object_frame_pos_emb"] = rand(objects.frame_pos)
+    sd["clip.object_cls_embedding"] = torch.randn(1, width, generator=gen)
+    sd["clip.object_action"] = torch.randn(1, 1, objects.num_actions, width, generator=gen)
+    unused = {"clip.object_fusion.conv1.weight", "clip.object_act_fusion.class_embedding", "clip.obj_proj",
+              "clip.object_alignment_proj", "clip.object_logit_bias", "clip.obj_ln.weight"}  # fmt: skip
+    sd.update({k: torch.randn(2, generator=gen) for k in unused})
+    block = fusion.transformer.resblocks[0].state_dict()
+    for i in range(fusion.config.layers):
+        sd.update({f"clip.fusion_transformer.resblocks.{i}.{k}": rand(v) for k, v in block.items()})
+    for name, ours in (
+        ("fusion_positional_embedding", fusion.positional_embedding), ("fusion_proj", fusion.vocab_proj),
+        ("fusion_logit_bias", fusion.vocab_bias), ("fusion_match_matrix", fusion.match_matrix),
+        ("fusion_unmatch_matrix", fusion.unmatch_matrix),
+    ):  # fmt: skip
+        sd[f"clip.{name}"] = rand(ours)
+    assert is_published_layout(sd)
+    converted, unmapped = convert_published_state_dict(sd, fusion_layers=fusion.config.layers)
+    assert set(unmapped) == unused
+    result = model.load_state_dict(converted, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(objects.action_queries, sd["clip.object_action"][0, 0])
+    assert torch.equal(objects.cls_embedding, sd["clip.object_cls_embedding"][0])
+    assert torch.equal(objects.encoder.coord_to_feature[2].weight, sd[f"{prefix}c_coord_to_feature.2.weight"])
+    del converted["encoder.objects.frame_pos"]
+    assert model.load_state_dict(converted, strict=False).missing_keys == ["encoder.objects.frame_pos"]
