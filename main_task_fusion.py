@@ -29,7 +29,7 @@ from video_text_retrieval.settings import build_retrieval_evaluator
 def build(args, dist) -> Job:
     """Frozen CLIP + fusion, VTM + MLM + PLM; retrieval test with re-ranking plus held-out fusion accuracies."""
     model = prepare_model(args, build_model(args, with_fusion=True), freeze=False)
-    weights = Stage2Weights(args.w_vtm, args.w_mlm, args.w_plm, args.vtm_negative_scale, args.w_align)
+    weights = Stage2Weights(args.w_vtm, args.w_mlm, args.w_plm, args.vtm_negative_scale, args.w_align, args.w_match)
     size = model.encoder.clip.config.image_resolution
     evaluate = (
         build_retrieval_evaluator(args, args.datatype, "test", size, dist, held_out_metrics) if args.val_csv else None

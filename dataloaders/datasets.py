@@ -189,6 +189,8 @@ class RetrievalTrainDataset(_SkippingTrainDataset):
         # Optional per-sample extras ``(video_id, caption, rng) -> Item`` drawn after the caption and the frames,
         # e.g. MCQ's questions and answers (dataloaders/mcq_questions.py); None adds nothing.
         self.extra_items: Callable[[str, str, np.random.Generator], Item] | None = None
+        # Optional per-video extras ``(video_id, video_mask) -> Item``, e.g. STOA's boxes (dataloaders/detections.py).
+        self.video_extras: Callable[[str, torch.Tensor], Item] | None = None
 
     def _sample(self, index: int, rng: np.random.Generator) -> Item:
         pair = self.pairs[index]
@@ -200,6 +202,8 @@ class RetrievalTrainDataset(_SkippingTrainDataset):
         item["video_index"] = _scalar(self._video_index[pair.video_id])
         if self.extra_items is not None:
             item.update(self.extra_items(pair.video_id, caption, rng))
+        if self.video_extras is not None:
+            item.update(self.video_extras(pair.video_id, video_mask))
         return item
 
 
@@ -210,6 +214,7 @@ class _EvalVideos(Dataset):
         self, video_ids: Sequence[str], clips: Mapping[str, tuple[float, float]] | None, read_video: _VideoReader
     ) -> None:
         self.video_ids = list(video_ids)
+        self.video_extras: Callable[[str, torch.Tensor], Item] | None = None
         self.clips = dict(clips or {})
         self.read_video = read_video
 
@@ -220,7 +225,10 @@ class _EvalVideos(Dataset):
         video_id = self.video_ids[index]
         rng = np.random.default_rng([EVAL_SEED, index])
         video, video_mask = self.read_video(video_id, self.clips.get(video_id), rng)
-        return {"video": video, "video_mask": video_mask, "video_index": _scalar(index)}
+        item = {"video": video, "video_mask": video_mask, "video_index": _scalar(index)}
+        if self.video_extras is not None:
+            item.update(self.video_extras(video_id, video_mask))
+        return item
 
 
 class _EvalTexts(Dataset):
@@ -301,7 +309,9 @@ class RetrievalEvalSet:
 
     def video_dataset(self) -> Dataset:
         """Items ``video, video_mask, video_index`` in ``video_ids`` order."""
-        return _EvalVideos(self.video_ids, self.video_clips, self._read_video)
+        videos = _EvalVideos(self.video_ids, self.video_clips, self._read_video)
+        videos.video_extras = getattr(self, "video_extras", None)  # STOA's boxes (dataloaders/detections.py)
+        return videos
 
     def text_dataset(self) -> Dataset:
         """Items ``text_ids, text_mask, text_index`` in ``texts`` order."""

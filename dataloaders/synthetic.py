@@ -14,6 +14,8 @@ Layout written under ``--output_dir`` (the same file formats as the real dataset
     msrvtt_qa/train.jsonl  val.jsonl  test.jsonl  train_ans2label.json
     webvid/frozen_train_labels.json  webvid/tfrecord/path-00000.tfrecord ... path.index   (train videos only)
     webvid/noun_verb.tsv                            MCQ phrase file: exact noun / verb phrases of each WebVid caption
+    webvid/noun_verb_tags.json                      STOA's POS tags: {caption index: [tag per CLIP-BPE token]}
+    objects/{video_id}.json  object_label_map.json  STOA's detections (dataloaders/detections.py format), exact
     manifest.json                                   counts, video format, vocabularies, chance levels, attributes
 
 Every video shows 1-3 shapes of one colour and one type that move left / right / up / down, grow or shrink. Each
@@ -164,6 +166,12 @@ TEXTURE_MAX_CYCLES = 3
 ENCODER_OPTIONS = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
 
 PHRASE_FILE_NAME = "noun_verb.tsv"  # under webvid/ (--phrase_file of --stage1_objective mcq)
+TAG_FILE_NAME = "noun_verb_tags.json"  # under webvid/ (--tag_file of --method stoa)
+LABEL_MAP_FILE_NAME = "object_label_map.json"  # --labelmap_path of --method stoa; detections under objects/
+DISTRACTOR_CLASS = "blob"
+DISTRACTOR_PROBABILITY = 0.3  # per frame and distractor kind
+DISTRACTOR_SIZE = 0.15  # side of a random distractor box (normalised)
+DETECTION_SEED_SALT = 7  # the detection jitter's generator is seeded [spec.seed, salt]
 MSRVTT_SPLIT_NAMES = {"train": "train", "val": "validate", "test": "test"}
 SPLITS = ("train", "val", "test")
 MOTION_DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -343,6 +351,120 @@ def _write_video(job: tuple[SceneSpec, VideoFormat, Path]) -> str:
     spec, fmt, videos_dir = job
     write_mp4(render_video(spec, fmt), videos_dir / f"{spec.video_id}.mp4", fmt.fps)
     return spec.video_id
+
+
+# ---- STOA's object detections and POS tags -----------------------------------------------------------------------
+def shape_extent(shape: str, radius: float) -> tuple[float, float, float, float]:
+    """Bounding box offsets ``(left, top, right, bottom)`` of one shape of nominal ``radius`` around its centre."""
+    if shape == "circle":
+        return (-radius, -radius, radius, radius)
+    if shape == "square":
+        half = SQUARE_HALF_SIDE * radius
+        return (-half, -half, half, half)
+    if shape == "triangle":
+        angles = np.deg2rad([-90.0, 30.0, 150.0])
+        radii = np.full(3, TRIANGLE_CIRCUMRADIUS * radius)
+    elif shape == "star":
+        angles = np.deg2rad(-90.0 + np.arange(2 * STAR_POINTS) * 180.0 / STAR_POINTS)
+        radii = np.where(np.arange(2 * STAR_POINTS) % 2 == 0, STAR_OUTER, STAR_INNER) * radius
+    else:
+        raise ConfigError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    xs, ys = radii * np.cos(angles), radii * np.sin(angles)
+    return (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+
+
+def shape_boxes(spec: SceneSpec, fmt: VideoFormat) -> np.ndarray:
+    """Normalised ``[x1, y1, x2, y2]`` boxes ``[F, count, 4]`` of the scene's shapes in every frame (exact: the
+    layout :func:`render_video` draws, clipped to the frame)."""
+    radius, offsets, centres, scales = _layout(spec, fmt.size, fmt.num_frames, np.random.default_rng(spec.seed))
+    boxes = np.empty((fmt.num_frames, spec.count, 4))
+    for f, (centre, scale) in enumerate(zip(centres, scales, strict=True)):
+        extent = np.asarray(shape_extent(spec.shape, radius * scale))
+        for k, (cx, cy) in enumerate(centre + offsets):
+            boxes[f, k] = np.array([cx, cy, cx, cy]) + extent
+    return np.clip(boxes / fmt.size, 0.0, 1.0)
+
+
+def _shifted(box: np.ndarray, dx: float, dy: float) -> list[float]:
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    return [float(np.clip(v, 0.0, 1.0)) for v in (x1 + dx * w, y1 + dy * h, x2 + dx * w, y2 + dy * h)]
+
+
+def detection_entries(spec: SceneSpec, fmt: VideoFormat) -> list[dict[str, Any]]:
+    """The detection file of one scene (dataloaders/detections.py format): one object per shape (class = shape
+    name, exact box, attribute = colour), plus distractors: in some frames a random small ``blob`` box, a
+    same-class duplicate (IoU >= 0.2 with its shape: dropped by the selection) and a ``blob`` box overlapping a shape
+    (IoU >= 0.5: dropped)."""
+    rng = np.random.default_rng([spec.seed, DETECTION_SEED_SALT])
+    frames = []
+    for boxes in shape_boxes(spec, fmt):
+        objects = [
+            {
+                "class": spec.shape, "rect": [round(float(v), 6) for v in box],
+                "conf": round(float(rng.uniform(0.85, 0.95)), 4), "attributes": [spec.color], "attr_scores": [0.9],
+            }
+            for box in boxes
+        ]  # fmt: skip
+        if rng.random() < DISTRACTOR_PROBABILITY:
+            x, y = rng.uniform(0.0, 1.0 - DISTRACTOR_SIZE, 2)
+            rect = [float(x), float(y), float(x + DISTRACTOR_SIZE), float(y + DISTRACTOR_SIZE)]
+            objects.append({"class": DISTRACTOR_CLASS, "rect": [round(v, 6) for v in rect], "conf": 0.3})
+        if rng.random() < DISTRACTOR_PROBABILITY:  # duplicate of the first shape, shifted by 10 % of its size
+            objects.append({"class": spec.shape, "rect": _shifted(boxes[0], 0.1, 0.1), "conf": 0.5})
+        if rng.random() < DISTRACTOR_PROBABILITY:  # another class almost on top of the first shape
+            objects.append({"class": DISTRACTOR_CLASS, "rect": _shifted(boxes[0], 0.05, 0.0), "conf": 0.4})
+        frames.append({"objects": objects})
+    return frames
+
+
+def _write_detections(output_dir: Path, specs: list[SceneSpec], fmt: VideoFormat) -> None:
+    """``objects/{video_id}.json`` of every video and ``object_label_map.json`` (shapes + the distractor class)."""
+    folder = output_dir / "objects"
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        _write_json(folder / f"{spec.video_id}.json", detection_entries(spec, fmt))
+    labels = {name: index + 1 for index, name in enumerate((*SHAPES, DISTRACTOR_CLASS))}
+    _write_json(output_dir / LABEL_MAP_FILE_NAME, {"label_to_idx": labels})
+
+
+def word_tags(caption: str) -> list[str]:
+    """Universal-POS tag of each word of a templated caption (known by construction of the templates)."""
+    shapes = set(SHAPES) | {shape + "s" for shape in SHAPES}
+    verbs = {phrase.split()[0] for phrases in MOTION_PHRASES.values() for triple in phrases for phrase in triple}
+    verbs.add("colored")
+    colours = set(COLORS) | set(HELD_OUT_COLORS)
+    fixed = {"a": "DET", "an": "DET", "this": "DET", "the": "DET", "one": "NUM", "two": "NUM", "three": "NUM"}
+    fixed |= {"there": "PRON", "is": "AUX", "are": "AUX", "of": "ADP", "in": "ADP", "to": "ADP", "single": "ADJ"}
+    tags = []
+    for word in caption.split():
+        if word in shapes or word in ("video", "clip"):
+            tags.append("NOUN")
+        elif word in verbs:
+            tags.append("VERB")
+        elif word in colours:
+            tags.append("ADJ")
+        else:
+            tags.append(fixed.get(word, "ADV"))
+    return tags
+
+
+def caption_token_tags(caption: str, tokenizer: Any) -> list[str]:
+    """One tag per CLIP-BPE token of ``caption`` (a word's tag repeated over its sub-tokens)."""
+    tags = []
+    for word, tag in zip(caption.split(), word_tags(caption), strict=True):
+        tags += [tag] * len(tokenizer.tokenize_words(word))
+    if len(tags) != len(tokenizer.tokenize_words(caption)):
+        raise DataError(f"caption {caption!r}: word-wise BPE differs from the caption's; cannot align its tags")
+    return tags
+
+
+def _write_tag_file(path: Path, captions: list[str]) -> None:
+    """STOA's tag file ``{caption index: [tag per CLIP-BPE token]}`` of the WebVid captions."""
+    from dataloaders.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer()
+    _write_json(path, {str(index): caption_token_tags(caption, tokenizer) for index, caption in enumerate(captions)})
 
 
 # ---- attributes, captions, questions ---------------------------------------------------------------------------
@@ -599,7 +721,7 @@ def _build_shards(
 
 
 # ---- entry points -----------------------------------------------------------------------------------------------
-OUTPUT_SUBDIRS = ("videos", "msrvtt", "msvd", "msrvtt_qa", "webvid")
+OUTPUT_SUBDIRS = ("videos", "msrvtt", "msvd", "msrvtt_qa", "webvid", "objects")
 
 
 def _prepare_output(output_dir: Path) -> None:
@@ -706,6 +828,8 @@ def generate(
     webvid = [{"video_id": spec.video_id, "caption": sample_captions(spec, 1, rng)[0]} for spec in train]
     _write_json(output_dir / "webvid" / "frozen_train_labels.json", webvid)
     _write_phrase_file(output_dir / "webvid" / PHRASE_FILE_NAME, train, webvid)
+    _write_tag_file(output_dir / "webvid" / TAG_FILE_NAME, [entry["caption"] for entry in webvid])
+    _write_detections(output_dir, specs, fmt)
 
     jobs = [(spec, fmt, output_dir / "videos") for spec in specs]
     with contextlib.ExitStack() as stack:

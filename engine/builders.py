@@ -4,6 +4,7 @@ video/text encoder (optionally with the fusion) and ``--init_model`` weights."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from dataloaders.datasets import DATASETS, DataPaths
+from dataloaders.detections import DetectionReader, TagReader
 from dataloaders.errors import CheckpointError, ConfigError
 from dataloaders.tfrecord_io import ShardVideoSource
 from dataloaders.tokenizer import ClipTokenizer
@@ -27,9 +29,10 @@ from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
 from modules.fusion import FusionConfig
 from modules.membridge import MemBridgeModel
-from modules.methods import fusion_overrides, method_preset
+from modules.methods import DEFAULT_METHOD, fusion_overrides, method_preset
 from modules.model_config import ModelConfig, build_membridge, read_model_config
 from modules.published_keys import convert_published_state_dict, is_published_layout
+from modules.stoa import DEFAULT_NUM_ACTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def build_dataset(
     paths = paths or DataPaths.from_namespace(args)
     if source is None:
         source = file_source(args, paths.features_path, train=split == "train")
-    return DATASETS[datatype](
+    dataset = DATASETS[datatype](
         split,
         paths,
         source,
@@ -127,6 +130,24 @@ def build_dataset(
         expand_sentences=args.expand_msrvtt_sentences,
         rng_seed=args.seed,
     )
+    if getattr(args, "method", None) == "stoa":
+        attach_object_inputs(args, dataset, datatype, split)
+    return dataset
+
+
+def attach_object_inputs(args: argparse.Namespace, dataset, datatype: str, split: str) -> None:
+    """``--method stoa``: every item carries its video's boxes (``video_extras``, dataloaders/detections.py) and,
+    for WebVid training captions with ``--tag_file``, the noun/verb masks of the matching loss."""
+    if not hasattr(dataset, "video_extras") and not hasattr(dataset, "video_dataset"):
+        raise ConfigError(f"--method stoa has no object inputs for the {datatype} {split} dataset yet")
+    reader = DetectionReader(args.objects_dir, args.labelmap_path, args.object_count)
+    dataset.video_extras = reader.items
+    if args.tag_file and split == "train" and datatype == "webvid":
+        entries = json.loads(Path(args.train_csv).read_text())
+        tags = TagReader(args.tag_file, [e["caption"] for e in entries], dataset.tokenizer, args.max_words)
+        if dataset.extra_items is not None:
+            raise ConfigError("--tag_file cannot be combined with another per-caption input (e.g. MCQ)")
+        dataset.extra_items = lambda video_id, caption, rng: tags.items(caption)
 
 
 def clip_architecture(args: argparse.Namespace) -> CLIPConfig | None:
@@ -185,7 +206,13 @@ def model_config(args: argparse.Namespace, clip_config: CLIPConfig, with_fusion:
         fusion=build_fusion_config(args) if with_fusion else None,
         method=args.method,
         num_tubes=num_tubes(args),
+        object_count=object_count(args),
     )
+
+
+def object_count(args: argparse.Namespace) -> int:
+    """STOA boxes per frame of the flags (0 unless the method makes object tokens)."""
+    return args.object_count if method_preset(args.method).video_tokens == "object" else 0
 
 
 def num_tubes(args: argparse.Namespace) -> int:
@@ -205,7 +232,8 @@ def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
     """The fusion sizes: ``fusion.json`` under --cross_config_path, overridden by the explicit fusion flags; the
     layout switches come from the ``--method`` preset unless given (``modules/methods.py``)."""
     layout = fusion_overrides(args.method, args.bridge_source, args.fusion_attention, args.fusion_pos, args.plm_mode)
-    tubes = num_tubes(args)
+    objects = object_count(args)
+    tubes = num_tubes(args) or (2 * objects + DEFAULT_NUM_ACTIONS if objects else 0)  # video-only extra tokens
     return FusionConfig.from_json(
         args.cross_config_path,
         layers=args.fusion_layers,
@@ -226,7 +254,18 @@ def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
     CLIP text blocks and positional embedding, as stage 2 starts from the stage-1 CLIP.
     """
     stored = read_model_config(args.init_model) if args.init_model else None
-    if stored is not None and stored.method != args.method:
+    if args.method == "stoa" and not with_fusion:
+        raise ConfigError(
+            "--method stoa has no stage 1 of its own: train stage 1 with --method membridge and pass that checkpoint "
+            "as --init_model of main_task_fusion.py --method stoa"
+        )
+    stoa_from_stage1 = args.method == "stoa" and stored is not None and stored.method == DEFAULT_METHOD
+    if stoa_from_stage1 and stored.fusion is not None:
+        raise ConfigError(
+            f"--init_model {args.init_model} is a membridge model with a fusion; --method stoa starts from a "
+            "stage-1 (dual encoder) checkpoint"
+        )
+    if stored is not None and stored.method != args.method and not stoa_from_stage1:
         raise ConfigError(
             f"--init_model {args.init_model} is a --method {stored.method} model; pass --method {stored.method}"
         )
@@ -236,6 +275,10 @@ def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
     if model.fusion is not None and report is not None and any(k.startswith("fusion.") for k in report.missing):
         logger.info("--init_model has no fusion weights: initialising the fusion from its CLIP text encoder")
         model.fusion.init_from_clip(model.encoder.clip)
+    objects = model.encoder.objects
+    if objects is not None and report is not None and any(k.startswith("encoder.objects.") for k in report.missing):
+        logger.info("--init_model has no STOA object module: initialising its blocks from the loaded ViT")
+        objects.init_from_visual(model.encoder.clip.visual)
     return model
 
 

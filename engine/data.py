@@ -177,7 +177,8 @@ def encode_video_set(
     A ``DataError`` on any rank (an unreadable video in a set that is not wrapped in :class:`TolerantVideos`) stops
     every rank with the same error, ``hint`` appended, instead of leaving the other ranks blocked in the gather.
 
-    ``video_tokens`` (an encoder with T2VLP tubes): a fourth result, the tube tokens ``[N, K, D]``.
+    ``video_tokens`` (an encoder with T2VLP tubes or STOA objects): a fourth result, those tokens ``[N, K, D]``
+    (STOA: from the items' ``object_*`` / ``trajectory_ids`` keys).
     """
     device = dist.device
     loader, indices = build_eval_loader(
@@ -191,7 +192,8 @@ def encode_video_set(
         for batch in tqdm(loader, desc=desc, disable=dist.rank != 0, leave=False):
             video, mask = batch["video"].to(device), batch["video_mask"].to(device)
             if video_tokens:
-                feats, extra = encoder.encode_video_tokens(video, mask, detach_tap=True)
+                objects = {k: v.to(device) for k, v in batch.items() if k.startswith(("object_", "trajectory_"))}
+                feats, extra = encoder.encode_video_tokens(video, mask, detach_tap=True, batch=objects)
                 frames.append(feats.float())
                 extras.append(extra.float())
             else:
@@ -217,7 +219,8 @@ def encode_video_set(
         frame_rows = torch.zeros(0, t, d, device=device)
         mask_rows = torch.zeros(0, t, dtype=torch.long, device=device)
         ok_rows = torch.zeros(0, dtype=torch.long, device=device)
-        extra_rows = torch.zeros(0, encoder.tubes.num_tubes, d, device=device) if video_tokens else None
+        k = encoder.tubes.num_tubes if encoder.tubes is not None else getattr(encoder.objects, "num_tokens", 0)
+        extra_rows = torch.zeros(0, k, d, device=device) if video_tokens else None
     out = (
         gather_eval_rows(frame_rows, indices, n),
         gather_eval_rows(mask_rows, indices, n),

@@ -163,12 +163,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default=DEFAULT_METHOD,
-        help="membridge: memory bridge tokens; t2vlp: Focus-and-Align tube tokens + local alignment (modules/methods)",
+        help="membridge: memory bridge tokens; t2vlp: Focus-and-Align tube tokens + local alignment; stoa: STOA-VLP "
+        "object-trajectory and action tokens + matching loss (modules/methods)",
     )
     g.add_argument("--num_tubes", type=int, default=DEFAULT_NUM_TUBES, help="T2VLP tube tokens (--method t2vlp only)")
     g.add_argument(
         "--w_align", type=float, default=1.0, help="weight of T2VLP's local alignment loss (--method t2vlp only)"
     )
+    g.add_argument("--object_count", type=int, default=10, help="STOA boxes per frame O (--method stoa only)")
+    g.add_argument("--objects_dir", default=None, help="STOA: folder of per-video detection JSON files")
+    g.add_argument("--labelmap_path", default=None, help="STOA: label map JSON {'label_to_idx': {class: id}}")
+    g.add_argument("--tag_file", default=None, help="STOA: noun/verb tag JSON of the training captions (stage 2)")
+    g.add_argument("--w_match", type=float, default=1.0, help="weight of STOA's object/action matching loss")
     g.add_argument("--joint_layers", type=int, default=2, help="last ViT blocks that attend jointly over all frames")
     g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
     g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
@@ -550,8 +556,12 @@ def validate(args: argparse.Namespace, world_size: int = 1) -> argparse.Namespac
                 )
     if args.method != DEFAULT_METHOD and getattr(args, "num_bridge_tokens", None) is not None:
         errors.append(f"--num_bridge_tokens is MemBridge's; --method {args.method} sets its tokens with --num_tubes")
-    if args.method == "t2vlp" and getattr(args, "cache_visual_features", False):
-        errors.append("--cache_visual_features keeps frame features only; T2VLP's tubes need the video: drop it")
+    if args.method in ("t2vlp", "stoa") and getattr(args, "cache_visual_features", False):
+        errors.append(f"--cache_visual_features keeps frame features only; --method {args.method} needs the video")
+    if args.method == "stoa" and (not args.objects_dir or not args.labelmap_path):
+        errors.append("--method stoa needs --objects_dir (detection JSON per video) and --labelmap_path")
+    if args.method == "stoa" and args.object_count < 1:
+        errors.append("--object_count must be >= 1")
     if getattr(args, "cache_visual_features", False) and args.train_frame_order == "shuffle":
         errors.append("--cache_visual_features needs deterministic frames: drop --train_frame_order shuffle")
     if errors:

@@ -44,8 +44,9 @@ from modules.clip_blocks import LayerNorm, ResidualAttentionBlock, Transformer, 
 logger = logging.getLogger(__name__)
 
 FUSION_CONFIG_FILE = "fusion.json"
-BRIDGE_SOURCES = ("memory", "learned", "none", "tube")
-VIDEO_TOKEN_SOURCES = ("tube",)  # extra tokens computed from the video alone, given with FusionInputs.extra_tokens
+BRIDGE_SOURCES = ("memory", "learned", "none", "tube", "object")
+# extra tokens computed from the video alone (T2VLP tubes, STOA objects/actions), given with FusionInputs.extra_tokens
+VIDEO_TOKEN_SOURCES = ("tube", "object")
 FUSION_ATTENTIONS = ("bridge", "joint")
 FUSION_POSITIONALS = ("except_sep", "all")
 PLM_MODES = ("prefix", "single_pass")

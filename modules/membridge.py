@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from modules.aux_losses import local_alignment
+from modules.aux_losses import local_alignment, object_action_matching
 from modules.fusion import (
     MemBridgeFusion,
     ObjectiveOutput,
@@ -48,6 +48,7 @@ class Stage2Weights:
     plm: float = 1.0
     vtm_negative_scale: float = 1.0
     align: float = 1.0  # T2VLP's local alignment (only a model with tube tokens computes it)
+    match: float = 1.0  # STOA's object/action matching (a model with object tokens and a batch with noun/verb masks)
 
 
 @dataclass(frozen=True)
@@ -115,20 +116,33 @@ class MemBridgeModel(nn.Module):
         self.fusion = fusion
 
     def freeze_encoder(self) -> None:
-        """Stage 2: no CLIP parameter trains (T2VLP's tube module keeps training: it is not part of CLIP)."""
+        """Stage 2: no CLIP parameter trains (T2VLP's tube module and STOA's object module keep training: they are
+        not part of CLIP)."""
         self.encoder.requires_grad_(False)
-        if self.encoder.tubes is not None:
-            self.encoder.tubes.requires_grad_(True)
+        for module in (self.encoder.tubes, self.encoder.objects):
+            if module is not None:
+                module.requires_grad_(True)
+
+    def object_tokens(self, batch: Mapping[str, torch.Tensor]):
+        """STOA: frame features ``[B, T, D]`` (no gradient) and the :class:`ObjectActionOutput` of the batch's boxes
+        (the object module trains; the ViT gives it its inputs without gradient when frozen)."""
+        if "video" not in batch:
+            raise ValueError("object tokens need the video: no --cache_visual_features with --method stoa")
+        frames, out = self.encoder.encode_video_objects(batch["video"], batch["video_mask"], batch)
+        return frames.detach(), out
 
     def video_tokens(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Frame features ``[B, T, D]`` (no gradient) and the video-only extra tokens (T2VLP tubes ``[B, K, D]``,
         trained on a detached ViT input; None without a tube module). Precomputed tubes come with the batch
         (``video_tokens``, evaluation); cached frame features alone cannot give tubes."""
         tubes = self.encoder.tubes
-        if tubes is None:
-            return self.frame_features(batch), None
         if CACHED_VIDEO_TOKENS_KEY in batch:
             return self.frame_features(batch), batch[CACHED_VIDEO_TOKENS_KEY]
+        if self.encoder.objects is not None:
+            frames, out = self.object_tokens(batch)
+            return frames, out.tokens
+        if tubes is None:
+            return self.frame_features(batch), None
         if "video" not in batch:
             raise ValueError("tube tokens need the video (or precomputed 'video_tokens'): no --cache_visual_features")
         with torch.no_grad():
@@ -193,7 +207,12 @@ class MemBridgeModel(nn.Module):
         token_embedding = clip.token_embedding.weight
         video_mask, text_ids, text_mask = batch["video_mask"], batch["text_ids"], batch["text_mask"]
         draws.check(text_ids.shape)
-        frame_feats, extra = self.video_tokens(batch)
+        objects = None
+        if self.encoder.objects is not None and CACHED_VIDEO_TOKENS_KEY not in batch:
+            frame_feats, objects = self.object_tokens(batch)
+            extra = objects.tokens
+        else:
+            frame_feats, extra = self.video_tokens(batch)
         zero = frame_feats.new_zeros(())
         out = {name: zero for name in ("vtm", "mlm", "plm", "vtm_acc", "mlm_acc", "plm_acc")}
         single_pass = fusion.config.plm_mode == "single_pass"
@@ -272,7 +291,14 @@ class MemBridgeModel(nn.Module):
             )  # fmt: skip
 
         out["loss"] = weights.vtm * out["vtm"] + weights.mlm * out["mlm"] + weights.plm * out["plm"]
-        if extra is not None:  # T2VLP: local alignment on the detached text features; the tubes learn from it
+        if extra is not None and self.encoder.tubes is not None:  # T2VLP: alignment on the detached text features
             out["align"] = local_alignment(self.encoder.tubes.text_queries(), text_feats, text_mask, extra)
             out["loss"] = out["loss"] + weights.align * out["align"]
+        if objects is not None and "noun_mask" in batch and weights.match:  # STOA: OTA + action set prediction
+            quirks = fusion.config.official_quirks
+            out["match"] = object_action_matching(
+                objects.trajectories, objects.trajectory_valid, objects.actions, text_feats, text_mask,
+                batch["noun_mask"], batch["verb_mask"], eot_in_sets=quirks, skip_actions_without_objects=quirks,
+            )  # fmt: skip
+            out["loss"] = out["loss"] + weights.match * out["match"]
         return (out, details) if return_details else out

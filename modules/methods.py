@@ -5,7 +5,7 @@ Each method is one row of :data:`METHOD_PRESETS`: the extra-token source (``brid
 exempts ``v_sep`` / EOT from the positional embedding, ``all`` adds it everywhere; ``vsep_first``: ``v_sep`` before
 the frames), the head dropout, the prefix-LM scheme (``plm_mode``: ``prefix`` = MemBridge's per-prefix rows,
 ``single_pass`` = one teacher-forced causal pass) and the auxiliary loss (``aux_loss``). A further method (e.g.
-STOA-VLP's ``stoa`` with ``bridge_source object``) is one more row plus its token source.
+STOA-VLP's ``stoa`` with ``bridge_source object``, modules/stoa.py) is one more row plus its token source.
 
 The fusion-layout fields may be overridden one by one (``--fusion_attention``, ``--fusion_pos``, ``--plm_mode``);
 ``bridge_source`` is tied to the method's token source: a contradictory choice is a :class:`ConfigError`.
@@ -32,14 +32,15 @@ class MethodPreset:
     positional: str
     vsep_first: bool
     plm_mode: str
-    aux_loss: str  # "none" | "align"
-    video_tokens: str | None  # model-level video-only token module: None | "tube"
+    aux_loss: str  # "none" | "align" | "match"
+    video_tokens: str | None  # model-level video-only token module: None | "tube" | "object"
     head_dropout: float | None = None  # dropout of the vocabulary / VTM heads (None: the fusion JSON's)
 
 
 METHOD_PRESETS: dict[str, MethodPreset] = {
     "membridge": MethodPreset(("memory", "learned", "none"), "bridge", "except_sep", False, "prefix", "none", None),
     "t2vlp": MethodPreset(("tube",), "joint", "all", True, "single_pass", "align", "tube", head_dropout=0.2),
+    "stoa": MethodPreset(("object",), "joint", "except_sep", False, "prefix", "match", "object", head_dropout=0.5),
 }
 METHODS = tuple(METHOD_PRESETS)
 

@@ -21,6 +21,7 @@ from modules.clip_model import CLIP, CLIPConfig
 from modules.fusion import FusionConfig, MemBridgeFusion
 from modules.membridge import MemBridgeModel
 from modules.methods import DEFAULT_METHOD, method_preset
+from modules.stoa import DEFAULT_NUM_ACTIONS
 from modules.video_clip import VideoCLIP
 
 MODEL_CONFIG_METADATA_KEY = "membridge_model_config"
@@ -40,6 +41,7 @@ class ModelConfig:
     head: dict[str, Any] | None = None  # task head settings (QA), built by the task package
     method: str = DEFAULT_METHOD  # --method (modules/methods.py): membridge | t2vlp
     num_tubes: int = 0  # T2VLP tube tokens K (0 without --method t2vlp)
+    object_count: int = 0  # STOA boxes per frame O (0 without --method stoa); 2 O + 4 extra tokens
 
     def __post_init__(self) -> None:
         preset = method_preset(self.method)
@@ -53,11 +55,27 @@ class ModelConfig:
             raise ConfigError(
                 f"the fusion's bridge_source {self.fusion.bridge_source!r} contradicts --method {self.method}"
             )
+        objects = preset.video_tokens == "object"
+        if objects != (self.object_count > 0):
+            raise ConfigError(
+                f"--method {self.method} with object_count {self.object_count}: object tokens belong to --method stoa "
+                "(object_count >= 1) and to it only"
+            )
+        if objects and self.fusion is not None and self.fusion.num_bridge_tokens != self.num_object_tokens:
+            raise ConfigError(
+                f"the fusion holds {self.fusion.num_bridge_tokens} extra tokens but the model makes "
+                f"{self.num_object_tokens} (2 O + {DEFAULT_NUM_ACTIONS}): set --object_count only"
+            )
         if tubes and self.fusion is not None and self.fusion.num_bridge_tokens != self.num_tubes:
             raise ConfigError(
                 f"the fusion holds {self.fusion.num_bridge_tokens} extra tokens but the model makes {self.num_tubes} "
                 "tubes: set --num_tubes only"
             )
+
+    @property
+    def num_object_tokens(self) -> int:
+        """STOA's extra tokens ``2 O + N_act`` (0 without objects)."""
+        return 2 * self.object_count + DEFAULT_NUM_ACTIONS if self.object_count else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (nested configs as dicts)."""
@@ -94,6 +112,8 @@ def build_video_encoder(config: ModelConfig, clip: CLIP | None = None) -> VideoC
         sim_header=config.sim_header,
         max_frames=config.max_frames,
         num_tubes=config.num_tubes,
+        object_count=config.object_count,
+        official_quirks=bool(config.fusion is not None and config.fusion.official_quirks),
     )
 
 

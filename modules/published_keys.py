@@ -11,6 +11,13 @@ The T2VLP (Focus-and-Align) release uses the same skeleton (spec ``T2VLP_STOA.md
 ``clip.local_visual`` of which only the two blocks, ``ln_post`` and ``proj`` run (its copies of ``conv1``,
 ``class_embedding``, ``positional_embedding``, ``ln_pre`` are unused, as is ``clip.visual_linear``); its vocabulary
 projection is ``clip.fusion_proj_embedding``. There is no memory bank.
+
+The STOA-VLP release (spec ``T2VLP_STOA.md`` B.3-B.5, C.2.6) adds ``clip.visual.transformer.object_encoder.*``
+(``patch_to_d``, ``box_categories``, ``c_coord_to_feature``), ``clip.object_fusion`` / ``clip.object_act_fusion``
+(trajectory / action heads: blocks, ``ln_post``, ``proj``; their ViT embeddings are unused),
+``clip.object_frame_pos_emb``, ``clip.object_cls_embedding`` ``[1, W]`` and ``clip.object_action`` ``[1, 1, 4, W]``;
+``clip.object_alignment_proj``, ``clip.object_logit_bias``, ``clip.obj_ln``, ``clip.obj_proj`` are unused. Its
+fusion positional table has ``90 + 12 O`` rows: set ``context_length`` in ``fusion.json`` to load it.
 """
 
 from __future__ import annotations
@@ -44,6 +51,25 @@ PUBLISHED_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("clip.local_visual.proj", "encoder.tubes.proj"),
     ("clip.local_visual.", DROPPED),
     ("clip.visual_linear.", DROPPED),
+    # STOA-VLP (spec B.3-B.5, C.2.6)
+    ("clip.visual.transformer.object_encoder.patch_to_d.", "encoder.objects.encoder.patch_to_d."),
+    ("clip.visual.transformer.object_encoder.box_categories", "encoder.objects.encoder.box_categories"),
+    ("clip.visual.transformer.object_encoder.c_coord_to_feature.", "encoder.objects.encoder.coord_to_feature."),
+    ("clip.object_frame_pos_emb", "encoder.objects.frame_pos"),
+    ("clip.object_cls_embedding", "encoder.objects.cls_embedding"),
+    ("clip.object_action", "encoder.objects.action_queries"),
+    ("clip.object_fusion.transformer.", "encoder.objects.trajectory.blocks."),
+    ("clip.object_fusion.ln_post.", "encoder.objects.trajectory.ln_post."),
+    ("clip.object_fusion.proj", "encoder.objects.trajectory.proj"),
+    ("clip.object_fusion.", DROPPED),
+    ("clip.object_act_fusion.transformer.", "encoder.objects.action.blocks."),
+    ("clip.object_act_fusion.ln_post.", "encoder.objects.action.ln_post."),
+    ("clip.object_act_fusion.proj", "encoder.objects.action.proj"),
+    ("clip.object_act_fusion.", DROPPED),
+    ("clip.object_alignment_proj", DROPPED),
+    ("clip.object_logit_bias", DROPPED),
+    ("clip.obj_ln.", DROPPED),
+    ("clip.obj_proj", DROPPED),
     ("clip.", "encoder.clip."),
     ("frame_position_embeddings.", "encoder.frame_position_embeddings."),
     ("transformerClip.", "encoder.transformerClip."),
@@ -51,7 +77,10 @@ PUBLISHED_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("cross.", "encoder.cross."),
     ("similarity_dense.", "encoder.similarity_dense."),
 )
-PUBLISHED_MARKERS = ("clip.fusion_memory", "clip.fusion_transformer.", "clip.fusion_center", "clip.local_visual.")
+PUBLISHED_MARKERS = (
+    "clip.fusion_memory", "clip.fusion_transformer.", "clip.fusion_center", "clip.local_visual.", "clip.object_fusion."
+)  # fmt: skip
+RESHAPED = ("clip.fusion_center", "clip.object_action", "clip.object_cls_embedding")  # published [1, (1,) K, W]
 _FUSION_BLOCK = re.compile(r"^clip\.fusion_transformer\.resblocks\.(\d+)\.")
 
 
@@ -86,7 +115,9 @@ def convert_published_state_dict(
         target = published_to_ours(key)
         if target is None or (block is not None and int(block.group(1)) >= fusion_layers):
             unmapped.append(key)
-        elif key == "clip.fusion_center":  # published [1, 1, K, W]
+        elif key == "clip.object_cls_embedding":  # published [1, W], ours [W]
+            converted[target] = value.reshape(-1)
+        elif key in RESHAPED:  # published [1, 1, K, W], ours [K, W]
             converted[target] = value.reshape(-1, value.shape[-1])
         else:
             converted[target] = value

@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from dataloaders.errors import ConfigError
 from modules.clip_blocks import LayerNorm, QuickGELU, Transformer
 from modules.clip_model import CLIP
+from modules.stoa import ObjectActionOutput, ObjectActionTokens
 from modules.t2vlp import TUBE_BLOCKS, TubeTokens
 
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
@@ -117,6 +118,8 @@ class VideoCLIP(nn.Module):
         temporal_layers: int = DEFAULT_TEMPORAL_LAYERS,
         cross_dropout: float = CROSS_DROPOUT,
         num_tubes: int = 0,
+        object_count: int = 0,
+        official_quirks: bool = False,
     ):
         super().__init__()
         config = clip.config
@@ -135,6 +138,13 @@ class VideoCLIP(nn.Module):
         if num_tubes:  # --method t2vlp: video-only tube tokens (modules/t2vlp.py), initialised from the ViT
             self.tubes = TubeTokens(config.vision_width, config.embed_dim, num_tubes, config.vision_heads)
             self.tubes.init_from_visual(clip.visual)
+        self.objects: ObjectActionTokens | None = None
+        if object_count:  # --method stoa: trajectory + action tokens (modules/stoa.py), initialised from the ViT
+            self.objects = ObjectActionTokens(
+                config.vision_width, config.embed_dim, max_frames, object_count, heads=config.vision_heads,
+                official_quirks=official_quirks,
+            )  # fmt: skip
+            self.objects.init_from_visual(clip.visual)
         if linear_patch == "3d" and clip.visual.conv2 is None:
             clip.visual.enable_3d_patch()
         if linear_patch == "2d" and clip.visual.conv2 is not None:
@@ -226,12 +236,32 @@ class VideoCLIP(nn.Module):
             return frames, layers
         return (frames, tap) if return_tap else frames
 
+    def encode_video_objects(
+        self, video: torch.Tensor, video_mask: torch.Tensor, batch: dict
+    ) -> tuple[torch.Tensor, ObjectActionOutput]:
+        """STOA: frame features ``[B, T, D]`` and the trajectory / action tokens from the inputs of the last two ViT
+        blocks and the batch's ``object_boxes``, ``object_classes``, ``trajectory_ids`` (dataloaders/detections.py).
+        The object tokens keep the gradient of the ViT below the last block (B.3)."""
+        missing = [k for k in ("object_boxes", "object_classes", "trajectory_ids") if k not in batch]
+        if missing:
+            raise ValueError(f"--method stoa needs the batch keys {missing} (DetectionReader, --objects_dir)")
+        frames, layers = self.encode_video(video, video_mask, return_layer_tokens=True)
+        tap10, tap11 = layers[-TUBE_BLOCKS], layers[-1]
+        out = self.objects(
+            tap10, tap11, batch["object_boxes"], batch["object_classes"], batch["trajectory_ids"], video_mask
+        )
+        return frames, out
+
     def encode_video_tokens(
-        self, video: torch.Tensor, video_mask: torch.Tensor, detach_tap: bool = False
+        self, video: torch.Tensor, video_mask: torch.Tensor, detach_tap: bool = False, batch: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Frame features ``[B, T, D]`` and the video-only extra tokens of the method (T2VLP tube tokens
-        ``[B, K, D]``; None without). ``detach_tap``: the tubes' ViT input carries no gradient (stage 2 and
-        downstream, as published; stage 1 keeps it)."""
+        ``[B, K, D]``, STOA trajectory + action tokens ``[B, 2O + 4, D]`` from ``batch``'s boxes; None without).
+        ``detach_tap``: the tubes' ViT input carries no gradient (stage 2 and downstream, as published; stage 1
+        keeps it)."""
+        if self.objects is not None:
+            frames, out = self.encode_video_objects(video, video_mask, batch or {})
+            return frames, out.tokens
         if self.tubes is None:
             return self.encode_video(video, video_mask), None
         frames, tap = self.encode_video(video, video_mask, return_tap=True)

@@ -62,7 +62,7 @@ def test_node_settings_default_to_one_local_process(tmp_path):
 
 
 def test_the_glob_finds_every_launch_script():  # an empty glob would make the tests above vacuous
-    assert len(SCRIPTS) == 15
+    assert len(SCRIPTS) == 16
 
 
 def entry_parser(entry: str):
@@ -96,5 +96,6 @@ def test_launch_script_passes_no_flag_without_effect(tmp_path, script):
     args = entry_parser(entry).parse_args(flags)
     assert flags_without_effect(args) == []
     assert "--loose_type" not in argv
-    if script in ("start_fusion.sh", "start_fusion_t2vlp.sh"):  # stage 2: --lr is the fusion's rate, no --coef_lr
+    # stage 2: --lr is the fusion's rate, no --coef_lr
+    if script in ("start_fusion.sh", "start_fusion_t2vlp.sh", "start_fusion_stoa.sh"):
         assert "--coef_lr" not in argv and args.lr == 1e-5 and args.fusion_lr is None

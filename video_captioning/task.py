@@ -35,6 +35,7 @@ from engine.run_logging import write_json_atomic
 from modules.aux_losses import local_alignment
 from modules.fusion import draw_plm_starts, encode_text_with_probes, eot_positions, plm_targets
 from modules.membridge import MemBridgeModel
+from modules.methods import refuse_unsupported
 from video_captioning.captioner import generate_captions
 from video_captioning.decoding import DEFAULT_LENGTH_PENALTY, SOT_ID
 from video_captioning.metrics import METRIC_KEYS, CaptionScorer
@@ -250,6 +251,7 @@ def build_caption_parser(description: str | None = None) -> argparse.ArgumentPar
 def validate_caption_flags(args: argparse.Namespace) -> None:
     """Captioning-only checks (after ``engine.flags.validate``)."""
     caption_dataset_key(args.datatype)
+    refuse_unsupported(args.method, "video captioning", supported=("membridge", "t2vlp"))
     if args.beam_size < 1:
         raise ConfigError(f"--beam_size must be >= 1 (got {args.beam_size})")
 

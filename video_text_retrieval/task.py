@@ -76,9 +76,9 @@ class ContrastiveTask(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         encoder = self.model.encoder
         frames, tubes = encoder.encode_video_tokens(
-            batch["video"], batch["video_mask"], detach_tap=self.model.fusion is not None
+            batch["video"], batch["video_mask"], detach_tap=self.model.fusion is not None, batch=batch
         )  # [b, T, D], tubes [b, K, D] or None
-        if tubes is None:
+        if tubes is None or encoder.tubes is None:
             text = encoder.text_features(batch["text_ids"])  # [b, D]
         else:
             text_ids = batch["text_ids"]
@@ -94,7 +94,7 @@ class ContrastiveTask(nn.Module):
             )
         out = {"contrastive": contrastive_loss(sim)}
         loss = out["contrastive"]
-        if tubes is not None:
+        if tubes is not None and encoder.tubes is not None:
             out["align"] = local_alignment(encoder.tubes.text_queries(), tokens, batch["text_mask"], tubes)
             loss = loss + self.align_weight * out["align"]
         if self.vtm_weight > 0:
@@ -146,7 +146,7 @@ def encode_eval_set(
     what = "the evaluation videos: check --features_path"
     if allow_missing:
         videos = TolerantVideos(videos, first_readable(videos, what), "evaluation")
-    with_tubes = encoder.tubes is not None
+    with_tubes = encoder.tubes is not None or encoder.objects is not None
     frame_feats, video_mask, video_ok, *video_tokens = encode_video_set(
         encoder, videos, batch_size, num_workers, dist, "encoding the evaluation videos",
         hint=" (or pass --allow_missing_eval_videos to evaluate without the unreadable videos)",

@@ -1,0 +1,506 @@
+"""STOA-VLP (``--method stoa``, spec T2VLP_STOA.md B / C): detections, object/action tokens, matching loss."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataloaders import synthetic
+from dataloaders.detections import (
+    DetectedObject,
+    DetectionReader,
+    TagReader,
+    box_iou,
+    frame_boxes,
+    read_detection_file,
+    select_objects,
+    tag_masks,
+    trajectory_ids,
+)
+from dataloaders.errors import DataError
+from dataloaders.tokenizer import ClipTokenizer
+from modules.aux_losses import hungarian, object_action_matching
+from modules.stoa import ObjectActionTokens, roi_features
+
+LABELS = {"circle": 1, "square": 2, "blob": 3}
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+
+def test_box_selection_drops_duplicates_and_overlaps_and_keeps_the_largest():
+    big = DetectedObject(1, (0.0, 0.0, 0.5, 0.5), 0.9)
+    duplicate = DetectedObject(1, (0.05, 0.05, 0.55, 0.55), 0.95)  # same class, IoU 0.68 >= 0.2: dropped
+    same_far = DetectedObject(1, (0.6, 0.6, 0.7, 0.7), 0.8)  # same class, no overlap: kept
+    other_on_top = DetectedObject(2, (0.0, 0.0, 0.45, 0.5), 0.99)  # new class, IoU 0.9 >= 0.5: dropped
+    other_side = DetectedObject(2, (0.5, 0.0, 1.0, 0.3), 0.7)  # new class, no overlap: kept
+    assert box_iou(big.box, duplicate.box) == pytest.approx(0.2025 / (0.25 + 0.25 - 0.2025))
+    kept = select_objects([big, duplicate, same_far, other_on_top, other_side], object_count=10)
+    assert kept == [big, other_side, same_far]  # area order 0.25, 0.15, 0.01
+    assert select_objects([big, duplicate, same_far, other_on_top, other_side], object_count=2) == [big, other_side]
+    # the 2*O cap applies in detection order before the confidence sort (S10)
+    small = [DetectedObject(3, (0.125 * i, 0.75, 0.125 * i + 0.125, 0.875), 0.1 * i) for i in range(6)]
+    # only the first 2 are scanned (conf 0.0, 0.1, never the 0.5 one); equal areas keep the confidence order
+    assert [o.conf for o in select_objects(small, object_count=1)] == [0.1]
+
+
+def test_trajectory_ids_follow_first_appearance_not_confidence():
+    classes = np.array([[0, 5, 2], [2, 7, 0]])
+    assert trajectory_ids(classes, object_count=2).tolist() == [5, 2, 7, 0]
+    assert trajectory_ids(classes, object_count=1).tolist() == [5, 2]
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_detection_file_errors_name_the_file_and_frame(tmp_path: Path):
+    good = {"objects": [{"class": "circle", "rect": [0.1, 0.1, 0.4, 0.5], "conf": 0.9}]}
+    frames = read_detection_file(_write(tmp_path / "v.json", [good, {"objects": []}]), LABELS)
+    assert frames[0][0] == DetectedObject(1, (0.1, 0.1, 0.4, 0.5), 0.9) and frames[1] == []
+    cases = {
+        "unknown": [good, {"objects": [{"class": "dragon", "rect": [0, 0, 1, 1]}]}],
+        "absolute": [good, {"objects": [{"class": "circle", "rect": [10, 10, 100, 120]}]}],
+        "inverted": [good, {"objects": [{"class": "circle", "rect": [0.5, 0.1, 0.4, 0.5]}]}],
+        "no_objects": [good, {"boxes": []}],
+        "no_rect": [good, {"objects": [{"class": "circle"}]}],
+    }
+    for name, data in cases.items():
+        path = _write(tmp_path / f"{name}.json", data)
+        with pytest.raises(DataError, match=rf"{name}\.json frame 1"):
+            read_detection_file(path, LABELS)
+    with pytest.raises(DataError, match="empty.json"):
+        read_detection_file(_write(tmp_path / "empty.json", []), LABELS)
+
+
+def test_missing_detections_give_padding_and_a_counted_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    label_map = _write(tmp_path / "labels.json", {"label_to_idx": LABELS})
+    (tmp_path / "objects").mkdir()
+    reader = DetectionReader(tmp_path / "objects", label_map, object_count=2)
+    items = reader.items("absent", torch.ones(3, dtype=torch.long))
+    reader.items("absent2", torch.ones(3, dtype=torch.long))
+    assert reader.missing == 2 and "absent2" in caplog.text
+    assert (items["object_boxes"] == -1).all() and (items["object_classes"] == 0).all()
+    assert items["trajectory_ids"].tolist() == [0, 0, 0, 0]
+
+
+def test_frame_entries_spread_over_the_valid_frames():
+    frames = [[DetectedObject(1, (0.1 * i, 0.0, 0.1 * i + 0.1, 0.1), 0.9)] for i in range(7)]
+    boxes, classes = frame_boxes(frames, num_frames=5, num_valid=4, object_count=2)
+    assert boxes[:4, 0, 0].tolist() == pytest.approx([0.0, 0.2, 0.4, 0.6])  # entries 0, 2, 4, 6
+    assert (boxes[4] == -1).all() and (boxes[:, 1] == -1).all() and classes[:4, 0].tolist() == [1, 1, 1, 1]
+
+
+def test_tag_masks_align_with_the_text_ids_and_bad_tag_files_raise(tmp_path: Path):
+    nouns, verbs = tag_masks(["DET", "NOUN", "VERB", "NOUN"], max_words=5)
+    assert nouns.tolist() == [0, 0, 1, 0, 0] and verbs.tolist() == [0, 0, 0, 1, 0]  # truncated to L-2 tokens
+    tokenizer = ClipTokenizer()
+    captions = ["a red circle moves up"]
+    tags = _write(tmp_path / "tags.json", {"0": synthetic.caption_token_tags(captions[0], tokenizer)})
+    items = TagReader(tags, captions, tokenizer, max_words=8).items(captions[0])
+    assert items["noun_mask"].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert items["verb_mask"].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    with pytest.raises(DataError, match="has 5 CLIP-BPE tokens"):
+        TagReader(_write(tmp_path / "bad.json", {"0": ["NOUN"]}), captions, tokenizer, max_words=8)
+
+
+def test_synthetic_detections_are_exact_and_filtered(synthetic_small: Path):
+    manifest = json.loads((synthetic_small / "manifest.json").read_text())
+    labels = json.loads((synthetic_small / synthetic.LABEL_MAP_FILE_NAME).read_text())["label_to_idx"]
+    distractor_frames = 0
+    for video_id, attrs in list(manifest["videos"].items())[:12]:
+        spec = next(s for s in synthetic.make_specs(synthetic.split_sizes(None, True), 0) if s.video_id == video_id)
+        raw = read_detection_file(synthetic_small / "objects" / f"{video_id}.json", labels)
+        truth = synthetic.shape_boxes(spec, synthetic.SMALL_FORMAT)
+        assert len(raw) == synthetic.SMALL_FORMAT.num_frames
+        for frame, boxes in zip(raw, truth, strict=True):
+            distractor_frames += len(frame) > attrs["count"]
+            kept = select_objects(frame, object_count=5)
+            shapes = sorted(o.box for o in kept if o.label == labels[attrs["shape"]])
+            # duplicates / overlapping blobs are filtered: exactly the drawn shapes remain, with their exact boxes
+            assert len(shapes) == attrs["count"]
+            np.testing.assert_allclose(sorted(map(tuple, boxes)), shapes, atol=1e-5)
+    assert distractor_frames > 0
+    # the rendered shape lies inside its box (frame 0 of the first video, pixels of the shape colour)
+    spec = synthetic.make_specs(synthetic.split_sizes(None, True), 0)[0]
+    frame = synthetic.render_video(spec, synthetic.SMALL_FORMAT)[0].astype(int)
+    ys, xs = np.nonzero(np.abs(frame - np.asarray(spec.rgb)).sum(-1) == 0)
+    size = synthetic.SMALL_FORMAT.size
+    boxes = synthetic.shape_boxes(spec, synthetic.SMALL_FORMAT)[0] * size
+    assert xs.min() + 0.5 >= boxes[:, 0].min() - 1e-6 and xs.max() + 0.5 <= boxes[:, 2].max() + 1e-6
+    assert ys.min() + 0.5 >= boxes[:, 1].min() - 1e-6 and ys.max() + 0.5 <= boxes[:, 3].max() + 1e-6
+
+
+def test_synthetic_tag_file_marks_shape_nouns_and_motion_verbs(synthetic_small: Path):
+    captions = [e["caption"] for e in json.loads((synthetic_small / "webvid" / "frozen_train_labels.json").read_text())]
+    tokenizer = ClipTokenizer()
+    reader = TagReader(synthetic_small / "webvid" / synthetic.TAG_FILE_NAME, captions, tokenizer, max_words=16)
+    for caption in captions:
+        ids = tokenizer.encode(caption, 16)[0]
+        items = reader.items(caption)
+        nouns = tokenizer.decode(ids[items["noun_mask"].numpy().astype(bool)])
+        assert any(shape in nouns for shape in synthetic.SHAPES), (caption, nouns)
+        assert items["verb_mask"].sum() >= 1
+
+
+# ---- object / action tokens -------------------------------------------------------------------------------------
+
+
+def test_roi_align_on_a_known_grid_hand_computed():
+    g, w = 4, 2
+    xs = torch.arange(g, dtype=torch.float32)
+    # channel 0 = column index, channel 1 = row index: bilinear sampling returns the sample coordinates
+    grid = torch.stack([xs.repeat(g), xs.repeat_interleave(g)], dim=-1).reshape(1, g * g, w)
+    box = torch.tensor([[[0.25, 0.5, 0.75, 1.0]]])  # grid coords x 1..3, y 2..4
+    points = roi_features(grid, box)[0, 0].reshape(g, g, w)
+    # aligned=True: pixel centres at integer coordinates after the -0.5 shift; bins of width 0.5, 2x2 samples each
+    centres_x = 1.0 - 0.5 + 0.5 * (torch.arange(g) + 0.5)  # 0.75, 1.25, 1.75, 2.25
+    centres_y = 2.0 - 0.5 + 0.5 * (torch.arange(g) + 0.5)  # 1.75, 2.25, 2.75, 3.25 (clamped at 3 beyond the grid)
+    torch.testing.assert_close(points[0, :, 0], centres_x)
+    torch.testing.assert_close(points[:, 0, 1], centres_y.clamp(max=g - 1))
+
+
+def _tokens(o: int = 2, t: int = 3, quirks: bool = False) -> ObjectActionTokens:
+    torch.manual_seed(0)
+    module = ObjectActionTokens(16, 8, max_frames=t, object_count=o, num_actions=2, heads=2, official_quirks=quirks)
+    with torch.no_grad():
+        module.encoder.box_categories.normal_()  # non-zero so that slot identity would show
+    return module
+
+
+def _object_inputs(b: int = 2, t: int = 3, o: int = 2, p: int = 16, w: int = 16) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(1)
+    tap10 = torch.randn(b, t, 1 + p, w, generator=generator)
+    tap11 = torch.randn(b, t, 1 + p, w, generator=generator)
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.2, 0.9, 0.9]]).expand(b, t, o, 4).clone()
+    boxes = boxes + 0.05 * torch.rand(b, t, o, 4, generator=generator)
+    classes = torch.tensor([[3, 5], [5, 3], [3, 0]]).expand(b, t, o).clone()
+    boxes[classes == 0] = -1.0
+    traj = torch.tensor([3, 5, 0, 0]).expand(b, 2 * o).clone()
+    return tap10, tap11, boxes, classes, traj, torch.ones(b, t, dtype=torch.long)
+
+
+def test_trajectory_grouping_matches_a_per_class_reference():
+    module = _tokens()
+    tap10, tap11, boxes, classes, traj, mask = _object_inputs()
+    out = module(tap10, tap11, boxes, classes, traj, mask)
+    objects = module.object_tokens(tap11, boxes)
+    for b in range(2):
+        for j, label in enumerate(traj[b].tolist()):
+            slots = objects[b][classes[b] == label]  # the class's boxes over all frames, no mask needed
+            seq = torch.cat([module.cls_embedding[None], slots])[None]
+            expected = module.trajectory(seq)[0]
+            torch.testing.assert_close(out.trajectories[b, j], expected, atol=1e-5, rtol=1e-5)
+    assert out.trajectory_valid[0].tolist() == [True, True, False, False]
+    assert out.tokens.shape == (2, 2 * 2 + 2, 8)
+
+
+def test_permuting_box_slots_leaves_trajectory_tokens_unchanged_and_padding_leaves_actions():
+    module = _tokens()
+    with torch.no_grad():
+        module.encoder.box_categories.zero_()  # the published init (a per-slot embedding breaks slot symmetry)
+    tap10, tap11, boxes, classes, traj, mask = _object_inputs()
+    out = module(tap10, tap11, boxes, classes, traj, mask)
+    perm = torch.tensor([1, 0])
+    permuted = module(tap10, tap11, boxes[:, :, perm], classes[:, :, perm], traj, mask)
+    torch.testing.assert_close(permuted.trajectories, out.trajectories, atol=1e-5, rtol=1e-5)
+    # more padding slots (O 2 -> 3) do not change the action tokens
+    padded_boxes = torch.cat([boxes, torch.full_like(boxes[:, :, :1], -1.0)], dim=2)
+    padded_classes = torch.cat([classes, torch.zeros_like(classes[:, :, :1])], dim=2)
+    wide = ObjectActionTokens(16, 8, max_frames=3, object_count=3, num_actions=2, heads=2)
+    state = {k: v for k, v in module.state_dict().items() if k != "encoder.box_categories"}
+    wide.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        wide.encoder.box_categories.zero_()
+    actions = wide.actions(tap10, wide.object_tokens(tap11, padded_boxes), padded_classes, mask)
+    torch.testing.assert_close(actions, out.actions, atol=1e-5, rtol=1e-5)
+
+
+def test_official_quirks_run_only_the_first_trajectory_block():
+    module = _tokens(quirks=True)
+    tap10, tap11, boxes, classes, traj, mask = _object_inputs()
+    out = module(tap10, tap11, boxes, classes, traj, mask)
+    out.tokens.sum().backward()
+    assert module.trajectory.blocks.resblocks[1].attn.in_proj_weight.grad is None
+    assert module.trajectory.blocks.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+    normal = _tokens()
+    normal(tap10, tap11, boxes, classes, traj, mask).tokens.sum().backward()
+    assert normal.trajectory.blocks.resblocks[1].attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_action_tokens_do_not_train_through_the_block10_patches():
+    module = _tokens()
+    tap10, tap11, boxes, classes, traj, mask = _object_inputs()
+    tap10.requires_grad_(True)
+    tap11.requires_grad_(True)
+    module(tap10, tap11, boxes, classes, traj, mask).tokens.sum().backward()
+    assert tap10.grad[:, :, 1:].abs().sum() == 0 and tap10.grad[:, :, 0].abs().sum() > 0  # head CLS only
+    assert tap11.grad[:, :, 1:].abs().sum() > 0  # object tokens are not detached (B.3)
+    assert module.action_queries.grad.abs().sum() > 0 and module.encoder.patch_to_d[0].weight.grad.abs().sum() > 0
+
+
+# ---- Hungarian matching and the loss ----------------------------------------------------------------------------
+
+
+def test_hungarian_hand_computed_and_against_brute_force():
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.85, 0.1, 0.2]])
+    rows, cols = hungarian(scores)
+    # greedy would take (0,0)=0.9 then (1,2)=0.2 -> 1.1; the optimum is (0,1)+(1,0) = 1.65
+    assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
+    generator = torch.Generator().manual_seed(0)
+    for r, c in [(1, 1), (2, 3), (3, 3), (4, 2), (3, 5)]:
+        for _ in range(5):
+            s = torch.rand(r, c, generator=generator)
+            rows, cols = hungarian(s)
+            best = max(
+                sum(float(s[i, j]) for i, j in zip(rs, cs, strict=True))
+                for rs in itertools.permutations(range(r), min(r, c))
+                for cs in itertools.permutations(range(c), min(r, c))
+            )
+            assert len(rows) == min(r, c)
+            assert float(s[rows, cols].sum()) == pytest.approx(best, abs=1e-6)
+
+
+def _reference_matching(traj, valid, act, text, nouns, verbs):
+    """Brute force: per sample the minimum-cost pairing is the permutation maximising the softmaxed score."""
+    video, words = [], []
+    for i in range(traj.shape[0]):
+        for tokens, mask in ((traj[i][valid[i]], nouns[i].bool()), (act[i], verbs[i].bool())):
+            z = text[i][mask]
+            if len(tokens) == 0 or len(z) == 0:
+                continue
+            s = (tokens @ z.t()).softmax(-1)
+            k = min(len(tokens), len(z))
+            best = max(
+                ((rs, cs) for rs in itertools.permutations(range(len(tokens)), k)
+                 for cs in itertools.permutations(range(len(z)), k)),
+                key=lambda p: sum(float(s[a, b].detach()) for a, b in zip(*p, strict=True)),
+            )  # fmt: skip
+            video += [tokens[a] for a in best[0]]
+            words += [z[b] for b in best[1]]
+    return ((torch.stack(video) - torch.stack(words)) ** 2).mean()
+
+
+def test_matching_loss_equals_a_brute_force_reference_and_trains_only_the_video_side():
+    generator = torch.Generator().manual_seed(3)
+    traj = torch.randn(2, 4, 6, generator=generator, requires_grad=True)
+    act = torch.randn(2, 3, 6, generator=generator, requires_grad=True)
+    text = torch.randn(2, 7, 6, generator=generator)
+    valid = torch.tensor([[True, True, True, False], [False, True, False, False]])
+    text_mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    nouns = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0]])
+    verbs = torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 1, 0, 1, 0, 0, 0]])
+    loss = object_action_matching(traj, valid, act, text, text_mask, nouns, verbs)
+    torch.testing.assert_close(loss, _reference_matching(traj, valid, act, text, nouns, verbs))
+    loss.backward()
+    assert traj.grad[0, 3].abs().sum() == 0 and traj.grad[1, 0].abs().sum() == 0  # invalid trajectories
+    assert act.grad.abs().sum() > 0
+    # S6: EOT joins both sets; S7: no objects -> no actions either
+    eot = torch.zeros_like(nouns)
+    eot[0, 6], eot[1, 4] = 1, 1
+    quirky = object_action_matching(traj, valid, act, text, text_mask, nouns, verbs, eot_in_sets=True)
+    torch.testing.assert_close(quirky, _reference_matching(traj, valid, act, text, nouns | eot, verbs | eot))
+    none_valid = torch.zeros_like(valid)
+    only_actions = object_action_matching(traj, none_valid, act, text, text_mask, nouns, verbs)
+    torch.testing.assert_close(only_actions, _reference_matching(traj, none_valid, act, text, nouns, verbs))
+    skipped = object_action_matching(
+        traj, none_valid, act, text, text_mask, nouns, verbs, skip_actions_without_objects=True
+    )
+    assert skipped == 0 and skipped.requires_grad
+
+
+# ---- model wiring, gradients and the end-to-end run --------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stoa_model(object_count: int = 2):
+    from modules.clip_model import CLIPConfig
+    from modules.fusion import FusionConfig
+    from modules.methods import fusion_overrides
+    from modules.model_config import ModelConfig, build_membridge
+
+    clip = CLIPConfig(**json.loads((REPO / "CLIP-modules" / "tiny.json").read_text()))
+    fusion = FusionConfig.from_json(
+        REPO / "CLIP-modules" / "fusion-tiny.json", num_bridge_tokens=2 * object_count + 4, max_frames=3, max_words=8,
+        **fusion_overrides("stoa"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_membridge(
+        ModelConfig(clip=clip, fusion=fusion, method="stoa", object_count=object_count, max_frames=3)
+    )
+    model.freeze_encoder()
+    return model
+
+
+def _stoa_batch(model, b: int = 3) -> dict:
+    size = model.encoder.clip.config.image_resolution
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(b, 8, dtype=torch.long)
+    ids[:, 0], ids[:, 1:5], ids[:, 5] = 49406, torch.randint(1, 400, (b, 4), generator=generator), 49407
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.5, 0.4, 0.9, 0.9]]).expand(b, 3, 2, 4).clone()
+    classes = torch.tensor([[1, 2], [1, 0], [2, 1]]).expand(b, 3, 2).clone()
+    boxes[classes == 0] = -1
+    return {
+        "video": torch.randn(b, 3, 3, size, size, generator=generator),
+        "video_mask": torch.ones(b, 3, dtype=torch.long),
+        "text_ids": ids, "text_mask": (torch.arange(8) <= 5).long().expand(b, 8).clone(),
+        "object_boxes": boxes, "object_classes": classes, "trajectory_ids": torch.tensor([1, 2, 0, 0]).expand(b, 4),
+        "noun_mask": torch.tensor([0, 1, 0, 1, 0, 0, 0, 0]).expand(b, 8),
+        "verb_mask": torch.tensor([0, 0, 1, 0, 0, 0, 0, 0]).expand(b, 8),
+    }  # fmt: skip
+
+
+def test_stage2_gradients_reach_exactly_the_fusion_and_the_object_module():
+    from modules.membridge import Stage2Weights
+
+    model = _stoa_model()
+    out = model.stage2_losses(_stoa_batch(model), torch.Generator().manual_seed(1), Stage2Weights())
+    assert {"vtm", "mlm", "plm", "match"} <= set(out) and out["match"] > 0
+    out["loss"].backward()
+    grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
+    clip = [n for n in grads if n.startswith("encoder.") and not n.startswith("encoder.objects.")]
+    assert clip and not any(grads[n] for n in clip)  # CLIP frozen
+    for name in ("encoder.objects.action_queries", "encoder.objects.encoder.patch_to_d.0.weight",
+                 "encoder.objects.trajectory.proj", "encoder.objects.action.proj", "fusion.vocab_proj"):  # fmt: skip
+        assert grads[name], name
+    # the matching loss alone trains only the object module
+    model.zero_grad()
+    only = model.stage2_losses(_stoa_batch(model), torch.Generator().manual_seed(1), Stage2Weights(0, 0, 0, 1, 0, 1))
+    only["loss"].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(n.startswith("encoder.objects.") for n in trained)
+
+
+def _run(script: str, args: list[str], timeout: int = 240) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *([str(REPO / script)] if script.endswith(".py") else ["-m", script]), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _common(data: Path, out: Path) -> list[str]:
+    return [
+        "--clip_config", str(REPO / "CLIP-modules" / "tiny.json"), "--output_dir", str(out),
+        "--val_csv", str(data / "msrvtt" / "MSRVTT_JSFUSION_test.csv"), "--features_path", str(data / "videos"),
+        "--max_frames", "4", "--max_words", "12", "--batch_size", "8", "--n_display", "3", "--seed", "42",
+        "--no-log_tensorboard", "--torch_threads", "1",
+    ]  # fmt: skip
+
+
+def _stoa_flags(data: Path) -> list[str]:
+    return [
+        "--method", "stoa", "--object_count", "3", "--objects_dir", str(data / "objects"),
+        "--labelmap_path", str(data / synthetic.LABEL_MAP_FILE_NAME),
+        "--cross_config_path", str(REPO / "CLIP-modules" / "fusion-tiny.json"), "--rerank_topk", "4",
+    ]  # fmt: skip
+
+
+def _latest(run: Path) -> Path:
+    return run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
+
+
+@pytest.mark.slow
+def test_stage2_stoa_from_a_stage1_checkpoint_then_retrieval_rerank(synthetic_small: Path, tmp_path: Path):
+    webvid = synthetic_small / "webvid"
+    train = ["--train_csv", str(webvid / "frozen_train_labels.json"), "--webvid_tfrecord", str(webvid / "tfrecord")]
+    stage1 = tmp_path / "stage1"
+    _run("main_task_clip.py", ["--do_train", *_common(synthetic_small, stage1), *train, "--epochs", "2", "--lr", "2e-3",
+                               "--coef_lr", "1"])  # fmt: skip
+    stage2 = tmp_path / "stage2"
+    _run("main_task_fusion.py", [
+        "--do_train", "--do_eval", *_common(synthetic_small, stage2), *train, *_stoa_flags(synthetic_small),
+        "--tag_file", str(webvid / synthetic.TAG_FILE_NAME), "--epochs", "4", "--lr", "1e-3",
+        "--init_model", str(_latest(stage1)),
+    ])  # fmt: skip
+    rows = [json.loads(line) for line in (stage2 / "scalars.jsonl").read_text().splitlines()]
+    match = [row["train/match"] for row in rows if "train/match" in row]
+    assert len(match) >= 3 and match[-1] < 0.6 * match[0], match
+    assert {"eval/rerank_t2v_R1", "eval/heldout_vtm_acc"} <= set(rows[-1])
+    retrieval = tmp_path / "retrieval"
+    _run("video_text_retrieval.main_task_retrieval", [
+        "--do_train", *_common(synthetic_small, retrieval), *_stoa_flags(synthetic_small), "--epochs", "1",
+        "--lr", "1e-4", "--init_model", str(_latest(stage2)), "--datatype", "msrvtt",
+        "--train_csv", str(synthetic_small / "msrvtt" / "MSRVTT_train.9k.csv"),
+        "--data_path", str(synthetic_small / "msrvtt" / "MSRVTT_data.json"),
+    ])  # fmt: skip
+    rows = [json.loads(line) for line in (retrieval / "scalars.jsonl").read_text().splitlines()]
+    assert any("train/vtm" in row for row in rows) and "eval/rerank_t2v_R1" in rows[-1]
+
+
+def test_stoa_refuses_stage1_and_captioning_and_needs_detections():
+    from dataloaders.errors import ConfigError
+    from engine.builders import build_model
+    from engine.flags import build_parser, validate
+    from video_captioning.task import validate_caption_flags
+
+    base = ["--do_train", "--output_dir", "/tmp/unused", "--clip_config", str(REPO / "CLIP-modules" / "tiny.json")]
+    with pytest.raises(ConfigError, match="needs --objects_dir"):
+        validate(build_parser("fusion").parse_args([*base, "--method", "stoa"]))
+    args = build_parser("clip").parse_args([*base, "--method", "stoa", "--objects_dir", "x", "--labelmap_path", "y"])
+    with pytest.raises(ConfigError, match="no stage 1 of its own"):
+        build_model(args, with_fusion=False)
+    with pytest.raises(ConfigError, match="video captioning is not implemented for --method stoa"):
+        validate_caption_flags(argparse_namespace(method="stoa", datatype="msvd", beam_size=1))
+
+
+def argparse_namespace(**values: object):
+    import argparse
+
+    return argparse.Namespace(**values)
+
+
+def test_published_stoa_state_dict_converts_and_loads_strictly():
+    from modules.published_keys import convert_published_state_dict, is_published_layout
+
+    model = _stoa_model()
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda t: torch.randn(t.shape, generator=gen)  # noqa: E731
+    sd = {f"clip.{k}": rand(v) for k, v in model.encoder.clip.state_dict().items()}
+    objects, fusion = model.encoder.objects, model.fusion
+    prefix = "clip.visual.transformer.object_encoder."
+    sd.update({f"{prefix}patch_to_d.{k}": rand(v) for k, v in objects.encoder.patch_to_d.state_dict().items()})
+    sd.update(
+        {f"{prefix}c_coord_to_feature.{k}": rand(v) for k, v in objects.encoder.coord_to_feature.state_dict().items()}
+    )
+    sd[f"{prefix}box_categories"] = rand(objects.encoder.box_categories)
+    for name, head in (("object_fusion", objects.trajectory), ("object_act_fusion", objects.action)):
+        sd.update({f"clip.{name}.transformer.{k}": rand(v) for k, v in head.blocks.state_dict().items()})
+        sd.update({f"clip.{name}.ln_post.{k}": rand(v) for k, v in head.ln_post.state_dict().items()})
+        sd[f"clip.{name}.proj"] = rand(head.proj)
+    width = objects.frame_pos.shape[1]
+    sd["clip.object_frame_pos_emb"] = rand(objects.frame_pos)
+    sd["clip.object_cls_embedding"] = torch.randn(1, width, generator=gen)
+    sd["clip.object_action"] = torch.randn(1, 1, objects.num_actions, width, generator=gen)
+    unused = {"clip.object_fusion.conv1.weight", "clip.object_act_fusion.class_embedding", "clip.obj_proj",
+              "clip.object_alignment_proj", "clip.object_logit_bias", "clip.obj_ln.weight"}  # fmt: skip
+    sd.update({k: torch.randn(2, generator=gen) for k in unused})
+    block = fusion.transformer.resblocks[0].state_dict()
+    for i in range(fusion.config.layers):
+        sd.update({f"clip.fusion_transformer.resblocks.{i}.{k}": rand(v) for k, v in block.items()})
+    for name, ours in (
+        ("fusion_positional_embedding", fusion.positional_embedding), ("fusion_proj", fusion.vocab_proj),
+        ("fusion_logit_bias", fusion.vocab_bias), ("fusion_match_matrix", fusion.match_matrix),
+        ("fusion_unmatch_matrix", fusion.unmatch_matrix),
+    ):  # fmt: skip
+        sd[f"clip.{name}"] = rand(ours)
+    assert is_published_layout(sd)
+    converted, unmapped = convert_published_state_dict(sd, fusion_layers=fusion.config.layers)
+    assert set(unmapped) == unused
+    result = model.load_state_dict(converted, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(objects.action_queries, sd["clip.object_action"][0, 0])
+    assert torch.equal(objects.cls_embedding, sd["clip.object_cls_embedding"][0])
+    assert torch.equal(objects.encoder.coord_to_feature[2].weight, sd[f"{prefix}c_coord_to_feature.2.weight"])
+    del converted["encoder.objects.frame_pos"]
+    assert model.load_state_dict(converted, strict=False).missing_keys == ["encoder.objects.frame_pos"]
