@@ -81,4 +81,10 @@ def build_retrieval_evaluator(
     eval_set = build_dataset(args, datatype, split, image_size)
     topk = getattr(args, "rerank_topk", 0)
     topk = effective_rerank_topk(topk, len(eval_set.texts), len(eval_set.video_ids), args.val_csv or args.data_path)
-    return RetrievalEvaluator(eval_set, dist, EvalSettings.from_flags(args), rerank_topk=topk, extra=extra)
+    frame_topk = args.top_frames if getattr(args, "use_frame_fea", False) else 0
+    if frame_topk and args.sim_header == "tightTransf":
+        raise ConfigError("--use_frame_fea (HMMC's frame term) needs a dual-encoder --sim_header, not tightTransf")
+    return RetrievalEvaluator(
+        eval_set, dist, EvalSettings.from_flags(args), rerank_topk=topk, extra=extra, frame_topk=frame_topk,
+        frame_weight=getattr(args, "frame_sim_weight", 1.0),
+    )  # fmt: skip

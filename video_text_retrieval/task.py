@@ -47,6 +47,7 @@ from engine.metrics import (
     v2t_group_metrics,
 )
 from modules.fusion import DEFAULT_RERANK_QUERY_CHUNK, check_rerank_range, rerank_queries
+from modules.hmmc import frame_topk_similarity
 from modules.losses import contrastive_loss
 from modules.membridge import MemBridgeModel, Stage2Weights
 
@@ -157,13 +158,25 @@ def eval_set_text_len(eval_set: RetrievalEvalSet) -> int:
 
 
 @torch.no_grad()
-def dual_similarity(model: MemBridgeModel, enc: EncodedEvalSet) -> torch.Tensor:
-    """Dual-encoder logits ``[Nt, Nv]`` computed in caption chunks."""
+def dual_similarity(
+    model: MemBridgeModel, enc: EncodedEvalSet, frame_topk: int = 0, frame_weight: float = 1.0
+) -> torch.Tensor:
+    """Dual-encoder logits ``[Nt, Nv]`` computed in caption chunks.
+
+    ``frame_topk > 0`` (HMMC's ``--use_frame_fea --top_frames k``, MCQ_HMMC.md §B.7): plus ``frame_weight`` times
+    the logit scale times the mean of the ``k`` best text-frame cosines over each video's (pre-temporal) frames;
+    HMMC adds it unweighted (``frame_weight`` 1)."""
     encoder = model.encoder
     if encoder.loose_type:
         video_emb = encoder.video_embedding(enc.frame_feats, enc.video_mask)
         text_emb = F.normalize(enc.text_feats, dim=-1)
-        return torch.cat([encoder.similarity(chunk, video_emb) for chunk in text_emb.split(TEXT_CHUNK)])
+        sim = torch.cat([encoder.similarity(chunk, video_emb) for chunk in text_emb.split(TEXT_CHUNK)])
+        if frame_topk > 0:
+            frames = frame_topk_similarity(text_emb, enc.frame_feats, enc.video_mask, frame_topk, TEXT_CHUNK)
+            sim = sim + frame_weight * encoder.logit_scale.exp().to(sim.dtype) * frames.to(sim.dtype)
+        return sim
+    if frame_topk > 0:
+        raise ValueError("the frame term (--use_frame_fea) needs a dual-encoder --sim_header, not tightTransf")
     return torch.cat(
         [
             encoder.tight_similarity(chunk, enc.frame_feats, enc.video_mask)
@@ -195,16 +208,19 @@ def evaluate_retrieval(
     allow_missing: bool = False,
     encoded: EncodedEvalSet | None = None,
     v2t_protocol: str = DEFAULT_V2T_PROTOCOL,
+    frame_topk: int = 0,
+    frame_weight: float = 1.0,
 ) -> dict:
     """R@1/5/10, MdR, MnR in both directions (and re-ranked, ``rerank_*`` keys, with a fusion and ``rerank_topk``).
 
     ``encoded``: features already computed by :func:`encode_eval_set` (they are not recomputed). ``v2t_protocol``:
     ``group`` or ``caption`` (module docstring). The result also names the protocol (``v2t_protocol``) and the tie
-    rule (``tie_rule``: ``optimistic``, a truth tied with other candidates ranks above them) of its numbers."""
+    rule (``tie_rule``: ``optimistic``, a truth tied with other candidates ranks above them) of its numbers.
+    ``frame_topk`` / ``frame_weight``: HMMC's frame term (:func:`dual_similarity`)."""
     if v2t_protocol not in V2T_PROTOCOLS:
         raise ValueError(f"v2t_protocol must be one of {V2T_PROTOCOLS}, got {v2t_protocol!r}")
     enc = encoded or encode_eval_set(model, eval_set, batch_size, num_workers, dist, allow_missing)
-    sim = dual_similarity(model, enc).cpu()
+    sim = dual_similarity(model, enc, frame_topk, frame_weight).cpu()
     sim, t2v, dropped, keep_t, keep_v = _drop_missing(enc, eval_set, sim)
     metrics: dict = dict(retrieval_metrics(sim, t2v, DEFAULT_TIE_RULE, v2t_protocol))
     metrics["num_texts"], metrics["num_videos"] = int(sim.shape[0]), int(sim.shape[1])
@@ -304,7 +320,8 @@ MetricsHook = Callable[[MemBridgeModel, EncodedEvalSet, RetrievalEvalSet, DistIn
 class RetrievalEvaluator:
     """``evaluate(task) -> metrics`` of one retrieval split for the engine: encode it once, the dual-encoder metrics,
     the re-ranked ones (with a fusion and ``rerank_topk > 0``) and ``extra(model, encoded, eval_set, dist)`` (stage 2:
-    the held-out fusion accuracies, on the same features)."""
+    the held-out fusion accuracies, on the same features). ``frame_topk`` / ``frame_weight``: HMMC's frame term
+    (:func:`dual_similarity`)."""
 
     def __init__(
         self,
@@ -313,12 +330,16 @@ class RetrievalEvaluator:
         settings: EvalSettings,
         rerank_topk: int = 0,
         extra: MetricsHook | None = None,
+        frame_topk: int = 0,
+        frame_weight: float = 1.0,
     ) -> None:
         self.eval_set = eval_set
         self.dist = dist
         self.settings = settings
         self.rerank_topk = rerank_topk
         self.extra = extra
+        self.frame_topk = frame_topk
+        self.frame_weight = frame_weight
 
     def __call__(self, task: nn.Module) -> dict:
         model = getattr(task, "model", task)
@@ -326,7 +347,7 @@ class RetrievalEvaluator:
         enc = encode_eval_set(model, self.eval_set, s.batch_size, s.num_workers, self.dist, s.allow_missing)
         metrics = evaluate_retrieval(
             model, self.eval_set, self.dist, s.batch_size, rerank_topk=self.rerank_topk, encoded=enc,
-            v2t_protocol=s.v2t_protocol,
+            v2t_protocol=s.v2t_protocol, frame_topk=self.frame_topk, frame_weight=self.frame_weight,
         )  # fmt: skip
         if self.extra is not None:
             metrics.update(self.extra(model, enc, self.eval_set, self.dist))

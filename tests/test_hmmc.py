@@ -1,0 +1,467 @@
+"""HMMC as a stage-1 objective (``--stage1_objective hmmc``; MCQ_HMMC.md §B, §C.4): feature queues and momentum
+copies by hand, the MoCo InfoNCE and the FAM/VTM/FTM losses against plain loop references, MLM masking by hand, the
+evaluation's top-k frame term on a hand-computed case, the task's step order, training-only weights on load, and
+(slow) 2 gloo ranks == 1 process, exact resume after SIGKILL and learnability on the small synthetic set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from dataloaders.errors import ConfigError
+from dataloaders.tokenizer import EOT_ID, SOT_ID
+from engine.checkpoint import load_weights
+from modules.clip_model import CLIPConfig
+from modules.hmmc import (
+    IGNORE_INDEX,
+    HMMCFeatures,
+    HMMCWeights,
+    frame_topk_similarity,
+    hmmc_contrastive_losses,
+    hmmc_mlm_loss,
+    mlm_inputs,
+)
+from modules.losses import moco_infonce
+from modules.model_config import ModelConfig, build_membridge
+from modules.momentum import FeatureQueue, MomentumCopy
+from tests.conftest import REPO
+from video_text_retrieval.stage1 import STAGE1_OBJECTIVES, HMMCSettings, HMMCTask, check_hmmc, load_aux_from_init
+from video_text_retrieval.task import EncodedEvalSet, dual_similarity
+
+TINY = REPO / "CLIP-modules" / "tiny.json"
+
+
+# ----------------------------------------------------------------------------------------------- queues, momentum
+
+
+def test_queue_enqueue_and_wrap_around_by_hand():
+    torch.manual_seed(0)
+    queue = FeatureQueue(dim=2, size=5)
+    initial = queue.queue.clone()
+    torch.testing.assert_close(initial.norm(dim=-1), torch.ones(5))  # random unit rows
+    queue.enqueue(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    assert int(queue.ptr) == 2
+    torch.testing.assert_close(queue.queue[:2], torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    torch.testing.assert_close(queue.queue[2:], initial[2:])
+    queue.enqueue(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+    assert int(queue.ptr) == 4
+    queue.enqueue(torch.tensor([[-5.0, 0.0], [0.0, 7.0]]))  # rows 4 and 0: written across the end
+    assert int(queue.ptr) == 1
+    expected = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])
+    torch.testing.assert_close(queue.queue, expected)
+
+
+def test_frame_queue_is_sample_major_and_ptr_counts_items():
+    queue = FeatureQueue(dim=1, size=3, slots_per_item=2)
+    queue.enqueue(torch.tensor([[[1.0], [2.0]], [[-3.0], [4.0]]]))  # 2 items x 2 frames
+    assert int(queue.ptr) == 2 and queue.queue[:4].flatten().tolist() == [1.0, 1.0, -1.0, 1.0]
+    queue.enqueue(torch.tensor([[[-1.0], [-1.0]], [[5.0], [-5.0]]]))  # item slots 2 and 0: rows 4, 5 then 0, 1
+    assert int(queue.ptr) == 1 and queue.queue.flatten().tolist() == [1.0, -1.0, -1.0, 1.0, -1.0, -1.0]
+
+
+def test_queue_size_rules():
+    with pytest.raises(ConfigError, match="smaller than the global batch 6"):
+        FeatureQueue(2, 4).check_batch(6)
+    FeatureQueue(2, 10).check_batch(4)  # wrap-around writing: no divisibility needed
+    with pytest.raises(ConfigError, match="not a multiple of the global batch 4"):
+        FeatureQueue(2, 10, strict_divisible=True).check_batch(4)
+    FeatureQueue(2, 8, strict_divisible=True).check_batch(4)
+    args = _flags(contrast_num_negative=10, batch_size=4, official_quirks=True)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        check_hmmc(args)
+    check_hmmc(_flags(contrast_num_negative=10, batch_size=4))
+
+
+def test_momentum_update_after_n_steps_matches_hand_computation():
+    torch.manual_seed(0)
+    online = nn.Linear(3, 2)
+    copy = MomentumCopy(online)
+    assert all(not p.requires_grad for p in copy.parameters())
+    k0 = [p.detach().clone() for p in copy.parameters()]
+    m, history = 0.9, []
+    for _ in range(4):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn_like(p))  # an "optimizer step"
+        history.append([p.detach().clone() for p in online.parameters()])
+        copy.update(online, m)
+    for index, got in enumerate(copy.parameters()):
+        # k_N = m^N k_0 + sum_i (1 - m) m^(N - i) p_i  (i = 1..N)
+        want = m**4 * k0[index] + sum((1 - m) * m ** (4 - i) * history[i - 1][index] for i in range(1, 5))
+        torch.testing.assert_close(got, want)
+    half = MomentumCopy(online.half())  # fp16 weights: the update is computed in fp32
+    target = [p.detach().float() for p in half.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    half.update(online, 0.5)
+    for got, before, now in zip(half.parameters(), target, online.parameters(), strict=True):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), (0.5 * before + 0.5 * now.float()).half().float())
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def _ref_c(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> float:
+    """One MoCo InfoNCE term written out: -log(exp(q.k/T) / (exp(q.k/T) + sum_j exp(q.Q_j/T)))."""
+    q, k = q / q.norm(), k / k.norm()
+    pos = math.exp(float(q @ k) / tau)
+    neg = sum(math.exp(float(q @ row) / tau) for row in queue)
+    return -math.log(pos / (pos + neg))
+
+
+def test_moco_infonce_matches_plain_reference():
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(4, 6), torch.randn(4, 6), F.normalize(torch.randn(7, 6), dim=-1)
+    want = [_ref_c(q[i], k[i], queue, 0.07) for i in range(4)]
+    torch.testing.assert_close(moco_infonce(q, k, queue, 0.07, "none"), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    assert float(moco_infonce(q, k, queue, 0.07)) == pytest.approx(sum(want) / 4, rel=1e-5)
+    # no in-batch negatives: another query's key does not change a row's loss
+    assert float(moco_infonce(q[:1], k[:1], queue, 0.07)) == pytest.approx(want[0], rel=1e-5)
+
+
+def _features(b: int = 3, t: int = 3, d: int = 5, seed: int = 0, mask: torch.Tensor | None = None) -> HMMCFeatures:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if mask is None:
+        mask = torch.ones(b, t, dtype=torch.long)
+    return HMMCFeatures(r(b, d), r(b, d), r(b, t, d), r(b, t, d), r(b, d), r(b, d), r(b, t, d), r(b, t, d), mask)
+
+
+def _queues(d: int = 5, k: int = 4, t: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"video": k, "title": k, "frame_proj": k * t, "frame_cross": k * t}
+    return {name: F.normalize(torch.randn(n, d, generator=g), dim=-1) for name, n in sizes.items()}
+
+
+def test_hmmc_losses_match_official_formulas_when_every_frame_is_real():
+    f, Q, tau = _features(), _queues(), 0.1
+    got = hmmc_contrastive_losses(f, Q, tau)
+    B, T = 3, 3
+    # FAM = 1/(T-1) sum_i [mean_b C(pred_i, proj_k_{i+1}) + mean_b C(pred_{i+1}, proj_k_i)]
+    fam = sum(
+        sum(_ref_c(f.frame_pred[b, i], f.frame_proj_k[b, i + 1], Q["frame_proj"], tau) for b in range(B)) / B
+        + sum(_ref_c(f.frame_pred[b, i + 1], f.frame_proj_k[b, i], Q["frame_proj"], tau) for b in range(B)) / B
+        for i in range(T - 1)
+    ) / (T - 1)
+    vtm = (
+        sum(_ref_c(f.video[b], f.title_k[b], Q["title"], tau) for b in range(B)) / B
+        + sum(_ref_c(f.title[b], f.video_k[b], Q["video"], tau) for b in range(B)) / B
+    )
+    ftm = (
+        sum(
+            sum(_ref_c(f.title[b], f.frames_k[b, i], Q["frame_cross"], tau) for b in range(B)) / B
+            + sum(_ref_c(f.frames[b, i], f.title_k[b], Q["title"], tau) for b in range(B)) / B
+            for i in range(T)
+        )
+        / T
+    )
+    assert float(got["fam"]) == pytest.approx(fam, rel=1e-5)
+    assert float(got["vtm"]) == pytest.approx(vtm, rel=1e-5)
+    assert float(got["ftm"]) == pytest.approx(ftm, rel=1e-5)
+
+
+def test_hmmc_losses_leave_padded_frames_out():
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    f, Q, tau = _features(mask=mask), _queues(), 0.1
+    got = hmmc_contrastive_losses(f, Q, tau)
+    pairs = [(0, 0), (0, 1), (1, 0)]  # (video, i) with frames i and i+1 real
+    fam = sum(
+        _ref_c(f.frame_pred[b, i], f.frame_proj_k[b, i + 1], Q["frame_proj"], tau)
+        + _ref_c(f.frame_pred[b, i + 1], f.frame_proj_k[b, i], Q["frame_proj"], tau)
+        for b, i in pairs
+    ) / len(pairs)
+    real = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
+    ftm = sum(
+        _ref_c(f.title[b], f.frames_k[b, i], Q["frame_cross"], tau)
+        + _ref_c(f.frames[b, i], f.title_k[b], Q["title"], tau)
+        for b, i in real
+    ) / len(real)
+    assert float(got["fam"]) == pytest.approx(fam, rel=1e-5)
+    assert float(got["ftm"]) == pytest.approx(ftm, rel=1e-5)
+    # one frame per video: FAM has no pair and is 0
+    single = _features(t=1)
+    assert float(hmmc_contrastive_losses(single, _queues(t=1), tau)["fam"]) == 0.0
+
+
+def test_mlm_masking_by_hand():
+    ids = torch.tensor([[SOT_ID, 10, 11, 12, EOT_ID, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    draws = torch.tensor(
+        [[[0.01, 0.01, 0.01, 0.01, 0.01, 0.01],  # select: every position drawn
+          [0.5, 0.5, 0.85, 0.95, 0.5, 0.5],  # kind: mask, random, keep
+          [0.0, 0.0, 0.5, 0.0, 0.0, 0.0]]]  # random id: 0.5 * high
+    )  # fmt: skip
+    masked, labels = mlm_inputs(ids, mask, draws, mask_id=7, vocab_size=49408)
+    assert masked.tolist() == [[SOT_ID, 7, SOT_ID // 2, 12, EOT_ID, 0]]
+    assert labels.tolist() == [[IGNORE_INDEX, 10, 11, 12, IGNORE_INDEX, IGNORE_INDEX]]
+    masked, labels = mlm_inputs(ids, mask, draws, mask_id=7, vocab_size=49408, quirks=True)
+    assert masked.tolist() == [[SOT_ID, 7, 49408 // 2, 12, EOT_ID, 7]]  # padding is masked and scored
+    assert labels.tolist() == [[IGNORE_INDEX, 10, 11, 12, IGNORE_INDEX, 0]]
+    unselected = draws.clone()
+    unselected[:, 0] = 0.5
+    masked, labels = mlm_inputs(ids, mask, unselected, mask_id=7, vocab_size=49408)
+    assert torch.equal(masked, ids) and (labels == IGNORE_INDEX).all()
+
+
+def test_mlm_loss_is_the_mean_over_scored_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11)
+    labels = torch.tensor([[4, IGNORE_INDEX, 2], [IGNORE_INDEX, IGNORE_INDEX, 9]])
+    want = -sum(float(F.log_softmax(logits[b, i], -1)[labels[b, i]]) for b, i in [(0, 0), (0, 2), (1, 2)]) / 3
+    assert float(hmmc_mlm_loss(logits, labels)) == pytest.approx(want, rel=1e-5)
+
+
+def test_frame_topk_similarity_by_hand():
+    text = torch.tensor([[1.0, 0.0]])
+    # video 0 frame cosines 1, 0, -1 (and a 2x longer frame: normalised); video 1 has one real frame (cos 0.6)
+    frames = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], [[0.6, 0.8], [1.0, 0.0], [1.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    got = frame_topk_similarity(text, frames, mask, k=2)
+    torch.testing.assert_close(got, torch.tensor([[(1.0 + 0.0) / 2, 0.6]]))
+    torch.testing.assert_close(frame_topk_similarity(text, frames, mask, k=5), torch.tensor([[0.0, 0.6]]))
+    torch.testing.assert_close(frame_topk_similarity(text, frames, mask, k=1, chunk=1), torch.tensor([[1.0, 0.6]]))
+
+
+def test_dual_similarity_adds_the_weighted_frame_term():
+    torch.manual_seed(0)
+    model = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=3))
+    frames, mask = torch.randn(4, 3, 64), torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    text = torch.randn(5, 64)
+    enc = EncodedEvalSet(frames, mask, torch.zeros(5, 2, 64), text, torch.zeros(5, 2), torch.ones(5, 2), torch.ones(4))
+    base = dual_similarity(model, enc)
+    scale = float(model.encoder.logit_scale.detach().exp())
+    video = F.normalize((F.normalize(frames, dim=-1) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(base, scale * F.normalize(text, dim=-1) @ video.t(), rtol=1e-5, atol=1e-5)
+    cos = torch.einsum("td,vfd->tvf", F.normalize(text, dim=-1), F.normalize(frames, dim=-1))
+    top2 = torch.stack(
+        [torch.stack([cos[t, v, : int(mask[v].sum())].sort(descending=True).values[:2].mean() for v in range(4)])
+         for t in range(5)]
+    )  # fmt: skip
+    torch.testing.assert_close(dual_similarity(model, enc, 2, 0.5), base + 0.5 * scale * top2, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- task
+
+
+def _flags(**overrides) -> argparse.Namespace:
+    from engine.flags import build_parser
+
+    args = build_parser("clip").parse_args(["--do_train", "--output_dir", "x", "--stage1_objective", "hmmc"])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def _task(seed: int = 0, queue: int = 8, mlm: float = 0.05, frames: int = 3):
+    torch.manual_seed(seed)
+    model = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=frames, sim_header="seqTransf"))
+    weights = HMMCWeights(fam=0.2, vtm=0.3, ftm=0.4, mlm=mlm)
+    return model, HMMCTask(model, HMMCSettings(weights, momentum=0.9, queue_size=queue, proj_hidden=16))
+
+
+def _batch(b: int = 4, frames: int = 3, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(b, 8, dtype=torch.long)
+    for row in range(b):
+        n = 5 + row % 3
+        ids[row, :n] = torch.tensor([SOT_ID, *torch.randint(1, 1000, (n - 2,), generator=g).tolist(), EOT_ID])
+    return {
+        "video": torch.randn(b, frames, 3, 32, 32, generator=g),
+        "video_mask": torch.ones(b, frames, dtype=torch.long),
+        "text_ids": ids,
+        "text_mask": (ids != 0).long(),
+        "hmmc_mlm_draws": torch.rand(b, 3, 8, generator=g),
+    }
+
+
+def test_task_step_order_losses_and_queues():
+    model, task = _task()
+    batch = _batch()
+    queues = model.stage1_aux.hmmc_queues
+    before = {name: q.queue.clone() for name, q in queues.items()}
+    out = task(batch)
+    w = task.settings.weights
+    want = w.fam * out["fam"] + w.vtm * out["vtm"] + w.ftm * out["ftm"] + w.mlm * out["mlm"]
+    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-6) and float(out["mlm"]) > 0
+    enc, heads = model.encoder, model.stage1_aux.hmmc_heads
+    with torch.no_grad():
+        frames = enc.encode_video(batch["video"], batch["video_mask"])
+        video = enc.video_embedding(frames, batch["video_mask"])
+        title = enc.text_features(batch["text_ids"])
+        proj = heads["v_projector"](frames.flatten(0, 1)).reshape(frames.shape)
+    # step 1: the momentum copies equal the online modules, so the keys are the queries; losses on the old queues
+    f = HMMCFeatures(video, title, frames, torch.zeros_like(frames), video, title, frames, proj, batch["video_mask"])
+    ref = hmmc_contrastive_losses(f, {n: q for n, q in before.items() if n != "tag"}, w.temperature)
+    assert float(out["vtm"]) == pytest.approx(float(ref["vtm"]), rel=1e-5)
+    assert float(out["ftm"]) == pytest.approx(float(ref["ftm"]), rel=1e-5)
+    # then the keys were enqueued: rows 0..3 (frame queues 0..11), the pointer at 4
+    assert all(int(q.ptr) == 4 for q in queues.values())
+    torch.testing.assert_close(queues["video"].queue[:4], F.normalize(video, dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(queues["title"].queue[:4], F.normalize(title, dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(queues["tag"].queue[:4], F.normalize(title, dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(queues["frame_cross"].queue[:12], F.normalize(frames.flatten(0, 1), dim=-1),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(queues["frame_proj"].queue[12:], before["frame_proj"][12:])
+    # gradients reach the online encoder and heads, never the momentum copies
+    out["loss"].backward()
+    momentum = [p for n, p in task.named_parameters() if ".hmmc_momentum." in n]
+    assert momentum and all(p.grad is None and not p.requires_grad for p in momentum)
+    assert all(p.grad is not None for n, p in heads.named_parameters())
+    assert enc.clip.visual.proj.grad is not None and enc.transformerClip.resblocks[0].mlp.c_fc.weight.grad is not None
+
+
+def test_momentum_follows_online_weights_across_steps():
+    model, task = _task(mlm=0.0)
+    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.1)
+    online = model.encoder.clip.visual.proj
+    copy = model.stage1_aux.hmmc_momentum["encoder"].module.clip.visual.proj
+    expected = copy.detach().clone()
+    for step in range(3):
+        task(_batch(seed=step))["loss"].backward()
+        # the update at the start of this step used the weights before it
+        expected = 0.9 * expected + 0.1 * online.detach()
+        torch.testing.assert_close(copy, expected)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.allclose(copy, online)
+
+
+def test_training_only_parts_saved_apart_and_dropped_downstream(tmp_path, caplog):
+    model, _ = _task()
+    state = model.state_dict()
+    for prefix in ("hmmc_heads.v_predictor", "hmmc_heads.mlm_head", "hmmc_momentum.encoder.module.clip",
+                   "hmmc_momentum.v_projector", "hmmc_queues.frame_proj.queue", "hmmc_queues.video.ptr"):  # fmt: skip
+        assert any(k.startswith(f"stage1_aux.{prefix}") for k in state), prefix
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    torch.manual_seed(5)
+    plain = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=3, sim_header="seqTransf"))
+    with caplog.at_level(logging.INFO):
+        report = load_weights(path, plain, strict=True)
+    assert report.unexpected == [] and report.missing == []
+    assert "(stage1_aux.hmmc_heads/hmmc_momentum/hmmc_queues) not loaded" in caplog.text
+    chained, _ = _task(seed=3)
+    assert load_aux_from_init(argparse.Namespace(init_model=str(path)), chained) > 0
+    for name, tensor in chained.stage1_aux.state_dict().items():
+        assert torch.equal(tensor, state[f"stage1_aux.{name}"]), name
+
+
+def test_registry_and_flag_rules():
+    args = _flags()
+    assert "hmmc" in STAGE1_OBJECTIVES
+    assert (args.contrast_num_negative, args.contrast_momentum, args.contrast_temperature) == (4096, 0.99, 0.07)
+    assert (args.w_fam, args.w_vtm, args.w_ftm, args.w_mlm) == (0.05, 0.45, 0.45, 0.05)
+    args = _flags(use_temp=True)
+    check_hmmc(args)
+    assert args.sim_header == "seqTransf"
+    with pytest.raises(ConfigError, match="contradicts --sim_header seqLSTM"):
+        check_hmmc(_flags(use_temp=True, sim_header="seqLSTM"))
+    with pytest.raises(ConfigError, match="dual-encoder"):
+        check_hmmc(_flags(sim_header="tightTransf"))
+    with pytest.raises(ConfigError, match="all 0"):
+        check_hmmc(_flags(w_fam=0.0, w_vtm=0.0, w_ftm=0.0, w_mlm=0.0))
+    with pytest.raises(ConfigError, match="smaller than the global batch"):
+        check_hmmc(_flags(contrast_num_negative=16, batch_size=32))
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def _hmmc_flags(data: Path, *extra: str) -> tuple[str, ...]:
+    return ("--stage1_objective", "hmmc", "--use_temp", "--contrast_num_negative", "8", "--hmmc_proj_dims", "32",
+            "--num_thread_reader", "0", "--torch_threads", "1", *extra)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_hmmc_two_gloo_ranks_equal_one_process(synthetic_small, tmp_path):
+    """Losses over the global batch, BatchNorm statistics over the global batch, keys gathered in rank order: 2 ranks
+    x 2 samples train exactly as 1 process x 4 samples, momentum copies and queues included."""
+    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+
+    flags = ("--max_steps", "3", "--epochs", "1", *_hmmc_flags(synthetic_small))
+    run_script(stage1_flags(synthetic_small, tmp_path / "one", *flags), nproc=1)
+    run_script(stage1_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-5, abs=1e-6)
+    w1, w2 = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    assert int(w1["stage1_aux.hmmc_queues.video.ptr"]) == 12 % 8  # 3 steps x global batch 4, wrapped
+    for name in w1:
+        torch.testing.assert_close(w1[name].float(), w2[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+    moved = w1["stage1_aux.hmmc_momentum.encoder.module.clip.visual.proj"]
+    assert not torch.equal(moved, w1["encoder.clip.visual.proj"])  # the copy lags the online weights
+
+
+@pytest.mark.slow
+def test_hmmc_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
+    """Queues, their pointers, the momentum copies, BatchNorm statistics and MLM draws resume exactly."""
+    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+
+    flags = ("--epochs", "2", "--save_steps", "2", *_hmmc_flags(synthetic_small))
+    full = tmp_path / "full"
+    run_script(stage1_flags(synthetic_small, full, *flags))
+    reference = losses(full)
+    assert len(reference) == 12
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *stage1_flags(synthetic_small, killed, *flags)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "ckpt" / "latest").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = int((killed / "ckpt" / "latest").read_text().strip().split("-")[1])
+    assert interrupted_at < 12
+    run_script(stage1_flags(synthetic_small, killed, *flags, "--resume"))
+    resumed = losses(killed)
+    for step in range(interrupted_at + 1, 13):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    w_full, w_resumed = latest_weights(full), latest_weights(killed)
+    assert w_full.keys() == w_resumed.keys() and "stage1_aux.hmmc_queues.frame_cross.queue" in w_full
+    for name in w_full:
+        torch.testing.assert_close(w_resumed[name], w_full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_hmmc_stage1_learns_on_small_synthetic_set(synthetic_small, tmp_path):
+    from tests.test_mcq import _common, _run
+
+    data = synthetic_small
+    out = tmp_path / "hmmc"
+    _run([
+        "--do_train", *_common(data), "--output_dir", str(out), *_hmmc_flags(data)[:-4],
+        "--train_csv", str(data / "webvid" / "frozen_train_labels.json"),
+        "--webvid_tfrecord", str(data / "webvid" / "tfrecord"), "--use_frame_fea", "--top_frames", "2",
+        "--batch_size", "8", "--epochs", "30", "--lr", "2e-3", "--coef_lr", "1", "--warmup_proportion", "0.05",
+        "--n_display", "6", "--contrast_momentum", "0.9", "--contrast_num_negative", "16",
+    ])  # fmt: skip
+    chance = json.loads((data / "manifest.json").read_text())["chance"]["retrieval_R1"]
+    result = json.loads((out / "eval_results.json").read_text())
+    assert result["t2v_R1"] >= 3 * chance and result["v2t_R1"] >= 3 * chance, result
+    rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
+    vtm = [row["train/vtm"] for row in rows if "train/vtm" in row]
+    assert vtm[-1] < 0.7 * vtm[0], vtm
