@@ -407,8 +407,19 @@ def test_hmmc_two_gloo_ranks_equal_one_process(synthetic_small, tmp_path):
     w1, w2 = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
     assert int(w1["stage1_aux.hmmc_queues.video.ptr"]) == 12 % 8  # 3 steps x global batch 4, wrapped
+    probe = torch.randn(w1["stage1_aux.hmmc_queues.video.queue"].shape[1], generator=torch.Generator().manual_seed(0))
     for name in w1:
-        torch.testing.assert_close(w1[name].float(), w2[name].float(), rtol=1e-4, atol=1e-5, msg=name)
+        a, b = w1[name].float(), w2[name].float()
+        if ".hmmc_queues." in name and name.endswith(".queue"):
+            # DistributedSampler deals the global batch round-robin: 2 ranks enqueue the same keys in another order
+            # within each written block. The losses only see the queue as a set of negatives: compare the row sets.
+            a, b = a[(a @ probe).argsort()], b[(b @ probe).argsort()]
+        if name.endswith(("v_projector.0.bias", "v_predictor.0.bias")):
+            # A bias feeding a BatchNorm has an exactly zero gradient: Adam normalises the rounding noise into updates
+            # of up to lr per step, different in 1 and 2 processes (as the MCQ key bias). Checked to 3 x lr.
+            torch.testing.assert_close(a, b, rtol=0, atol=3e-3, msg=name)
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     moved = w1["stage1_aux.hmmc_momentum.encoder.module.clip.visual.proj"]
     assert not torch.equal(moved, w1["encoder.clip.visual.proj"])  # the copy lags the online weights
 
