@@ -472,7 +472,7 @@ def test_hmmc_stage1_learns_on_small_synthetic_set(synthetic_small, tmp_path):
     ])  # fmt: skip
     chance = json.loads((data / "manifest.json").read_text())["chance"]["retrieval_R1"]
     result = json.loads((out / "eval_results.json").read_text())
-    assert result["t2v_R1"] >= 3 * chance and result["v2t_R1"] >= 3 * chance, result
+    assert result["t2v_R1"] >= 4 * chance and result["v2t_R1"] >= 4 * chance, result  # seeded: 50 / 41.7 vs 8.3
     rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
     vtm = [row["train/vtm"] for row in rows if "train/vtm" in row]
     assert vtm[-1] < 0.7 * vtm[0], vtm
