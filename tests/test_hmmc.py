@@ -476,3 +476,18 @@ def test_hmmc_stage1_learns_on_small_synthetic_set(synthetic_small, tmp_path):
     rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
     vtm = [row["train/vtm"] for row in rows if "train/vtm" in row]
     assert vtm[-1] < 0.7 * vtm[0], vtm
+
+
+def test_published_recipe_launch_script(tmp_path):
+    from engine.flags import build_parser
+    from tests.test_launch_scripts import DEFAULT_NODE_FLAGS, launch, split_entry
+
+    entry, flags = split_entry(launch(tmp_path, "start_clip_hmmc.sh")[len(DEFAULT_NODE_FLAGS) :])
+    args = build_parser("clip").parse_args(flags)
+    assert entry == "main_task_clip.py" and args.stage1_objective == "hmmc"
+    assert (args.contrast_num_negative, args.contrast_momentum) == (1024, 0.99)
+    assert (args.max_frames, args.batch_size) == (12, 128)
+    assert args.use_temp and args.use_frame_fea and args.top_frames == 3 and (args.lr, args.coef_lr) == (1e-4, 1e-3)
+    assert (args.epochs, args.warmup_proportion, args.weight_decay) == (11, 0.2, 0.05)
+    check_hmmc(args)  # 1024 queued keys hold 8 global batches of 128
+    assert args.sim_header == "seqTransf"
