@@ -28,7 +28,12 @@ from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_d
 from modules.fusion import FusionConfig
 from modules.membridge import MemBridgeModel
 from modules.model_config import ModelConfig, build_membridge, read_model_config
-from modules.published_keys import convert_published_state_dict, is_published_layout
+from modules.published_keys import (
+    convert_hmmc_state_dict,
+    convert_published_state_dict,
+    is_hmmc_layout,
+    is_published_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +237,10 @@ def load_init_model(args: argparse.Namespace, model: nn.Module):
     fusion_layers = fusion.config.layers if fusion is not None else 0
 
     def key_map(state: dict) -> dict:
+        if is_hmmc_layout(state):  # HMMC's released checkpoints (MCQ_HMMC.md C.4)
+            conversion = convert_hmmc_state_dict(state, strict=True)
+            logger.info("%s", conversion.report())
+            return conversion.state_dict
         if not is_published_layout(state):
             return state
         converted, unmapped = convert_published_state_dict(state, fusion_layers=fusion_layers or 6)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from dataloaders.errors import ConfigError
+from dataloaders.errors import ConfigError, DataError
 from dataloaders.tokenizer import EOT_ID, SOT_ID
 from engine.checkpoint import load_weights
 from modules.clip_model import CLIPConfig
@@ -491,3 +491,52 @@ def test_published_recipe_launch_script(tmp_path):
     assert (args.epochs, args.warmup_proportion, args.weight_decay) == (11, 0.2, 0.05)
     check_hmmc(args)  # 1024 queued keys hold 8 global batches of 128
     assert args.sim_header == "seqTransf"
+
+
+def _as_hmmc_checkpoint(model) -> dict[str, torch.Tensor]:
+    """Our seqTransf model's encoder renamed to HMMC's layout (fp16 CLIP parts, no logit scale) plus training-only
+    parts of HMMC's pre-training model."""
+    renames = (("encoder.clip.visual.", "visual_encoder.visual."), ("encoder.transformerClip.",
+               "visual_encoder.temporal_transformer."), ("encoder.frame_position_embeddings.",
+               "visual_encoder.frame_position_embeddings."), ("encoder.clip.", "text_encoder."))  # fmt: skip
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "encoder.clip.logit_scale" or key.startswith("stage1_aux."):
+            continue
+        ours, theirs = next((o, t) for o, t in renames if key.startswith(o))
+        state[theirs + key[len(ours) :]] = value.half() if key.startswith("encoder.clip.") else value.clone()
+    state["visual_encoder_k.visual.proj"] = torch.zeros(2)
+    state["queue_v_cross_ng"] = torch.zeros(4, 8)
+    state["cls.predictions.bias"] = torch.zeros(3)
+    state["queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    return state
+
+
+def test_hmmc_checkpoint_layout_loads_with_a_strict_report(tmp_path, caplog):
+    from engine.builders import load_init_model
+    from modules.published_keys import HMMC_LOGIT_SCALE, convert_hmmc_state_dict, is_hmmc_layout
+
+    model, _ = _task(seed=4)
+    state = _as_hmmc_checkpoint(model)
+    assert is_hmmc_layout(state)
+    conversion = convert_hmmc_state_dict(state, strict=True)
+    assert conversion.unknown == [] and len(conversion.training_only) == 4
+    assert all(t.dtype != torch.float16 for t in conversion.state_dict.values())
+    path = tmp_path / "pytorch_model.bin.2"
+    torch.save(state, path)
+    torch.manual_seed(9)
+    target = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=3, sim_header="seqTransf"))
+    with caplog.at_level(logging.INFO):
+        report = load_init_model(argparse.Namespace(init_model=str(path)), target)
+    assert report.missing == [] and report.unexpected == []
+    assert "4 training-only tensors of HMMC's pre-training model left out, 0 unknown" in caplog.text
+    assert float(target.encoder.clip.logit_scale) == pytest.approx(HMMC_LOGIT_SCALE)
+    for name, tensor in target.state_dict().items():
+        if name != "encoder.clip.logit_scale":
+            want = model.state_dict()[name]
+            want = want.half().float() if name.startswith("encoder.clip.") else want
+            torch.testing.assert_close(tensor, want, rtol=0, atol=0, msg=name)
+    state["mystery.weight"] = torch.zeros(1)
+    with pytest.raises(DataError, match=r"neither HMMC's encoder nor its training-only parts: \['mystery.weight'\]"):
+        convert_hmmc_state_dict(state, strict=True)
+    assert convert_hmmc_state_dict(state).unknown == ["mystery.weight"]
