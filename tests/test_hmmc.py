@@ -540,3 +540,84 @@ def test_hmmc_checkpoint_layout_loads_with_a_strict_report(tmp_path, caplog):
     with pytest.raises(DataError, match=r"neither HMMC's encoder nor its training-only parts: \['mystery.weight'\]"):
         convert_hmmc_state_dict(state, strict=True)
     assert convert_hmmc_state_dict(state).unknown == ["mystery.weight"]
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_frame_contrastive_loss_against_a_plain_reference():
+    from modules.losses import contrastive_loss
+    from video_text_retrieval.task import frame_contrastive_loss
+
+    torch.manual_seed(0)
+    text, frames = 10 * torch.randn(4, 6), F.normalize(torch.randn(4, 3, 6), dim=-1)
+    full = torch.ones(4, 3, dtype=torch.long)
+    want = sum(contrastive_loss(text @ frames[:, i].t()) for i in range(3)) / 3
+    assert float(frame_contrastive_loss(text, frames, full)) == pytest.approx(float(want), rel=1e-5)
+    # video 3's last two frames and video 2's last frame are padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    terms = []
+    for i in range(3):
+        ok = [v for v in range(4) if mask[v, i]]
+        s = text @ frames[:, i].t()
+        t2v = [-(s[t, t] - torch.logsumexp(s[t, ok], 0)) for t in ok]
+        v2t = [-(s[v, v] - torch.logsumexp(s[:, v], 0)) for v in ok]
+        terms.append((sum(t2v) / len(ok) + sum(v2t) / len(ok)) / 2)
+    got = frame_contrastive_loss(text, frames, mask)
+    assert float(got) == pytest.approx(float(sum(terms) / 3), rel=1e-5)
+
+
+def test_contrastive_task_with_hmmc_fine_tuning_weights():
+    from modules.losses import contrastive_loss
+    from video_text_retrieval.task import ContrastiveTask, frame_contrastive_loss
+
+    model, _ = _task(mlm=0.0)
+    batch = _batch()
+    plain = ContrastiveTask(model)(batch)
+    out = ContrastiveTask(model, frame_weight=0.15, video_weight=0.85)(batch)
+    enc = model.encoder
+    with torch.no_grad():
+        frames = enc.encode_video(batch["video"], batch["video_mask"])
+        text = F.normalize(enc.text_features(batch["text_ids"]), dim=-1)
+        video = enc.video_embedding(frames, batch["video_mask"])
+        scale = enc.logit_scale.exp()
+        frame = frame_contrastive_loss(scale * text, F.normalize(frames, dim=-1), batch["video_mask"])
+    assert float(out["contrastive"]) == pytest.approx(float(contrastive_loss(scale * text @ video.t())), rel=1e-5)
+    assert float(out["frame_contrastive"]) == pytest.approx(float(frame), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(0.85 * out["contrastive"] + 0.15 * frame), rel=1e-5)
+    assert float(plain["loss"]) == pytest.approx(float(out["contrastive"]), rel=1e-6)
+    assert "frame_contrastive" not in plain
+
+
+@pytest.mark.slow
+def test_hmmc_checkpoint_fine_tunes_with_hmmc_losses_and_frame_term(synthetic_small, tmp_path, caplog):
+    """Stage 1 with HMMC, then retrieval fine-tuning with HMMC's 0.85 / 0.15 video / frame losses and evaluation
+    with the top-k frame term: the training-only parts are skipped on load, the frame loss is trained and logged."""
+    import main_task_clip
+    from tests.test_retrieval import MODEL_FLAGS, latest_checkpoint, msrvtt_flags
+    from video_text_retrieval import main_task_retrieval as retrieval
+
+    data = synthetic_small
+    model_flags = [*MODEL_FLAGS, "--sim_header", "seqTransf", "--torch_threads", "1"]
+    main_task_clip.main([
+        "--do_train", *model_flags, "--output_dir", str(tmp_path / "s1"), *_hmmc_flags(data)[:-4],
+        "--train_csv", str(data / "webvid" / "frozen_train_labels.json"),
+        "--webvid_tfrecord", str(data / "webvid" / "tfrecord"),
+        "--batch_size", "4", "--epochs", "1", "--max_steps", "2", "--lr", "1e-3", "--coef_lr", "1",
+    ])  # fmt: skip
+    out = tmp_path / "ft"
+    flags = [*model_flags, *msrvtt_flags(data), "--init_model", str(latest_checkpoint(tmp_path / "s1")),
+             "--rerank_topk", "0", "--batch_size_val", "8", "--use_frame_fea", "--top_frames", "2"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        metrics = retrieval.main([
+            *flags, "--do_train", "--output_dir", str(out), "--batch_size", "4", "--epochs", "1", "--max_steps", "2",
+            "--lr", "1e-3", "--coef_lr", "1", "--video_loss_weight", "0.85", "--frame_loss_weight", "0.15",
+        ])  # fmt: skip
+    assert "(stage1_aux.hmmc_heads/hmmc_momentum/hmmc_queues) not loaded" in caplog.text
+    rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "train/frame_contrastive" in row]
+    assert logged and all(
+        row["train/loss"] == pytest.approx(0.85 * row["train/contrastive"] + 0.15 * row["train/frame_contrastive"])
+        for row in logged
+    )
+    assert 0 <= metrics["t2v_R1"] <= 100 and metrics["num_videos"] > 0

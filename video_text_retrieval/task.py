@@ -59,14 +59,25 @@ VTM_ONLY = Stage2Weights(vtm=1.0, mlm=0.0, plm=0.0)
 
 class ContrastiveTask(nn.Module):
     """Symmetric InfoNCE on the global batch; ``vtm_weight > 0`` adds the fusion's matching loss (fine-tuning with
-    re-ranking). ``model`` holds the weights that checkpoints save."""
+    re-ranking). ``model`` holds the weights that checkpoints save.
 
-    def __init__(self, model: MemBridgeModel, vtm_weight: float = 0.0):
+    HMMC's fine-tuning loss (MCQ_HMMC.md §B.7; ``--video_loss_weight 0.85 --frame_loss_weight 0.15``):
+    ``video_weight * contrastive + frame_weight * frame``, with ``frame`` the mean over frame positions ``i`` of the
+    symmetric InfoNCE of ``logit_scale * cos(text, frame_i)`` (pre-temporal frames), padded frames left out
+    (:func:`frame_contrastive_loss`). The defaults (1, 0) are the plain contrastive loss."""
+
+    def __init__(
+        self, model: MemBridgeModel, vtm_weight: float = 0.0, frame_weight: float = 0.0, video_weight: float = 1.0
+    ):
         super().__init__()
         if vtm_weight > 0 and model.fusion is None:
             raise ValueError("vtm_weight > 0 needs a model with a fusion encoder")
+        if frame_weight > 0 and not model.encoder.loose_type:
+            raise ValueError("frame_weight > 0 (HMMC's frame loss) needs a dual-encoder sim_header")
         self.model = model
         self.vtm_weight = vtm_weight
+        self.frame_weight = frame_weight
+        self.video_weight = video_weight
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         encoder = self.model.encoder
@@ -76,12 +87,21 @@ class ContrastiveTask(nn.Module):
             video_emb = all_gather_with_grad(encoder.video_embedding(frames, batch["video_mask"]))
             text_emb = all_gather_with_grad(F.normalize(text, dim=-1))
             sim = encoder.similarity(text_emb, video_emb)
+            if self.frame_weight > 0:
+                frame_emb = all_gather_with_grad(F.normalize(frames, dim=-1))
+                mask = all_gather_tensor(batch["video_mask"])
+                frame_loss = frame_contrastive_loss(encoder.logit_scale.exp() * text_emb, frame_emb, mask)
         else:
             sim = encoder.tight_similarity(
                 all_gather_with_grad(text), all_gather_with_grad(frames), all_gather_with_grad(batch["video_mask"])
             )
         out = {"contrastive": contrastive_loss(sim)}
         loss = out["contrastive"]
+        if self.frame_weight > 0:
+            out["frame_contrastive"] = frame_loss
+            loss = self.video_weight * loss + self.frame_weight * frame_loss
+        elif self.video_weight != 1.0:
+            loss = self.video_weight * loss
         if self.vtm_weight > 0:
             # The fusion learns matching on detached CLIP features (as in stage 2); hard negatives come from the
             # global batch.
@@ -99,6 +119,26 @@ class ContrastiveTask(nn.Module):
 
     def after_optimizer_step(self) -> None:
         self.model.encoder.clamp_logit_scale_()
+
+
+def frame_contrastive_loss(text: torch.Tensor, frames: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    """HMMC's fine-tuning frame loss: the mean over frame positions ``i`` of the symmetric InfoNCE of the logits
+    ``text [B, D] @ frames[:, i] [B, D]ᵀ`` (scaled text and unit frames, so the logits are ``scale * cos``). A video
+    whose frame ``i`` is padding is no candidate in that position's text->video rows and has no video->text row there;
+    each direction averages its valid rows. With every frame real this is ``(1/T) Σ_i contrastive_loss(S_i)``."""
+    b, t, _ = frames.shape
+    valid = video_mask.bool()
+    target = torch.arange(b, device=text.device)
+    terms = []
+    for i in range(t):
+        cols = valid[:, i]
+        if not bool(cols.any()):
+            continue
+        logits = (text.float() @ frames[:, i].float().t()).masked_fill(~cols[None], float("-inf"))
+        t2v = F.cross_entropy(logits[cols], target[cols])
+        v2t = F.cross_entropy(logits.t()[cols], target[cols])
+        terms.append((t2v + v2t) / 2)
+    return torch.stack(terms).mean() if terms else text.sum() * 0.0
 
 
 @dataclass
