@@ -17,7 +17,7 @@ launch \
     main_task_clip.py --do_train --num_thread_reader=8 \
     --visual_pretrain_path "${CLIP_PATH}" \
     --stage1_objective hmmc --contrast_num_negative 1024 --contrast_momentum 0.99 \
-    --use_temp --use_frame_fea --top_frames 3 \
+    --use_temp --use_frame_fea --top_frames 3 --temporal_init random --temporal_ln_eps 1e-12 --freeze_logit_scale \
     --epochs=11 --batch_size=128 --n_display=596 \
     --train_csv "${DATA_PATH}/frozen_train_labels.json" \
     --val_csv "${DATA_PATH}/MSRVTT_JSFUSION_test.csv" \

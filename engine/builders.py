@@ -34,6 +34,7 @@ from modules.published_keys import (
     is_hmmc_layout,
     is_published_layout,
 )
+from modules.video_clip import DEFAULT_TEMPORAL_LN_EPS
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ def model_config(args: argparse.Namespace, clip_config: CLIPConfig, with_fusion:
         linear_patch=args.linear_patch,
         sim_header=args.sim_header,
         max_frames=args.max_frames,
+        temporal_ln_eps=getattr(args, "temporal_ln_eps", DEFAULT_TEMPORAL_LN_EPS),
         fusion=build_fusion_config(args) if with_fusion else None,
     )
 
@@ -221,6 +223,8 @@ def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
     """
     clip = build_clip(args)
     model = build_membridge(model_config(args, clip.config, with_fusion), clip)
+    if getattr(args, "temporal_init", "clip_text") == "random":
+        model.encoder.init_temporal_random()  # HMMC's init; --init_model weights still replace it
     report = load_init_model(args, model)
     if model.fusion is not None and report is not None and any(k.startswith("fusion.") for k in report.missing):
         logger.info("--init_model has no fusion weights: initialising the fusion from its CLIP text encoder")

@@ -160,6 +160,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
     g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
     g.add_argument(
+        "--temporal_init",
+        choices=("clip_text", "random"),
+        default="clip_text",
+        help="seqTransf temporal module: copies of CLIP's text positions/blocks (CLIP4Clip) or random (HMMC)",
+    )
+    g.add_argument(
+        "--temporal_ln_eps", type=float, default=1e-5, help="LayerNorm eps of the seqTransf blocks (HMMC: 1e-12)"
+    )
+    g.add_argument(
+        "--freeze_logit_scale", action="store_true", help="keep CLIP's logit scale fixed (HMMC: its value, 100)"
+    )
+    g.add_argument(
         "--freeze_layer_num",
         type=int,
         default=0,
@@ -281,7 +293,9 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w_ftm", type=float, default=0.45, help="hmmc: weight of frame-level text matching (FTM)")
     g.add_argument("--w_mlm", type=float, default=0.05, help="hmmc: weight of masked language modelling (MLM)")
     g.add_argument("--hmmc_proj_dims", type=int, default=4096, help="hmmc: hidden width of projector/predictor")
-    g.add_argument("--hmmc_mask_id", type=int, default=0, help="hmmc: token id of MLM's [MASK] (HMMC: 49394)")
+    g.add_argument(
+        "--hmmc_mask_id", type=int, default=None, help="hmmc: MLM's [MASK] id (default 0; --official_quirks: 49394)"
+    )
     g.add_argument("--use_temp", action="store_true", help="hmmc: HMMC's temporal module (= --sim_header seqTransf)")
 
 
@@ -478,6 +492,7 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("hmmc_proj_dims", lambda v: v >= 1, ">= 1")
     check("top_frames", lambda v: v >= 1, ">= 1")
     check("frame_sim_weight", lambda v: v >= 0, "a finite number >= 0")
+    check("temporal_ln_eps", lambda v: v > 0, "a finite number > 0")
     for name in ("w_fam", "w_ftm"):
         check(name, lambda v: v >= 0, "a finite number >= 0")
     for name in ("w_vtm", "w_mlm", "w_plm", "vtm_negative_scale"):

@@ -20,7 +20,7 @@ from dataloaders.errors import CheckpointError
 from modules.clip_model import CLIP, CLIPConfig
 from modules.fusion import FusionConfig, MemBridgeFusion
 from modules.membridge import MemBridgeModel
-from modules.video_clip import VideoCLIP
+from modules.video_clip import DEFAULT_TEMPORAL_LN_EPS, VideoCLIP
 
 MODEL_CONFIG_METADATA_KEY = "membridge_model_config"
 CONFIG_FORMAT_VERSION = 1
@@ -35,6 +35,7 @@ class ModelConfig:
     linear_patch: str = "2d"
     sim_header: str = "meanP"
     max_frames: int = 12
+    temporal_ln_eps: float = DEFAULT_TEMPORAL_LN_EPS  # LayerNorm eps of seqTransf's temporal blocks (HMMC: 1e-12)
     fusion: FusionConfig | None = None
     head: dict[str, Any] | None = None  # task head settings (QA), built by the task package
 
@@ -72,6 +73,7 @@ def build_video_encoder(config: ModelConfig, clip: CLIP | None = None) -> VideoC
         linear_patch=config.linear_patch,
         sim_header=config.sim_header,
         max_frames=config.max_frames,
+        temporal_ln_eps=config.temporal_ln_eps,
     )
 
 

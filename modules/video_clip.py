@@ -28,6 +28,7 @@ LINEAR_PATCHES = ("2d", "3d")
 DEFAULT_JOINT_LAYERS = 2
 DEFAULT_MAX_FRAMES = 12
 DEFAULT_TEMPORAL_LAYERS = 4
+DEFAULT_TEMPORAL_LN_EPS = 1e-5  # our LayerNorm; CLIP4Clip's / HMMC's temporal blocks use 1e-12 (--temporal_ln_eps)
 """Blocks of the seqTransf / tightTransf transformers (CLIP4Clip's ``--cross_num_hidden_layers``)."""
 CROSS_DROPOUT = 0.1
 """Embedding dropout of the tightTransf cross encoder (CLIP4Clip's cross-base ``hidden_dropout_prob``)."""
@@ -115,6 +116,7 @@ class VideoCLIP(nn.Module):
         max_frames: int = DEFAULT_MAX_FRAMES,
         temporal_layers: int = DEFAULT_TEMPORAL_LAYERS,
         cross_dropout: float = CROSS_DROPOUT,
+        temporal_ln_eps: float = DEFAULT_TEMPORAL_LN_EPS,
     ):
         super().__init__()
         config = clip.config
@@ -153,6 +155,9 @@ class VideoCLIP(nn.Module):
             self.frame_position_embeddings = nn.Embedding(config.context_length, width)
             self.transformerClip = Transformer(width, temporal_layers, heads)
             self._init_from_text(self.frame_position_embeddings.weight, self.transformerClip)
+            for module in self.transformerClip.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = temporal_ln_eps  # HMMC / CLIP4Clip's TF-style LayerNorm: 1e-12
         else:
             self.cross = CrossEncoder(config.context_length, width, temporal_layers, heads, cross_dropout)
             self.similarity_dense = _linear(width, 1)
@@ -164,6 +169,24 @@ class VideoCLIP(nn.Module):
             positions.copy_(self.clip.positional_embedding)
             for source, target in zip(self.clip.transformer.resblocks, transformer.resblocks, strict=False):
                 target.load_state_dict(source.state_dict())
+
+    def init_temporal_random(self) -> None:
+        """HMMC's init of the seqTransf temporal module (``--temporal_init random``, MCQ_HMMC.md §B.10): frame
+        positions ~ N(0, 1) and PyTorch's defaults for the blocks (``nn.MultiheadAttention``: xavier-uniform input
+        projection, zero biases; Linear: kaiming-uniform; LayerNorm 1 / 0) instead of copies of CLIP's text parts."""
+        if self.sim_header != "seqTransf":
+            raise ConfigError(
+                f"--temporal_init random re-initialises seqTransf's temporal module, not {self.sim_header}"
+            )
+        with torch.no_grad():
+            nn.init.normal_(self.frame_position_embeddings.weight)
+            for block in self.transformerClip.resblocks:
+                nn.init.xavier_uniform_(block.attn.in_proj_weight)
+                nn.init.zeros_(block.attn.in_proj_bias)
+                block.attn.out_proj.reset_parameters()
+                nn.init.zeros_(block.attn.out_proj.bias)
+                for module in (block.mlp.c_fc, block.mlp.c_proj, block.ln_1, block.ln_2):
+                    module.reset_parameters()
 
     @property
     def loose_type(self) -> bool:

@@ -489,6 +489,7 @@ def test_published_recipe_launch_script(tmp_path):
     assert (args.max_frames, args.batch_size) == (12, 128)
     assert args.use_temp and args.use_frame_fea and args.top_frames == 3 and (args.lr, args.coef_lr) == (1e-4, 1e-3)
     assert (args.epochs, args.warmup_proportion, args.weight_decay) == (11, 0.2, 0.05)
+    assert (args.temporal_init, args.temporal_ln_eps, args.freeze_logit_scale) == ("random", 1e-12, True)
     check_hmmc(args)  # 1024 queued keys hold 8 global batches of 128
     assert args.sim_header == "seqTransf"
 
@@ -621,3 +622,51 @@ def test_hmmc_checkpoint_fine_tunes_with_hmmc_losses_and_frame_term(synthetic_sm
         for row in logged
     )
     assert 0 <= metrics["t2v_R1"] <= 100 and metrics["num_videos"] > 0
+
+
+# ----------------------------------------------------------------------------------------------- HMMC's model details
+
+
+def test_temporal_init_random_and_ln_eps_travel_with_the_model(tmp_path):
+    from engine.builders import build_model
+    from engine.flags import build_parser
+    from modules.model_config import ModelConfig as Config
+
+    base = ["--do_train", "--output_dir", "x", "--clip_config", str(TINY), "--sim_header", "seqTransf",
+            "--max_frames", "4"]  # fmt: skip
+    torch.manual_seed(0)
+    text_init = build_model(build_parser("clip").parse_args(base), with_fusion=False)
+    args = build_parser("clip").parse_args([*base, "--temporal_init", "random", "--temporal_ln_eps", "1e-12"])
+    torch.manual_seed(0)
+    hmmc = build_model(args, with_fusion=False)
+    enc, ref = hmmc.encoder, text_init.encoder
+    positions = enc.frame_position_embeddings.weight
+    assert 0.9 < float(positions.std()) < 1.1 and abs(float(positions.mean())) < 0.05  # N(0, 1), not CLIP's table
+    assert torch.equal(ref.frame_position_embeddings.weight, ref.clip.positional_embedding)
+    block = enc.transformerClip.resblocks[0]
+    bound = math.sqrt(6 / (block.attn.in_proj_weight.shape[0] + block.attn.in_proj_weight.shape[1]))  # xavier
+    assert float(block.attn.in_proj_weight.abs().max()) <= bound and float(block.attn.in_proj_bias.abs().max()) == 0
+    assert not torch.equal(block.mlp.c_fc.weight, ref.transformerClip.resblocks[0].mlp.c_fc.weight)
+    assert torch.equal(enc.clip.visual.proj, ref.clip.visual.proj)  # CLIP itself untouched
+    norms = [m for m in enc.transformerClip.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-12 for m in norms)
+    assert all(m.eps == 1e-5 for m in enc.clip.modules() if isinstance(m, nn.LayerNorm))
+    restored = Config.from_dict(json.loads(hmmc.model_config.to_json()))
+    assert restored.temporal_ln_eps == 1e-12
+    assert Config.from_dict({"max_frames": 4}).temporal_ln_eps == 1e-5  # configs written before the field
+
+
+def test_freeze_logit_scale_and_hmmc_mask_id_defaults():
+    from engine.run import prepare_model
+    from video_text_retrieval.stage1 import build_hmmc_task
+
+    model, _ = _task(mlm=0.0)
+    args = _flags(freeze_logit_scale=True, precision="fp32", freeze_layer_num=-1)
+    prepare_model(args, model)
+    assert not model.encoder.clip.logit_scale.requires_grad
+    assert all(p.requires_grad for n, p in model.encoder.named_parameters() if n != "clip.logit_scale")
+    for quirks, given, want in ((False, None, 0), (True, None, 49394), (True, 5, 5)):
+        torch.manual_seed(0)
+        fresh = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=3))
+        args = _flags(official_quirks=quirks, hmmc_mask_id=given, contrast_num_negative=8, hmmc_proj_dims=8)
+        assert build_hmmc_task(args, fresh).settings.mask_id == want

@@ -161,6 +161,7 @@ class HMMCSettings:
 
 HMMC_QUEUES = ("video", "title", "tag", "frame_proj", "frame_cross")
 HMMC_MLM_KEY = "hmmc_mlm_draws"
+HMMC_MASK_ID = 49394  # HMMC overwrites this BPE entry with [MASK] (B.14 item 2); ours default to 0 (mcq's convention)
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
@@ -361,8 +362,9 @@ def check_hmmc(args: argparse.Namespace) -> None:
 
 def build_hmmc_task(args: argparse.Namespace, model: MemBridgeModel) -> HMMCTask:
     weights = HMMCWeights(args.w_fam, args.w_vtm, args.w_ftm, args.w_mlm, args.contrast_temperature)
+    mask_id = args.hmmc_mask_id if args.hmmc_mask_id is not None else (HMMC_MASK_ID if args.official_quirks else 0)
     settings = HMMCSettings(weights, args.contrast_momentum, args.contrast_num_negative, args.hmmc_proj_dims,
-                            args.hmmc_mask_id, args.official_quirks)  # fmt: skip
+                            mask_id, args.official_quirks)  # fmt: skip
     task = HMMCTask(model, settings).to(model.encoder.logit_scale.device)
     load_aux_from_init(args, model)
     return task
