@@ -14,6 +14,7 @@ from torch import nn
 
 from dataloaders.datasets import DATASETS, DataPaths
 from dataloaders.errors import CheckpointError, ConfigError
+from dataloaders.lmdb_frames import LmdbVideoSource
 from dataloaders.tfrecord_io import ShardVideoSource
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
@@ -54,7 +55,11 @@ def shard_index_path(webvid_tfrecord: str) -> Path:
     return path
 
 
-def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) -> FileVideoSource:
+def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) -> FileVideoSource | LmdbVideoSource:
+    if getattr(args, "lmdb_path", None):  # HMMC's frame store (MCQ_HMMC.md B.9)
+        sample = args.frame_sample if train else "uniform"
+        quirks = getattr(args, "official_quirks", False)
+        return LmdbVideoSource(args.lmdb_path, args.max_frames, args.lmdb_frames, sample, quirks)
     if not video_dir:
         raise ConfigError("--features_path (the folder of video files) is required for this dataset")
     return FileVideoSource(

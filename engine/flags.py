@@ -76,6 +76,18 @@ def _add_data_flags(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--val_csv", default=None, help="evaluation annotation file (MSR-VTT: MSRVTT_JSFUSION_test.csv)")
     g.add_argument("--data_path", default=None, help="annotation json or folder (MSRVTT_data.json, MSVD folder, ...)")
     g.add_argument("--features_path", default=None, help="folder of video files of the evaluation/downstream set")
+    g.add_argument(
+        "--lmdb_path",
+        default=None,
+        help="HMMC's LMDB frame store (dataloaders/lmdb_frames.py): read the --features_path videos from it instead",
+    )
+    g.add_argument("--lmdb_frames", type=int, default=30, help="frames stored per video in --lmdb_path (HMMC: 30)")
+    g.add_argument(
+        "--frame_sample",
+        choices=("uniform", "random", "uniform_random"),
+        default="uniform",
+        help="training frames taken from --lmdb_path (evaluation: uniform), HMMC's --frame_sample",
+    )
     if task in PRETRAIN_TASKS:
         g.add_argument(
             "--webvid_tfrecord",
@@ -493,6 +505,7 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("top_frames", lambda v: v >= 1, ">= 1")
     check("frame_sim_weight", lambda v: v >= 0, "a finite number >= 0")
     check("temporal_ln_eps", lambda v: v > 0, "a finite number > 0")
+    check("lmdb_frames", lambda v: v >= 1, ">= 1")
     for name in ("w_fam", "w_ftm"):
         check(name, lambda v: v >= 0, "a finite number >= 0")
     for name in ("w_vtm", "w_mlm", "w_plm", "vtm_negative_scale"):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -670,3 +671,80 @@ def test_freeze_logit_scale_and_hmmc_mask_id_defaults():
         fresh = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=3))
         args = _flags(official_quirks=quirks, hmmc_mask_id=given, contrast_num_negative=8, hmmc_proj_dims=8)
         assert build_hmmc_task(args, fresh).settings.mask_id == want
+
+
+# ----------------------------------------------------------------------------------------------- LMDB frame store
+
+
+def test_lmdb_frame_indices_by_hand():
+    from dataloaders.lmdb_frames import lmdb_frame_indices, lmdb_sample_positions
+
+    assert lmdb_frame_indices(30, 12, "uniform").tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27]
+    assert lmdb_frame_indices(3, 5, "uniform").tolist() == [0, 1, 2]  # fewer stored than wanted: all of them
+    rng = np.random.default_rng(0)
+    picks = lmdb_frame_indices(30, 12, "random", rng)
+    assert len(set(picks.tolist())) == 12 and picks.tolist() == sorted(picks.tolist())
+    ours = np.stack([lmdb_frame_indices(30, 12, "uniform_random", np.random.default_rng(s)) for s in range(200)])
+    hmmc = np.stack([lmdb_frame_indices(30, 12, "uniform_random", np.random.default_rng(s), quirks=True)
+                     for s in range(200)])  # fmt: skip
+    assert ours.max() == 29 and hmmc.max() == 23  # HMMC's k = N // T never reaches frames 24..29
+    bounds = np.floor(np.arange(13) * 30 / 12).astype(int)
+    assert ((ours >= bounds[:-1]) & (ours < bounds[1:])).all()
+    assert ((hmmc >= 2 * np.arange(12)) & (hmmc < 2 * np.arange(1, 13))).all()
+    assert lmdb_sample_positions(100, 5).tolist() == [0, 24, 49, 74, 99]
+    assert lmdb_sample_positions(100, 5, quirks=True).tolist() == [0, 22, 45, 67, 90]
+
+
+def test_lmdb_store_written_from_videos_reads_back(synthetic_small, tmp_path, caplog):
+    from dataloaders.errors import DataError as Bad
+    from dataloaders.lmdb_frames import LmdbVideoSource, lmdb_sample_positions, main, write_lmdb
+    from dataloaders.video_io import decode_frames, probe_video
+
+    videos = synthetic_small / "videos"
+    ids = sorted(p.stem for p in videos.glob("*.mp4"))[:3]
+    listing = tmp_path / "list.json"
+    listing.write_text("".join(json.dumps({"video_id": v}) + "\n" for v in [*ids, "missing_video"]))
+    source_text = listing.read_text()
+    with caplog.at_level(logging.WARNING):
+        main(["--video_dir", str(videos), "--video_list", str(listing), "--output", str(tmp_path / "db"),
+              "--frames", "6", "--map_size_gb", "0.1"])  # fmt: skip
+    assert "skipped missing_video" in caplog.text and listing.read_text() == source_text  # input never rewritten
+    assert json.loads((tmp_path / "db" / "metadata.json").read_text()) == {"length": 3}
+    with pytest.raises(ConfigError, match="not empty"):
+        write_lmdb(videos, ids, tmp_path / "db")
+    source = LmdbVideoSource(tmp_path / "db", max_frames=4, frames_per_video=6)
+    frames, mask = source.load(ids[1])
+    stored = decode_frames(videos / f"{ids[1]}.mp4", lmdb_sample_positions(probe_video(videos / f"{ids[1]}.mp4")
+                                                                           .num_frames, 6))  # fmt: skip
+    want = stored[[0, 1, 3, 4]]  # uniform: linspace(0, 6, 4, endpoint=False) = 0, 1, 3, 4
+    assert frames.shape == want.shape and mask.tolist() == [1, 1, 1, 1]
+    error = np.abs(frames.astype(float) - want.astype(float)).mean(axis=(1, 2, 3))
+    other = np.abs(frames.astype(float) - stored[[1, 2, 4, 5]].astype(float)).mean(axis=(1, 2, 3))
+    assert (error < 6.0).all() and (other > 2 * error).all(), (error, other)  # JPEG q95 of a noisy 32 px frame
+    long, long_mask = LmdbVideoSource(tmp_path / "db", max_frames=8, frames_per_video=6).load(ids[0])
+    assert long_mask.tolist() == [1] * 6 + [0] * 2 and not long[6:].any()
+    with pytest.raises(Bad, match="no frame missing_video_0"):
+        source.load("missing_video")
+    with pytest.raises(Bad, match="--lmdb_frames 9"):
+        LmdbVideoSource(tmp_path / "db", max_frames=9, frames_per_video=9).load(ids[0])
+
+
+@pytest.mark.slow
+def test_retrieval_evaluation_reads_an_lmdb_store(synthetic_small, tmp_path):
+    """``--lmdb_path`` replaces the --features_path videos: the same evaluation runs on the stored frames."""
+    from dataloaders.lmdb_frames import write_lmdb
+    from tests.test_mcq import _common, _run
+
+    data = synthetic_small
+    test_ids = sorted({line.split(",")[2] for line in (data / "msrvtt" / "MSRVTT_JSFUSION_test.csv").read_text()
+                       .splitlines()[1:]})  # fmt: skip
+    written, skipped = write_lmdb(data / "videos", test_ids, tmp_path / "db", frames_per_video=8, map_size_gb=0.1)
+    assert written == len(test_ids) and skipped == []
+    flags = [*_common(data), "--seed", "0"]
+    _run(["--do_eval", *flags, "--output_dir", str(tmp_path / "files")])
+    _run(["--do_eval", *flags, "--output_dir", str(tmp_path / "lmdb"), "--lmdb_path", str(tmp_path / "db"),
+          "--lmdb_frames", "8"])  # fmt: skip
+    files = json.loads((tmp_path / "files" / "eval_results.json").read_text())
+    lmdb = json.loads((tmp_path / "lmdb" / "eval_results.json").read_text())
+    assert files["num_videos"] == lmdb["num_videos"] == len(test_ids)
+    assert "t2v_R1" in lmdb and 0 <= lmdb["t2v_R1"] <= 100
