@@ -748,3 +748,17 @@ def test_retrieval_evaluation_reads_an_lmdb_store(synthetic_small, tmp_path):
     lmdb = json.loads((tmp_path / "lmdb" / "eval_results.json").read_text())
     assert files["num_videos"] == lmdb["num_videos"] == len(test_ids)
     assert "t2v_R1" in lmdb and 0 <= lmdb["t2v_R1"] <= 100
+
+
+def test_hmmc_task_runs_on_fp16_weights():
+    from engine.builders import convert_weights_fp16
+
+    torch.manual_seed(0)
+    model = build_membridge(ModelConfig(clip=CLIPConfig.from_json(TINY), max_frames=3, sim_header="seqTransf"))
+    convert_weights_fp16(model)
+    task = HMMCTask(model, HMMCSettings(HMMCWeights(), momentum=0.9, queue_size=8, proj_hidden=16))
+    out = task(_batch())
+    out["loss"].backward()
+    assert all(torch.isfinite(v) for v in out.values()) and float(out["mlm"]) > 0
+    assert model.stage1_aux.hmmc_momentum["encoder"].module.clip.visual.proj.dtype == torch.float16
+    assert model.stage1_aux.hmmc_queues["video"].queue.dtype == torch.float32

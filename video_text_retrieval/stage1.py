@@ -233,7 +233,8 @@ class HMMCTask(nn.Module):
             )
         video_emb = encoder.video_embedding(frames, video_mask)
         title = encoder.text_features(ids)
-        frame_pred = heads["v_predictor"](heads["v_projector"](frames.reshape(b * t, d))).reshape(b, t, d)
+        # the heads stay fp32 (also under --precision fp16, as HMMC's are)
+        frame_pred = heads["v_predictor"](heads["v_projector"](frames.float().reshape(b * t, d))).reshape(b, t, d)
         with torch.no_grad():
             momentum["encoder"].update(encoder, s.momentum)
             momentum["v_projector"].update(heads["v_projector"], s.momentum)
@@ -241,7 +242,7 @@ class HMMCTask(nn.Module):
             frames_k = key_encoder.encode_video(video, video_mask)
             video_k = key_encoder.video_embedding(frames_k, video_mask)
             title_k = key_encoder.text_features(ids)
-            frame_proj_k = momentum["v_projector"](frames_k.reshape(b * t, d)).reshape(b, t, d)
+            frame_proj_k = momentum["v_projector"](frames_k.float().reshape(b * t, d)).reshape(b, t, d)
         grad, keys = all_gather_with_grad, all_gather_tensor
         feats = HMMCFeatures(
             grad(video_emb), grad(title), grad(frames), grad(frame_pred),
@@ -257,7 +258,7 @@ class HMMCTask(nn.Module):
                 raise ConfigError("--stage1_objective hmmc with --w_mlm > 0: the batch lacks its MLM draws")
             masked, labels = mlm_inputs(ids, batch["text_mask"], batch[HMMC_MLM_KEY], s.mask_id,
                                         encoder.clip.config.vocab_size, quirks=s.quirks)  # fmt: skip
-            logits = heads["mlm_head"](encoder.clip.encode_text_tokens(masked))
+            logits = heads["mlm_head"](encoder.clip.encode_text_tokens(masked).float())
             out["mlm"] = hmmc_mlm_loss(logits, labels, global_sum_count)
             loss = loss + w.mlm * out["mlm"]
         out["loss"] = loss
