@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataloaders.bert_tokenizer import BertTextTokenizer
 from dataloaders.datasets import DATASETS, DataPaths
 from dataloaders.errors import CheckpointError, ConfigError
 from dataloaders.lmdb_frames import LmdbVideoSource
@@ -27,6 +28,7 @@ from engine.run_logging import claim_output_dir, setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
 from modules.fusion import FusionConfig
+from modules.hf_text import load_hf_text_encoder
 from modules.membridge import MemBridgeModel
 from modules.model_config import ModelConfig, build_membridge, read_model_config
 from modules.published_keys import (
@@ -132,11 +134,18 @@ def build_dataset(
         paths,
         source,
         ClipTransform(image_size, args.transform),
-        tokenizer or ClipTokenizer(),
+        tokenizer or text_tokenizer(args),
         args.max_words,
         expand_sentences=args.expand_msrvtt_sentences,
         rng_seed=args.seed,
     )
+
+
+def text_tokenizer(args: argparse.Namespace) -> ClipTokenizer | BertTextTokenizer:
+    """CLIP's BPE, or with ``--language chinese`` the WordPiece vocabulary of ``--text_pretrain_path``."""
+    if getattr(args, "language", "english") == "chinese":
+        return BertTextTokenizer(args.text_pretrain_path)
+    return ClipTokenizer()
 
 
 def clip_architecture(args: argparse.Namespace) -> CLIPConfig | None:
@@ -228,6 +237,9 @@ def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
     """
     clip = build_clip(args)
     model = build_membridge(model_config(args, clip.config, with_fusion), clip)
+    if getattr(args, "language", "english") == "chinese":  # HMMC's Chinese text encoder replaces CLIP's text tower
+        pad_id = BertTextTokenizer(args.text_pretrain_path).pad_id
+        model.encoder.text_hf = load_hf_text_encoder(args.text_pretrain_path, clip.config.embed_dim, pad_id)
     if getattr(args, "temporal_init", "clip_text") == "random":
         model.encoder.init_temporal_random()  # HMMC's init; --init_model weights still replace it
     report = load_init_model(args, model)

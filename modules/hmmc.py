@@ -141,22 +141,24 @@ def hmmc_contrastive_losses(
 def mlm_inputs(
     ids: torch.Tensor, text_mask: torch.Tensor, draws: torch.Tensor, mask_id: int, vocab_size: int,
     probability: float = MLM_PROBABILITY, quirks: bool = False, sot_id: int = CLIP_SOT_ID, eot_id: int = CLIP_EOT_ID,
+    random_range: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """BERT masking of ``ids [B, L]`` from uniform ``draws [B, 3, L]`` (select, kind, random id): a position is chosen
     when ``draws[:, 0] < probability``; of the chosen, ``kind < 0.8`` becomes ``mask_id``, ``0.8 <= kind < 0.9`` a
     random id, the rest is kept. Returns ``(masked_ids, labels)`` with ``labels = -100`` where not chosen.
 
     Default: only real inner tokens are chosen (not padding, SOT or EOT) and random ids are ordinary BPE ids
-    (``< SOT``). ``quirks`` (HMMC, B.14 items 2-3): every position but SOT/EOT, padding included, and random ids over
-    the whole vocabulary."""
+    (``< SOT``; another vocabulary passes its ordinary ids as ``random_range [low, high)``, and ``sot_id`` / ``eot_id``
+    its ``[CLS]`` / ``[SEP]``). ``quirks`` (HMMC, B.14 items 2-3): every position but SOT/EOT, padding included, and
+    random ids over the whole vocabulary."""
     special = (ids == sot_id) | (ids == eot_id)
     maskable = ~special if quirks else text_mask.bool() & ~special
     chosen = maskable & (draws[:, 0] < probability)
     kind = draws[:, 1]
     to_mask = chosen & (kind < 0.8)
     to_random = chosen & (kind >= 0.8) & (kind < 0.9)
-    high = vocab_size if quirks else min(vocab_size, sot_id)
-    random_ids = (draws[:, 2] * high).long().clamp(max=high - 1)
+    low, high = (0, vocab_size) if quirks else (random_range or (0, min(vocab_size, sot_id)))
+    random_ids = low + (draws[:, 2] * (high - low)).long().clamp(max=high - low - 1)
     masked = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
     masked = torch.where(to_random, random_ids, masked)
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))

@@ -131,6 +131,7 @@ class VideoCLIP(nn.Module):
         self.linear_patch = linear_patch
         self.sim_header = sim_header
         self.max_frames = max_frames
+        self.text_hf: nn.Module | None = None  # --language chinese: modules/hf_text.py replaces CLIP's text tower
         if linear_patch == "3d" and clip.visual.conv2 is None:
             clip.visual.enable_3d_patch()
         if linear_patch == "2d" and clip.visual.conv2 is not None:
@@ -231,8 +232,18 @@ class VideoCLIP(nn.Module):
         return (feats, layers) if return_layer_tokens else feats
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` -> unnormalised EOT features ``[B, D]``."""
+        """``[B, L]`` -> unnormalised EOT features ``[B, D]`` (with ``text_hf``: its pooled feature)."""
+        if self.text_hf is not None:
+            return self.text_hf(text_ids)[0]
         return self.clip.encode_text(text_ids)
+
+    def text_tokens_and_features(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, L]`` -> ``(per-position features [B, L, D], text features [B, D])`` of the text tower in use."""
+        if self.text_hf is not None:
+            features, tokens = self.text_hf(text_ids)
+            return tokens, features
+        tokens = self.clip.encode_text_tokens(text_ids)
+        return tokens, tokens[torch.arange(tokens.shape[0], device=tokens.device), text_ids.argmax(dim=-1)]
 
     def text_embedding(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` -> L2-normalised text embeddings ``[B, D]``."""

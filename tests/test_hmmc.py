@@ -762,3 +762,96 @@ def test_hmmc_task_runs_on_fp16_weights():
     assert all(torch.isfinite(v) for v in out.values()) and float(out["mlm"]) > 0
     assert model.stage1_aux.hmmc_momentum["encoder"].module.clip.visual.proj.dtype == torch.float16
     assert model.stage1_aux.hmmc_queues["video"].queue.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- Chinese text
+
+
+CHARS = "你好世界红圆方动左右上下"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A randomly initialised tiny BertModel saved as a local Hugging Face folder with a generated character vocab
+    (special tokens first, then Chinese characters and lower-case letters with their ``##`` continuations)."""
+    import string
+
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    letters = list(string.ascii_lowercase)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHARS, *letters, *(f"##{c}" for c in letters)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+def test_bert_tokenizer_encodes_cls_pieces_sep(tiny_bert, tmp_path):
+    from dataloaders.bert_tokenizer import BertTextTokenizer
+
+    tok = BertTextTokenizer(tiny_bert)
+    assert (tok.sot_id, tok.eot_id, tok.pad_id, tok.mask_id, tok.vocab_size) == (2, 3, 0, 4, 5 + len(CHARS) + 52)
+    ids, mask = tok.encode("你好 red", 8)
+    chars = {c: 5 + i for i, c in enumerate(CHARS)}
+    r, e, d = 5 + len(CHARS) + 17, 5 + len(CHARS) + 26 + 4, 5 + len(CHARS) + 26 + 3  # r, ##e, ##d
+    assert ids.tolist() == [2, chars["你"], chars["好"], r, e, d, 3, 0] and mask.tolist() == [1] * 7 + [0]
+    ids, mask = tok.encode("你好世界红", 4)
+    assert ids.tolist() == [2, chars["你"], chars["好"], 3] and mask.tolist() == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match="no vocab.txt"):
+        BertTextTokenizer(tmp_path)
+
+
+def test_hf_text_encoder_features_and_missing_folder(tiny_bert, tmp_path):
+    from transformers import BertModel
+
+    from modules.hf_text import load_hf_text_encoder
+
+    encoder = load_hf_text_encoder(tiny_bert, embed_dim=16)
+    ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0]])
+    features, states = encoder(ids)
+    reference = BertModel.from_pretrained(str(tiny_bert))
+    with torch.no_grad():
+        out = reference(input_ids=ids, attention_mask=(ids != 0).long())
+    torch.testing.assert_close(features, encoder.text_proj(out.pooler_output))
+    torch.testing.assert_close(states, encoder.text_proj(out.last_hidden_state))
+    with pytest.raises(ConfigError, match="no config.json there"):
+        load_hf_text_encoder(tmp_path / "absent", embed_dim=16)
+    with pytest.raises(ConfigError, match="needs --text_pretrain_path"):
+        from video_text_retrieval.stage1 import check_stage1_flags
+
+        check_stage1_flags(_flags(language="chinese"))
+
+
+@pytest.mark.slow
+def test_hmmc_stage1_with_a_chinese_text_encoder(synthetic_small, tiny_bert, tmp_path):
+    """``--language chinese``: the captions go through the BERT's WordPiece vocabulary and the HF encoder (trained,
+    saved as ``encoder.text_hf.*``, momentum-copied), MLM predicts its vocabulary, and the evaluation runs on it."""
+    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+
+    out = tmp_path / "zh"
+    flags = ("--max_steps", "3", "--epochs", "1", *_hmmc_flags(synthetic_small), "--language", "chinese",
+             "--text_pretrain_path", str(tiny_bert), "--w_mlm", "0.5",
+             "--val_csv", str(synthetic_small / "msrvtt" / "MSRVTT_JSFUSION_test.csv"),
+             "--features_path", str(synthetic_small / "videos"), "--batch_size_val", "16")  # fmt: skip
+    run_script(stage1_flags(synthetic_small, out, *flags))
+    assert sorted(losses(out)) == [1, 2, 3]
+    rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
+    assert all(row["train/mlm"] > 0 for row in rows if "train/mlm" in row)
+    weights = latest_weights(out)
+    bert = "encoder.text_hf.backbone.embeddings.word_embeddings.weight"
+    assert weights[bert].shape[0] == 5 + len(CHARS) + 52
+    assert weights["stage1_aux.hmmc_heads.mlm_head.bias"].shape == (5 + len(CHARS) + 52,)
+    assert "stage1_aux.hmmc_momentum.encoder.module.text_hf.backbone.embeddings.word_embeddings.weight" in weights
+    initial = _saved_word_embeddings(tiny_bert)
+    assert not torch.equal(weights[bert], initial)  # the text encoder trained
+    result = json.loads((out / "eval_results.json").read_text())
+    assert result["num_texts"] > 0 and 0 <= result["t2v_R1"] <= 100
+
+
+def _saved_word_embeddings(folder: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))["embeddings.word_embeddings.weight"]

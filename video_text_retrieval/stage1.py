@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataloaders.bert_tokenizer import BertTextTokenizer
 from dataloaders.errors import ConfigError
 from dataloaders.mcq_questions import MCQQuestions, read_phrase_file
 from dataloaders.tokenizer import ClipTokenizer
@@ -39,6 +40,8 @@ from engine.builders import convert_weights_fp16
 from engine.distributed import all_gather_tensor, all_gather_with_grad, get_rank, get_world_size
 from modules.bridgeformer import BridgeFormer, BridgeFormerConfig, question_layer_states
 from modules.hmmc import (
+    CLIP_EOT_ID,
+    CLIP_SOT_ID,
     HMMCFeatures,
     HMMCLMHead,
     HMMCWeights,
@@ -157,6 +160,8 @@ class HMMCSettings:
     proj_hidden: int = 4096
     mask_id: int = 0
     quirks: bool = False
+    special_ids: tuple[int, int] = (CLIP_SOT_ID, CLIP_EOT_ID)  # never masked: SOT/EOT ([CLS]/[SEP] for BERT)
+    random_range: tuple[int, int] | None = None  # MLM random ids (None: CLIP's BPE ids below SOT)
 
 
 HMMC_QUEUES = ("video", "title", "tag", "frame_proj", "frame_cross")
@@ -206,8 +211,9 @@ class HMMCTask(nn.Module):
         heads = nn.ModuleDict(
             {name: ProjectorMLP(dim, settings.proj_hidden, gather_rows) for name in ("v_projector", "v_predictor")}
         )
+        self.vocab_size = encoder.text_hf.vocab_size if encoder.text_hf is not None else config.vocab_size
         if settings.weights.mlm > 0:
-            heads["mlm_head"] = HMMCLMHead(dim, config.vocab_size)
+            heads["mlm_head"] = HMMCLMHead(dim, self.vocab_size)
         attach_aux(model, "hmmc_heads", heads)
         momentum = nn.ModuleDict({"encoder": MomentumCopy(encoder), "v_projector": MomentumCopy(heads["v_projector"])})
         attach_aux(model, "hmmc_momentum", momentum)
@@ -256,9 +262,12 @@ class HMMCTask(nn.Module):
         if w.mlm > 0:
             if HMMC_MLM_KEY not in batch:
                 raise ConfigError("--stage1_objective hmmc with --w_mlm > 0: the batch lacks its MLM draws")
-            masked, labels = mlm_inputs(ids, batch["text_mask"], batch[HMMC_MLM_KEY], s.mask_id,
-                                        encoder.clip.config.vocab_size, quirks=s.quirks)  # fmt: skip
-            logits = heads["mlm_head"](encoder.clip.encode_text_tokens(masked).float())
+            sot, eot = s.special_ids
+            masked, labels = mlm_inputs(
+                ids, batch["text_mask"], batch[HMMC_MLM_KEY], s.mask_id, self.vocab_size,
+                quirks=s.quirks, sot_id=sot, eot_id=eot, random_range=s.random_range,
+            )  # fmt: skip
+            logits = heads["mlm_head"](encoder.text_tokens_and_features(masked)[0].float())
             out["mlm"] = hmmc_mlm_loss(logits, labels, global_sum_count)
             loss = loss + w.mlm * out["mlm"]
         out["loss"] = loss
@@ -364,8 +373,14 @@ def check_hmmc(args: argparse.Namespace) -> None:
 def build_hmmc_task(args: argparse.Namespace, model: MemBridgeModel) -> HMMCTask:
     weights = HMMCWeights(args.w_fam, args.w_vtm, args.w_ftm, args.w_mlm, args.contrast_temperature)
     mask_id = args.hmmc_mask_id if args.hmmc_mask_id is not None else (HMMC_MASK_ID if args.official_quirks else 0)
+    special, random_range = (CLIP_SOT_ID, CLIP_EOT_ID), None
+    if getattr(args, "language", "english") == "chinese":
+        tok = BertTextTokenizer(args.text_pretrain_path)
+        mask_id = args.hmmc_mask_id if args.hmmc_mask_id is not None else tok.mask_id
+        special = (tok.sot_id, tok.eot_id)
+        random_range = (max(tok.sot_id, tok.eot_id, tok.pad_id, tok.mask_id) + 1, tok.vocab_size)
     settings = HMMCSettings(weights, args.contrast_momentum, args.contrast_num_negative, args.hmmc_proj_dims,
-                            mask_id, args.official_quirks)  # fmt: skip
+                            mask_id, args.official_quirks, special, random_range)  # fmt: skip
     task = HMMCTask(model, settings).to(model.encoder.logit_scale.device)
     load_aux_from_init(args, model)
     return task
@@ -396,5 +411,10 @@ def stage1_objective(args: argparse.Namespace) -> Stage1Objective:
 
 
 def check_stage1_flags(args: argparse.Namespace) -> None:
-    """The chosen objective's flag rules (``run_main``'s ``check``)."""
+    """The chosen objective's flag rules (``run_main``'s ``check``), and ``--language``'s."""
+    if getattr(args, "language", "english") == "chinese":
+        if not args.text_pretrain_path:
+            raise ConfigError("--language chinese needs --text_pretrain_path (a local Hugging Face BERT folder)")
+        if args.stage1_objective == "mcq":
+            raise ConfigError("--stage1_objective mcq reads CLIP's text layers: it runs with --language english only")
     stage1_objective(args).check(args)

@@ -174,10 +174,12 @@ def encode_eval_set(
 
     texts = eval_set.text_dataset()
     loader, indices = build_eval_loader(texts, per_rank, num_workers, dist.rank, dist.world_size)
-    tokens, ids, tmask = [], [], []
+    tokens, feats, ids, tmask = [], [], [], []
     for batch in tqdm(loader, desc="encode texts", disable=dist.rank != 0, leave=False):
         text_ids = batch["text_ids"].to(device)
-        tokens.append(encoder.clip.encode_text_tokens(text_ids).float())
+        token_part, feat_part = encoder.text_tokens_and_features(text_ids)
+        tokens.append(token_part.float())
+        feats.append(feat_part.float())
         ids.append(text_ids)
         tmask.append(batch["text_mask"].to(device))
     n_t = len(texts)
@@ -189,7 +191,8 @@ def encode_eval_set(
     text_tokens = gather_eval_rows(token_rows, indices, n_t)
     text_ids = gather_eval_rows(id_rows, indices, n_t)
     text_mask = gather_eval_rows(mask_rows, indices, n_t)
-    text_feats = text_tokens[torch.arange(n_t, device=device), text_ids.argmax(dim=-1)]
+    feat_rows = torch.cat(feats) if feats else torch.zeros(0, d, device=device)
+    text_feats = gather_eval_rows(feat_rows, indices, n_t)  # CLIP: the EOT position's token feature
     return EncodedEvalSet(frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok)
 
 
