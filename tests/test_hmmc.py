@@ -855,3 +855,37 @@ def _saved_word_embeddings(folder: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))["embeddings.word_embeddings.weight"]
+
+
+# ----------------------------------------------------------------------------------------------- VATEX
+
+
+def test_vatex_english_and_chinese_captions(tmp_path):
+    from dataloaders.datasets import DATASETS, DataPaths
+    from dataloaders.tokenizer import ClipTokenizer
+    from tests.test_datasets import FakeSource, fake_transform
+
+    data = tmp_path / "vatex"
+    data.mkdir()
+    (data / "vatex_data.json").write_text(json.dumps({
+        "v1": {"enCap": ["a man runs", "someone jogs"], "chCap": ["一个人在跑", "有人慢跑"]},
+        "v2": {"enCap": ["a dog barks"], "chCap": ["狗在叫"]},
+        "v3": {"enCap": ["unused"], "chCap": ["没用"]},
+    }, ensure_ascii=False), encoding="utf-8")  # fmt: skip
+    (data / "train_list.txt").write_text("v2\nv1\n")
+    (data / "test_list.txt").write_text("v1\nv2\n")
+    paths = DataPaths(data_path=str(data), features_path=str(tmp_path / "videos"))
+    tok = ClipTokenizer()
+    test = DATASETS["vatex"]("test", paths, FakeSource(), fake_transform, tok, 12)
+    assert test.texts == ["a man runs", "someone jogs", "a dog barks"] and test.text_to_video == [0, 0, 1]
+    train = DATASETS["vatex"]("train", paths, FakeSource(), fake_transform, tok, 12)
+    assert [(p.video_id, p.captions) for p in train.pairs] == [
+        ("v2", ("a dog barks",)), ("v1", ("a man runs",)), ("v1", ("someone jogs",))
+    ]  # fmt: skip
+    zh = DATASETS["vatex_zh"]("test", paths, FakeSource(), fake_transform, tok, 12)
+    assert zh.texts == ["一个人在跑", "有人慢跑", "狗在叫"]
+    (data / "vatex_data.json").write_text(json.dumps({"v1": {"enCap": []}, "v2": {"enCap": ["x"]}}))
+    with pytest.raises(DataError, match=r"vatex_data\.json: video 'v1': expected a non-empty list of enCap"):
+        DATASETS["vatex"]("test", paths, FakeSource(), fake_transform, tok, 12)
+    with pytest.raises(DataError, match="missing key 'chCap'"):
+        DATASETS["vatex_zh"]("test", paths, FakeSource(), fake_transform, tok, 12)

@@ -11,7 +11,7 @@ from engine.flags import build_parser, effective_rerank_topk
 from video_text_retrieval.task import RetrievalEvaluator
 
 # Retrieval benchmarks -> whether they have a validation split for model selection (MSR-VTT 1k-A has none).
-HAS_VAL_SPLIT = {"msrvtt": False, "msvd": True, "lsmdc": True, "didemo": True}
+HAS_VAL_SPLIT = {"msrvtt": False, "msvd": True, "lsmdc": True, "didemo": True, "vatex": True, "vatex_zh": True}
 DEFAULT_VTM_WEIGHT = 1.0
 SELECTION_MODES = ("val", "last")
 RECALL_METRICS = tuple(
