@@ -372,6 +372,27 @@ def msvd_captions_for(
     return {v: captions[v] for v in video_ids}
 
 
+VATEX_DATA_JSON = "vatex_data.json"
+VATEX_LANGUAGES = {"en": "enCap", "zh": "chCap"}
+
+
+def read_vatex_captions(path: str | Path, language: str) -> dict[str, list[str]]:
+    """HMMC's VATEX captions (MCQ_HMMC.md §B.9): ``{video_id: {"enCap": [...], "chCap": [...]}}`` -> the captions of
+    ``language`` (``en`` / ``zh``) per video, in file order."""
+    key = VATEX_LANGUAGES[language]
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping video id -> {{enCap, chCap}}, got {type(data).__name__}")
+    captions: dict[str, list[str]] = {}
+    for video_id, entry in data.items():
+        where = f"video {video_id!r}"
+        caps = _field(path, where, entry, key, list)
+        if not caps or not all(isinstance(c, str) for c in caps):
+            raise _fail(path, where, f"expected a non-empty list of {key} caption strings", "fix or remove the video")
+        captions[video_id] = [_nonempty(path, f"{where} {key}[{n}]", "caption", c) for n, c in enumerate(caps)]
+    return captions
+
+
 def expand_train_pairs(captions: dict[str, list[str]]) -> list[TrainPair]:
     """One training sample per (video, caption), videos and captions in order (MSVD, LSMDC)."""
     return [TrainPair(v, (c,)) for v, caps in captions.items() for c in caps]

@@ -568,6 +568,27 @@ def build_msvd(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
     return _captions_dataset(b, captions, _walked_keys(b.paths, list(captions), keep_extension=False))
 
 
+def _build_vatex(b: BuildInputs, language: str) -> RetrievalTrainDataset | RetrievalEvalSet:
+    folder = b.paths.require("data_path", f"vatex ({language})")
+    list_file = folder / f"{b.split}_list.txt"
+    captions = ann.read_vatex_captions(folder / ann.VATEX_DATA_JSON, language)
+    captions = ann.msvd_captions_for(ann.read_video_list(list_file), captions, list_file)
+    return _captions_dataset(b, captions, _walked_keys(b.paths, list(captions), keep_extension=False))
+
+
+def build_vatex(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
+    """VATEX as HMMC reads it, English captions: ``--data_path`` holds ``vatex_data.json`` (``enCap``) and
+    ``{train,val,test}_list.txt``; train on every caption, test with every caption a query (multi-caption)."""
+    _check_split(b.split, "vatex")
+    return _build_vatex(b, "en")
+
+
+def build_vatex_zh(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
+    """VATEX with its Chinese captions (``chCap``; pair with ``--language chinese``), else as :func:`build_vatex`."""
+    _check_split(b.split, "vatex_zh")
+    return _build_vatex(b, "zh")
+
+
 def build_lsmdc(b: BuildInputs) -> RetrievalTrainDataset | RetrievalEvalSet:
     """LSMDC from ``--data_path`` (the three LSMDC16 csv files); clips found under ``--features_path``."""
     _check_split(b.split, "lsmdc")
@@ -662,6 +683,8 @@ DATASETS: dict[str, Callable[..., Dataset | RetrievalEvalSet]] = {
         "webvid": build_webvid,
         "msrvtt": build_msrvtt,
         "msvd": build_msvd,
+        "vatex": build_vatex,
+        "vatex_zh": build_vatex_zh,
         "lsmdc": build_lsmdc,
         "didemo": build_didemo,
         "msrvtt_qa": build_msrvtt_qa,

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataloaders.bert_tokenizer import BertTextTokenizer
 from dataloaders.datasets import DATASETS, DataPaths
 from dataloaders.detections import DetectionReader, TagReader
 from dataloaders.errors import CheckpointError, ConfigError
+from dataloaders.lmdb_frames import LmdbVideoSource
 from dataloaders.tfrecord_io import ShardVideoSource
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
@@ -28,11 +30,18 @@ from engine.run_logging import claim_output_dir, setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
 from modules.fusion import FusionConfig
+from modules.hf_text import load_hf_text_encoder
 from modules.membridge import MemBridgeModel
 from modules.methods import DEFAULT_METHOD, fusion_overrides, method_preset
 from modules.model_config import ModelConfig, build_membridge, read_model_config
-from modules.published_keys import convert_published_state_dict, is_published_layout
+from modules.published_keys import (
+    convert_hmmc_state_dict,
+    convert_published_state_dict,
+    is_hmmc_layout,
+    is_published_layout,
+)
 from modules.stoa import DEFAULT_NUM_ACTIONS
+from modules.video_clip import DEFAULT_TEMPORAL_LN_EPS
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +61,11 @@ def shard_index_path(webvid_tfrecord: str) -> Path:
     return path
 
 
-def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) -> FileVideoSource:
+def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) -> FileVideoSource | LmdbVideoSource:
+    if getattr(args, "lmdb_path", None):  # HMMC's frame store (MCQ_HMMC.md B.9)
+        sample = args.frame_sample if train else "uniform"
+        quirks = getattr(args, "official_quirks", False)
+        return LmdbVideoSource(args.lmdb_path, args.max_frames, args.lmdb_frames, sample, quirks)
     if not video_dir:
         raise ConfigError("--features_path (the folder of video files) is required for this dataset")
     return FileVideoSource(
@@ -125,7 +138,7 @@ def build_dataset(
         paths,
         source,
         ClipTransform(image_size, args.transform),
-        tokenizer or ClipTokenizer(),
+        tokenizer or text_tokenizer(args),
         args.max_words,
         expand_sentences=args.expand_msrvtt_sentences,
         rng_seed=args.seed,
@@ -148,6 +161,13 @@ def attach_object_inputs(args: argparse.Namespace, dataset, datatype: str, split
         if dataset.extra_items is not None:
             raise ConfigError("--tag_file cannot be combined with another per-caption input (e.g. MCQ)")
         dataset.extra_items = lambda video_id, caption, rng: tags.items(caption)
+
+
+def text_tokenizer(args: argparse.Namespace) -> ClipTokenizer | BertTextTokenizer:
+    """CLIP's BPE, or with ``--language chinese`` the WordPiece vocabulary of ``--text_pretrain_path``."""
+    if getattr(args, "language", "english") == "chinese":
+        return BertTextTokenizer(args.text_pretrain_path)
+    return ClipTokenizer()
 
 
 def clip_architecture(args: argparse.Namespace) -> CLIPConfig | None:
@@ -203,6 +223,7 @@ def model_config(args: argparse.Namespace, clip_config: CLIPConfig, with_fusion:
         linear_patch=args.linear_patch,
         sim_header=args.sim_header,
         max_frames=args.max_frames,
+        temporal_ln_eps=getattr(args, "temporal_ln_eps", DEFAULT_TEMPORAL_LN_EPS),
         fusion=build_fusion_config(args) if with_fusion else None,
         method=args.method,
         num_tubes=num_tubes(args),
@@ -271,6 +292,11 @@ def build_model(args: argparse.Namespace, with_fusion: bool) -> MemBridgeModel:
         )
     clip = build_clip(args)
     model = build_membridge(model_config(args, clip.config, with_fusion), clip)
+    if getattr(args, "language", "english") == "chinese":  # HMMC's Chinese text encoder replaces CLIP's text tower
+        pad_id = BertTextTokenizer(args.text_pretrain_path).pad_id
+        model.encoder.text_hf = load_hf_text_encoder(args.text_pretrain_path, clip.config.embed_dim, pad_id)
+    if getattr(args, "temporal_init", "clip_text") == "random":
+        model.encoder.init_temporal_random()  # HMMC's init; --init_model weights still replace it
     report = load_init_model(args, model)
     if model.fusion is not None and report is not None and any(k.startswith("fusion.") for k in report.missing):
         logger.info("--init_model has no fusion weights: initialising the fusion from its CLIP text encoder")
@@ -291,6 +317,10 @@ def load_init_model(args: argparse.Namespace, model: nn.Module):
     fusion_layers = fusion.config.layers if fusion is not None else 0
 
     def key_map(state: dict) -> dict:
+        if is_hmmc_layout(state):  # HMMC's released checkpoints (MCQ_HMMC.md C.4)
+            conversion = convert_hmmc_state_dict(state, strict=True)
+            logger.info("%s", conversion.report())
+            return conversion.state_dict
         if not is_published_layout(state):
             return state
         converted, unmapped = convert_published_state_dict(state, fusion_layers=fusion_layers or 6)

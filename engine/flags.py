@@ -49,7 +49,7 @@ STAGE2_COEF_LR = "stage 2 trains only the fusion; CLIP is frozen"
 STAGE2_LR = 1e-5  # the published stage-2 --lr, which trains the fusion
 MAX_SEED = 2**32  # exclusive; the loader seed is seed * 1_000_003 + epoch and must fit torch's 64-bit seed
 # Stage-1 objectives (video_text_retrieval/stage1.py STAGE1_OBJECTIVES; literals here keep --help free of torch).
-STAGE1_OBJECTIVES = ("clip", "mcq")
+STAGE1_OBJECTIVES = ("clip", "mcq", "hmmc")
 MCQ_QUESTION_KINDS = ("noun", "verb", "mixed")  # dataloaders.mcq_questions.QUESTION_KINDS
 VT_LOSSES = ("clip", "normsoftmax")
 BRIDGE_LAYER_MAPS = ("half", "same")  # modules.bridgeformer.LAYER_MAPS
@@ -79,6 +79,18 @@ def _add_data_flags(p: argparse.ArgumentParser, task: str) -> None:
     g.add_argument("--val_csv", default=None, help="evaluation annotation file (MSR-VTT: MSRVTT_JSFUSION_test.csv)")
     g.add_argument("--data_path", default=None, help="annotation json or folder (MSRVTT_data.json, MSVD folder, ...)")
     g.add_argument("--features_path", default=None, help="folder of video files of the evaluation/downstream set")
+    g.add_argument(
+        "--lmdb_path",
+        default=None,
+        help="HMMC's LMDB frame store (dataloaders/lmdb_frames.py): read the --features_path videos from it instead",
+    )
+    g.add_argument("--lmdb_frames", type=int, default=30, help="frames stored per video in --lmdb_path (HMMC: 30)")
+    g.add_argument(
+        "--frame_sample",
+        choices=("uniform", "random", "uniform_random"),
+        default="uniform",
+        help="training frames taken from --lmdb_path (evaluation: uniform), HMMC's --frame_sample",
+    )
     if task in PRETRAIN_TASKS:
         g.add_argument(
             "--webvid_tfrecord",
@@ -179,6 +191,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear_patch", choices=("2d", "3d"), default="2d", help="patch embedding: per frame or Conv3d")
     g.add_argument("--sim_header", choices=SIM_HEADERS, default="meanP", help="video-text similarity head")
     g.add_argument(
+        "--temporal_init",
+        choices=("clip_text", "random"),
+        default="clip_text",
+        help="seqTransf temporal module: copies of CLIP's text positions/blocks (CLIP4Clip) or random (HMMC)",
+    )
+    g.add_argument(
+        "--temporal_ln_eps", type=float, default=1e-5, help="LayerNorm eps of the seqTransf blocks (HMMC: 1e-12)"
+    )
+    g.add_argument(
+        "--freeze_logit_scale", action="store_true", help="keep CLIP's logit scale fixed (HMMC: its value, 100)"
+    )
+    g.add_argument(
         "--freeze_layer_num",
         type=int,
         default=0,
@@ -259,7 +283,8 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
         "--stage1_objective",
         choices=STAGE1_OBJECTIVES,
         default="clip",
-        help="clip: symmetric InfoNCE (the published stage 1); mcq: + MCQ's BridgeFormer answer-bridge loss",
+        help="clip: symmetric InfoNCE (the published stage 1); mcq: + MCQ's BridgeFormer answer-bridge loss; "
+        "hmmc: HMMC's momentum-queue FAM/VTM/FTM + MLM",
     )
     g.add_argument("--phrase_file", default=None, help="mcq: MCQ noun/verb TSV (caption, path, nouns, verbs)")
     g.add_argument("--mcq_question", choices=MCQ_QUESTION_KINDS, default="noun", help="mcq: phrase kind erased")
@@ -288,8 +313,28 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--official_quirks",
         action="store_true",
-        help="mcq: MCQ's literal question building and phrase-file parsing (MCQ_HMMC.md A.15 items 2-3)",
+        help="mcq: MCQ's literal question building and phrase-file parsing (MCQ_HMMC.md A.15 items 2-3); hmmc: "
+        "pad-scoring MLM with full-vocabulary random ids, queue size a multiple of the global batch (B.14 2-3, 6)",
     )
+    g.add_argument(
+        "--language",
+        choices=("english", "chinese"),
+        default="english",
+        help="english: CLIP's text tower; chinese: the Hugging Face BERT of --text_pretrain_path + Linear (HMMC)",
+    )
+    g.add_argument("--text_pretrain_path", default=None, help="--language chinese: local Hugging Face model folder")
+    g.add_argument("--contrast_num_negative", type=int, default=4096, help="hmmc: queue size K (HMMC recipe: 1024)")
+    g.add_argument("--contrast_momentum", type=float, default=0.99, help="hmmc: momentum-encoder EMA momentum")
+    g.add_argument("--contrast_temperature", type=float, default=0.07, help="hmmc: MoCo InfoNCE temperature")
+    g.add_argument("--w_fam", type=float, default=0.05, help="hmmc: weight of frame-adjacency matching (FAM)")
+    g.add_argument("--w_vtm", type=float, default=0.45, help="hmmc: weight of video-level text matching (VTM)")
+    g.add_argument("--w_ftm", type=float, default=0.45, help="hmmc: weight of frame-level text matching (FTM)")
+    g.add_argument("--w_mlm", type=float, default=0.05, help="hmmc: weight of masked language modelling (MLM)")
+    g.add_argument("--hmmc_proj_dims", type=int, default=4096, help="hmmc: hidden width of projector/predictor")
+    g.add_argument(
+        "--hmmc_mask_id", type=int, default=None, help="hmmc: MLM's [MASK] id (default 0; --official_quirks: 49394)"
+    )
+    g.add_argument("--use_temp", action="store_true", help="hmmc: HMMC's temporal module (= --sim_header seqTransf)")
 
 
 def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
@@ -374,6 +419,13 @@ def _add_retrieval_eval_flags(p: argparse.ArgumentParser) -> None:
         "scores its best caption; CLIP4Clip multi_sentence, the published numbers), caption ranks the video's best "
         "caption among all captions; the same with one caption per video",
     )
+    g.add_argument(
+        "--use_frame_fea",
+        action="store_true",
+        help="HMMC's evaluation: add the mean of the --top_frames best text-frame cosines to the video score",
+    )
+    g.add_argument("--top_frames", type=int, default=3, help="frames k of --use_frame_fea's top-k mean (HMMC: 3)")
+    g.add_argument("--frame_sim_weight", type=float, default=1.0, help="weight of --use_frame_fea's frame term")
 
 
 # flag -> (tasks that accept it without using it, why): the published command lines of those tasks pass it.
@@ -454,7 +506,7 @@ def resolve_clip_config(args: argparse.Namespace) -> str | None:
 
 def _is_stage2(args: argparse.Namespace) -> bool:
     """True for the stage-2 parser (only it has the stage-2 objective flags)."""
-    return hasattr(args, "w_vtm")
+    return hasattr(args, "w_plm")
 
 
 def _numeric_errors(args: argparse.Namespace) -> list[str]:
@@ -490,6 +542,17 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("mcq_temperature", lambda v: v > 0, "a finite number > 0")
     check("mcq_answer_prompt", lambda v: v >= 0, ">= 0")
     check("mcq_mask_id", lambda v: 0 <= v < 49408, "a CLIP token id in [0, 49408)")
+    check("hmmc_mask_id", lambda v: 0 <= v < 49408, "a CLIP token id in [0, 49408)")
+    check("contrast_num_negative", lambda v: v >= 1, ">= 1")
+    check("contrast_momentum", lambda v: 0 <= v <= 1, "in [0, 1]")
+    check("contrast_temperature", lambda v: v > 0, "a finite number > 0")
+    check("hmmc_proj_dims", lambda v: v >= 1, ">= 1")
+    check("top_frames", lambda v: v >= 1, ">= 1")
+    check("frame_sim_weight", lambda v: v >= 0, "a finite number >= 0")
+    check("temporal_ln_eps", lambda v: v > 0, "a finite number > 0")
+    check("lmdb_frames", lambda v: v >= 1, ">= 1")
+    for name in ("w_fam", "w_ftm"):
+        check(name, lambda v: v >= 0, "a finite number >= 0")
     check("num_tubes", lambda v: v >= 1, ">= 1")
     for name in ("w_vtm", "w_mlm", "w_plm", "w_align", "vtm_negative_scale"):
         check(name, lambda v: v >= 0, "a finite number >= 0")

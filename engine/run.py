@@ -64,11 +64,13 @@ class Job:
 
 
 def prepare_model(args: argparse.Namespace, model: nn.Module, freeze: bool = True) -> nn.Module:
-    """The flags that act on a built model: ``--freeze_layer_num`` (unless the task freezes CLIP itself) and
-    ``--precision fp16`` (half-precision weights)."""
+    """The flags that act on a built model: ``--freeze_layer_num`` (unless the task freezes CLIP itself),
+    ``--freeze_logit_scale`` and ``--precision fp16`` (half-precision weights)."""
     if freeze:
         frozen = model.encoder.freeze_layers(args.freeze_layer_num)
         logger.info("--freeze_layer_num %d: %d CLIP tensors frozen", args.freeze_layer_num, len(frozen))
+    if getattr(args, "freeze_logit_scale", False):
+        model.encoder.clip.logit_scale.requires_grad_(False)  # HMMC keeps it at its loaded value (B.14 item 1)
     if args.precision == "fp16":
         convert_weights_fp16(model)
     return model

@@ -45,3 +45,24 @@ def norm_softmax_loss(sim: torch.Tensor, temperature: float = DEFAULT_NORM_SOFTM
     rows = torch.diagonal(F.log_softmax(logits, dim=1))
     cols = torch.diagonal(F.log_softmax(logits.t(), dim=1))
     return -rows.mean() - cols.mean()
+
+
+DEFAULT_MOCO_TEMPERATURE = 0.07
+"""HMMC's ``--contrast_temperature``."""
+
+
+def moco_infonce(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float = DEFAULT_MOCO_TEMPERATURE,
+    reduction: str = "mean",
+) -> torch.Tensor:  # fmt: skip
+    """HMMC's MoCo InfoNCE ``C(q, k, Q)`` (MCQ_HMMC.md §B.6): ``q [N, D]`` against its paired key ``k [N, D]`` and the
+    queued negatives ``Q [K, D]`` (rows, already unit length): logits ``[q·k | q·Q] / T`` with q, k normalised,
+    cross-entropy with target 0. There are no in-batch negatives. ``reduction``: ``mean`` or ``none`` (``[N]``)."""
+    if not temperature > 0:
+        raise ValueError(f"moco_infonce needs a temperature > 0, got {temperature}")
+    q = F.normalize(query.float(), dim=-1)
+    k = F.normalize(key.float(), dim=-1)
+    positive = (q * k).sum(dim=-1, keepdim=True)
+    logits = torch.cat([positive, q @ queue.float().t()], dim=1) / temperature
+    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target, reduction=reduction)

@@ -22,7 +22,7 @@ from modules.fusion import FusionConfig, MemBridgeFusion
 from modules.membridge import MemBridgeModel
 from modules.methods import DEFAULT_METHOD, method_preset
 from modules.stoa import DEFAULT_NUM_ACTIONS
-from modules.video_clip import VideoCLIP
+from modules.video_clip import DEFAULT_TEMPORAL_LN_EPS, VideoCLIP
 
 MODEL_CONFIG_METADATA_KEY = "membridge_model_config"
 CONFIG_FORMAT_VERSION = 1
@@ -37,6 +37,7 @@ class ModelConfig:
     linear_patch: str = "2d"
     sim_header: str = "meanP"
     max_frames: int = 12
+    temporal_ln_eps: float = DEFAULT_TEMPORAL_LN_EPS  # LayerNorm eps of seqTransf's temporal blocks (HMMC: 1e-12)
     fusion: FusionConfig | None = None
     head: dict[str, Any] | None = None  # task head settings (QA), built by the task package
     method: str = DEFAULT_METHOD  # --method (modules/methods.py): membridge | t2vlp
@@ -114,6 +115,7 @@ def build_video_encoder(config: ModelConfig, clip: CLIP | None = None) -> VideoC
         num_tubes=config.num_tubes,
         object_count=config.object_count,
         official_quirks=bool(config.fusion is not None and config.fusion.official_quirks),
+        temporal_ln_eps=config.temporal_ln_eps,
     )
 
 

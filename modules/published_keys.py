@@ -18,14 +18,21 @@ The STOA-VLP release (spec ``T2VLP_STOA.md`` B.3-B.5, C.2.6) adds ``clip.visual.
 ``clip.object_frame_pos_emb``, ``clip.object_cls_embedding`` ``[1, W]`` and ``clip.object_action`` ``[1, 1, 4, W]``;
 ``clip.object_alignment_proj``, ``clip.object_logit_bias``, ``clip.obj_ln``, ``clip.obj_proj`` are unused. Its
 fusion positional table has ``90 + 12 O`` rows: set ``context_length`` in ``fusion.json`` to load it.
+
+HMMC's released checkpoints (``visual_encoder.*``, ``text_encoder.*`` and training-only parts) map through
+:func:`convert_hmmc_state_dict`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
+
+from dataloaders.errors import DataError
 
 DEFAULT_FUSION_LAYERS = 6
 DROPPED = None  # target of published weights that the published forward never uses
@@ -122,3 +129,69 @@ def convert_published_state_dict(
         else:
             converted[target] = value
     return converted, sorted(unmapped)
+
+
+# ----------------------------------------------------------------------------------------------- HMMC
+
+# HMMC (cheetah003/HMMC, MCQ_HMMC.md §C.4): released checkpoints are full ``BirdModel`` / ``BirdPreTrainedModel``
+# state dicts with fp16 CLIP parts. (published prefix, our prefix); the English text tower's parts map onto CLIP's.
+HMMC_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("visual_encoder.visual.", "encoder.clip.visual."),
+    ("visual_encoder.temporal_transformer.", "encoder.transformerClip."),
+    ("visual_encoder.frame_position_embeddings.", "encoder.frame_position_embeddings."),
+    ("text_encoder.token_embedding.", "encoder.clip.token_embedding."),
+    ("text_encoder.positional_embedding", "encoder.clip.positional_embedding"),
+    ("text_encoder.transformer.", "encoder.clip.transformer."),
+    ("text_encoder.ln_final.", "encoder.clip.ln_final."),
+    ("text_encoder.text_projection", "encoder.clip.text_projection"),
+)
+# Training-only parts of HMMC's pre-training model: momentum twins, projector/predictor MLPs, the MLM head, queues.
+HMMC_TRAINING_ONLY = (
+    "visual_encoder_k.", "text_encoder_k.", "v_projector.", "v_projector_k.", "v_predictor.", "t_projector.",
+    "t_projector_k.", "cls.", "queue_",
+)  # fmt: skip
+HMMC_MARKERS = ("visual_encoder.visual.", "visual_encoder.temporal_transformer.")
+HMMC_LOGIT_SCALE = math.log(100.0)  # HMMC's frozen logit scale (not in its checkpoints, B.14 item 1)
+
+
+@dataclass
+class HMMCConversion:
+    """What :func:`convert_hmmc_state_dict` did: keys renamed, training-only keys left out, unknown keys."""
+
+    state_dict: dict[str, torch.Tensor]
+    training_only: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        return (
+            f"HMMC checkpoint: {len(self.state_dict)} tensors mapped, {len(self.training_only)} training-only tensors "
+            f"of HMMC's pre-training model left out, {len(self.unknown)} unknown: {self.unknown[:10]}"
+        )
+
+
+def is_hmmc_layout(state_dict: Mapping[str, object]) -> bool:
+    """True for a state dict saved by HMMC (``visual_encoder.visual.*`` / ``visual_encoder.temporal_transformer.*``)."""
+    return any(key.startswith(marker) for key in state_dict for marker in HMMC_MARKERS)
+
+
+def convert_hmmc_state_dict(state_dict: Mapping[str, torch.Tensor], strict: bool = False) -> HMMCConversion:
+    """Rename an HMMC state dict to our layout, floating tensors cast to fp32, with ``encoder.clip.logit_scale``
+    ``ln 100`` when absent. ``strict``: a key neither mapped nor known as training-only raises ``DataError``."""
+    out = HMMCConversion({})
+    for key, value in state_dict.items():
+        target = next((ours + key[len(pub) :] for pub, ours in HMMC_KEY_MAP if key.startswith(pub)), None)
+        if target is not None:
+            out.state_dict[target] = value.float() if value.is_floating_point() else value
+        elif key.startswith(HMMC_TRAINING_ONLY):
+            out.training_only.append(key)
+        else:
+            out.unknown.append(key)
+    out.training_only.sort()
+    out.unknown.sort()
+    if strict and out.unknown:
+        raise DataError(
+            f"HMMC checkpoint: {len(out.unknown)} keys are neither HMMC's encoder nor its training-only parts: "
+            f"{out.unknown[:10]}; is this an HMMC (cheetah003/HMMC) state dict?"
+        )
+    out.state_dict.setdefault("encoder.clip.logit_scale", torch.tensor(HMMC_LOGIT_SCALE))
+    return out

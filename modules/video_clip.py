@@ -30,6 +30,7 @@ LINEAR_PATCHES = ("2d", "3d")
 DEFAULT_JOINT_LAYERS = 2
 DEFAULT_MAX_FRAMES = 12
 DEFAULT_TEMPORAL_LAYERS = 4
+DEFAULT_TEMPORAL_LN_EPS = 1e-5  # our LayerNorm; CLIP4Clip's / HMMC's temporal blocks use 1e-12 (--temporal_ln_eps)
 """Blocks of the seqTransf / tightTransf transformers (CLIP4Clip's ``--cross_num_hidden_layers``)."""
 CROSS_DROPOUT = 0.1
 """Embedding dropout of the tightTransf cross encoder (CLIP4Clip's cross-base ``hidden_dropout_prob``)."""
@@ -120,6 +121,7 @@ class VideoCLIP(nn.Module):
         num_tubes: int = 0,
         object_count: int = 0,
         official_quirks: bool = False,
+        temporal_ln_eps: float = DEFAULT_TEMPORAL_LN_EPS,
     ):
         super().__init__()
         config = clip.config
@@ -145,6 +147,7 @@ class VideoCLIP(nn.Module):
                 official_quirks=official_quirks,
             )  # fmt: skip
             self.objects.init_from_visual(clip.visual)
+        self.text_hf: nn.Module | None = None  # --language chinese: modules/hf_text.py replaces CLIP's text tower
         if linear_patch == "3d" and clip.visual.conv2 is None:
             clip.visual.enable_3d_patch()
         if linear_patch == "2d" and clip.visual.conv2 is not None:
@@ -169,6 +172,9 @@ class VideoCLIP(nn.Module):
             self.frame_position_embeddings = nn.Embedding(config.context_length, width)
             self.transformerClip = Transformer(width, temporal_layers, heads)
             self._init_from_text(self.frame_position_embeddings.weight, self.transformerClip)
+            for module in self.transformerClip.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = temporal_ln_eps  # HMMC / CLIP4Clip's TF-style LayerNorm: 1e-12
         else:
             self.cross = CrossEncoder(config.context_length, width, temporal_layers, heads, cross_dropout)
             self.similarity_dense = _linear(width, 1)
@@ -180,6 +186,24 @@ class VideoCLIP(nn.Module):
             positions.copy_(self.clip.positional_embedding)
             for source, target in zip(self.clip.transformer.resblocks, transformer.resblocks, strict=False):
                 target.load_state_dict(source.state_dict())
+
+    def init_temporal_random(self) -> None:
+        """HMMC's init of the seqTransf temporal module (``--temporal_init random``, MCQ_HMMC.md §B.10): frame
+        positions ~ N(0, 1) and PyTorch's defaults for the blocks (``nn.MultiheadAttention``: xavier-uniform input
+        projection, zero biases; Linear: kaiming-uniform; LayerNorm 1 / 0) instead of copies of CLIP's text parts."""
+        if self.sim_header != "seqTransf":
+            raise ConfigError(
+                f"--temporal_init random re-initialises seqTransf's temporal module, not {self.sim_header}"
+            )
+        with torch.no_grad():
+            nn.init.normal_(self.frame_position_embeddings.weight)
+            for block in self.transformerClip.resblocks:
+                nn.init.xavier_uniform_(block.attn.in_proj_weight)
+                nn.init.zeros_(block.attn.in_proj_bias)
+                block.attn.out_proj.reset_parameters()
+                nn.init.zeros_(block.attn.out_proj.bias)
+                for module in (block.mlp.c_fc, block.mlp.c_proj, block.ln_1, block.ln_2):
+                    module.reset_parameters()
 
     @property
     def loose_type(self) -> bool:
@@ -268,8 +292,18 @@ class VideoCLIP(nn.Module):
         return frames, self.tubes(tap.detach() if detach_tap else tap, video_mask)
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` -> unnormalised EOT features ``[B, D]``."""
+        """``[B, L]`` -> unnormalised EOT features ``[B, D]`` (with ``text_hf``: its pooled feature)."""
+        if self.text_hf is not None:
+            return self.text_hf(text_ids)[0]
         return self.clip.encode_text(text_ids)
+
+    def text_tokens_and_features(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, L]`` -> ``(per-position features [B, L, D], text features [B, D])`` of the text tower in use."""
+        if self.text_hf is not None:
+            features, tokens = self.text_hf(text_ids)
+            return tokens, features
+        tokens = self.clip.encode_text_tokens(text_ids)
+        return tokens, tokens[torch.arange(tokens.shape[0], device=tokens.device), text_ids.argmax(dim=-1)]
 
     def text_embedding(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` -> L2-normalised text embeddings ``[B, D]``."""

@@ -244,6 +244,8 @@ def test_registry_keys():
         "webvid",
         "msrvtt",
         "msvd",
+        "vatex",
+        "vatex_zh",
         "lsmdc",
         "didemo",
         "msrvtt_qa",

@@ -62,7 +62,7 @@ def test_node_settings_default_to_one_local_process(tmp_path):
 
 
 def test_the_glob_finds_every_launch_script():  # an empty glob would make the tests above vacuous
-    assert len(SCRIPTS) == 16
+    assert len(SCRIPTS) == 17
 
 
 def entry_parser(entry: str):

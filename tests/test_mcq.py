@@ -380,7 +380,7 @@ def test_registry_default_is_the_contrastive_task():
     from engine.flags import build_parser
 
     args = build_parser("clip").parse_args(["--do_train", "--output_dir", "x"])
-    assert args.stage1_objective == "clip" and set(STAGE1_OBJECTIVES) == {"clip", "mcq"}
+    assert args.stage1_objective == "clip" and set(STAGE1_OBJECTIVES) == {"clip", "mcq", "hmmc"}
     model, _ = _batch()
     task = STAGE1_OBJECTIVES["clip"].build_task(args, model)
     assert type(task) is ContrastiveTask and not hasattr(model, "stage1_aux")

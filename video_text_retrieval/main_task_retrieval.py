@@ -29,7 +29,9 @@ def build(args, dist) -> Job:
     """Dual encoder (+ fusion for re-ranking); validation-based selection where the dataset has a val split."""
     rerank = args.rerank_topk > 0
     model = prepare_model(args, build_model(args, with_fusion=rerank))
-    task = ContrastiveTask(model, vtm_weight=args.vtm_weight if rerank else 0.0, align_weight=args.w_align)
+    task = ContrastiveTask(
+        model, args.vtm_weight if rerank else 0.0, args.frame_loss_weight, args.video_loss_weight, args.w_align
+    )
     size = model.encoder.clip.config.image_resolution
     metric = settings.selection_metric(args) if args.do_train else None
     val = settings.build_retrieval_evaluator(args, args.datatype, "val", size, dist) if metric else None

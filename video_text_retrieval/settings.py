@@ -11,7 +11,7 @@ from engine.flags import build_parser, effective_rerank_topk
 from video_text_retrieval.task import RetrievalEvaluator
 
 # Retrieval benchmarks -> whether they have a validation split for model selection (MSR-VTT 1k-A has none).
-HAS_VAL_SPLIT = {"msrvtt": False, "msvd": True, "lsmdc": True, "didemo": True}
+HAS_VAL_SPLIT = {"msrvtt": False, "msvd": True, "lsmdc": True, "didemo": True, "vatex": True, "vatex_zh": True}
 DEFAULT_VTM_WEIGHT = 1.0
 SELECTION_MODES = ("val", "last")
 RECALL_METRICS = tuple(
@@ -51,6 +51,15 @@ def build_retrieval_parser(description: str | None = None) -> argparse.ArgumentP
         help="weight of the fusion's VTM loss added to the contrastive loss when --rerank_topk > 0",
     )
     g.add_argument(
+        "--video_loss_weight", type=float, default=1.0, help="weight of the contrastive loss (HMMC fine-tuning: 0.85)"
+    )
+    g.add_argument(
+        "--frame_loss_weight",
+        type=float,
+        default=0.0,
+        help="weight of HMMC's text-frame contrastive loss, averaged over frame positions (HMMC fine-tuning: 0.15)",
+    )
+    g.add_argument(
         "--model_selection",
         choices=SELECTION_MODES,
         default="val",
@@ -71,6 +80,11 @@ def validate_retrieval(args: argparse.Namespace) -> None:
         raise ConfigError(f"--datatype {args.datatype!r}: retrieval runs on one of {sorted(HAS_VAL_SPLIT)}")
     if args.vtm_weight < 0:
         raise ConfigError(f"--vtm_weight must be >= 0 (got {args.vtm_weight})")
+    for name in ("video_loss_weight", "frame_loss_weight"):
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    if args.frame_loss_weight > 0 and args.sim_header == "tightTransf":
+        raise ConfigError("--frame_loss_weight (HMMC's frame loss) needs a dual-encoder --sim_header, not tightTransf")
     check_selection_metric(args.selection_metric or default_selection_metric(args.rerank_topk), args.rerank_topk)
 
 
@@ -81,4 +95,10 @@ def build_retrieval_evaluator(
     eval_set = build_dataset(args, datatype, split, image_size)
     topk = getattr(args, "rerank_topk", 0)
     topk = effective_rerank_topk(topk, len(eval_set.texts), len(eval_set.video_ids), args.val_csv or args.data_path)
-    return RetrievalEvaluator(eval_set, dist, EvalSettings.from_flags(args), rerank_topk=topk, extra=extra)
+    frame_topk = args.top_frames if getattr(args, "use_frame_fea", False) else 0
+    if frame_topk and args.sim_header == "tightTransf":
+        raise ConfigError("--use_frame_fea (HMMC's frame term) needs a dual-encoder --sim_header, not tightTransf")
+    return RetrievalEvaluator(
+        eval_set, dist, EvalSettings.from_flags(args), rerank_topk=topk, extra=extra, frame_topk=frame_topk,
+        frame_weight=getattr(args, "frame_sim_weight", 1.0),
+    )  # fmt: skip

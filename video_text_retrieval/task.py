@@ -48,6 +48,7 @@ from engine.metrics import (
 )
 from modules.aux_losses import local_alignment
 from modules.fusion import DEFAULT_RERANK_QUERY_CHUNK, check_rerank_range, rerank_queries
+from modules.hmmc import frame_topk_similarity
 from modules.losses import contrastive_loss
 from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Weights
 
@@ -61,16 +62,32 @@ class ContrastiveTask(nn.Module):
     """Symmetric InfoNCE on the global batch; ``vtm_weight > 0`` adds the fusion's matching loss (fine-tuning with
     re-ranking). ``model`` holds the weights that checkpoints save.
 
+    HMMC's fine-tuning loss (MCQ_HMMC.md §B.7; ``--video_loss_weight 0.85 --frame_loss_weight 0.15``):
+    ``video_weight * contrastive + frame_weight * frame``, with ``frame`` the mean over frame positions ``i`` of the
+    symmetric InfoNCE of ``logit_scale * cos(text, frame_i)`` (pre-temporal frames), padded frames left out
+    (:func:`frame_contrastive_loss`). The defaults (1, 0) are the plain contrastive loss.
+
     With T2VLP tube tokens (``--method t2vlp``) the loss adds ``align_weight`` x the local alignment (spec A.3/A.4)
     between the tubes and the text token features; the tubes' ViT input keeps its gradient in stage 1 (no fusion)
     and is detached when fine-tuning a model with a fusion, as published."""
 
-    def __init__(self, model: MemBridgeModel, vtm_weight: float = 0.0, align_weight: float = 1.0):
+    def __init__(
+        self,
+        model: MemBridgeModel,
+        vtm_weight: float = 0.0,
+        frame_weight: float = 0.0,
+        video_weight: float = 1.0,
+        align_weight: float = 1.0,
+    ):
         super().__init__()
         if vtm_weight > 0 and model.fusion is None:
             raise ValueError("vtm_weight > 0 needs a model with a fusion encoder")
+        if frame_weight > 0 and not model.encoder.loose_type:
+            raise ValueError("frame_weight > 0 (HMMC's frame loss) needs a dual-encoder sim_header")
         self.model = model
         self.vtm_weight = vtm_weight
+        self.frame_weight = frame_weight
+        self.video_weight = video_weight
         self.align_weight = align_weight
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -88,12 +105,21 @@ class ContrastiveTask(nn.Module):
             video_emb = all_gather_with_grad(encoder.video_embedding(frames, batch["video_mask"]))
             text_emb = all_gather_with_grad(F.normalize(text, dim=-1))
             sim = encoder.similarity(text_emb, video_emb)
+            if self.frame_weight > 0:
+                frame_emb = all_gather_with_grad(F.normalize(frames, dim=-1))
+                mask = all_gather_tensor(batch["video_mask"])
+                frame_loss = frame_contrastive_loss(encoder.logit_scale.exp() * text_emb, frame_emb, mask)
         else:
             sim = encoder.tight_similarity(
                 all_gather_with_grad(text), all_gather_with_grad(frames), all_gather_with_grad(batch["video_mask"])
             )
         out = {"contrastive": contrastive_loss(sim)}
         loss = out["contrastive"]
+        if self.frame_weight > 0:
+            out["frame_contrastive"] = frame_loss
+            loss = self.video_weight * loss + self.frame_weight * frame_loss
+        elif self.video_weight != 1.0:
+            loss = self.video_weight * loss
         if tubes is not None and encoder.tubes is not None:
             out["align"] = local_alignment(encoder.tubes.text_queries(), tokens, batch["text_mask"], tubes)
             loss = loss + self.align_weight * out["align"]
@@ -117,6 +143,26 @@ class ContrastiveTask(nn.Module):
 
     def after_optimizer_step(self) -> None:
         self.model.encoder.clamp_logit_scale_()
+
+
+def frame_contrastive_loss(text: torch.Tensor, frames: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    """HMMC's fine-tuning frame loss: the mean over frame positions ``i`` of the symmetric InfoNCE of the logits
+    ``text [B, D] @ frames[:, i] [B, D]ᵀ`` (scaled text and unit frames, so the logits are ``scale * cos``). A video
+    whose frame ``i`` is padding is no candidate in that position's text->video rows and has no video->text row there;
+    each direction averages its valid rows. With every frame real this is ``(1/T) Σ_i contrastive_loss(S_i)``."""
+    b, t, _ = frames.shape
+    valid = video_mask.bool()
+    target = torch.arange(b, device=text.device)
+    terms = []
+    for i in range(t):
+        cols = valid[:, i]
+        if not bool(cols.any()):
+            continue
+        logits = (text.float() @ frames[:, i].float().t()).masked_fill(~cols[None], float("-inf"))
+        t2v = F.cross_entropy(logits[cols], target[cols])
+        v2t = F.cross_entropy(logits.t()[cols], target[cols])
+        terms.append((t2v + v2t) / 2)
+    return torch.stack(terms).mean() if terms else text.sum() * 0.0
 
 
 @dataclass
@@ -155,10 +201,12 @@ def encode_eval_set(
 
     texts = eval_set.text_dataset()
     loader, indices = build_eval_loader(texts, per_rank, num_workers, dist.rank, dist.world_size)
-    tokens, ids, tmask = [], [], []
+    tokens, feats, ids, tmask = [], [], [], []
     for batch in tqdm(loader, desc="encode texts", disable=dist.rank != 0, leave=False):
         text_ids = batch["text_ids"].to(device)
-        tokens.append(encoder.clip.encode_text_tokens(text_ids).float())
+        token_part, feat_part = encoder.text_tokens_and_features(text_ids)
+        tokens.append(token_part.float())
+        feats.append(feat_part.float())
         ids.append(text_ids)
         tmask.append(batch["text_mask"].to(device))
     n_t = len(texts)
@@ -170,7 +218,8 @@ def encode_eval_set(
     text_tokens = gather_eval_rows(token_rows, indices, n_t)
     text_ids = gather_eval_rows(id_rows, indices, n_t)
     text_mask = gather_eval_rows(mask_rows, indices, n_t)
-    text_feats = text_tokens[torch.arange(n_t, device=device), text_ids.argmax(dim=-1)]
+    feat_rows = torch.cat(feats) if feats else torch.zeros(0, d, device=device)
+    text_feats = gather_eval_rows(feat_rows, indices, n_t)  # CLIP: the EOT position's token feature
     return EncodedEvalSet(
         frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok,
         video_tokens[0] if video_tokens else None,
@@ -182,13 +231,25 @@ def eval_set_text_len(eval_set: RetrievalEvalSet) -> int:
 
 
 @torch.no_grad()
-def dual_similarity(model: MemBridgeModel, enc: EncodedEvalSet) -> torch.Tensor:
-    """Dual-encoder logits ``[Nt, Nv]`` computed in caption chunks."""
+def dual_similarity(
+    model: MemBridgeModel, enc: EncodedEvalSet, frame_topk: int = 0, frame_weight: float = 1.0
+) -> torch.Tensor:
+    """Dual-encoder logits ``[Nt, Nv]`` computed in caption chunks.
+
+    ``frame_topk > 0`` (HMMC's ``--use_frame_fea --top_frames k``, MCQ_HMMC.md §B.7): plus ``frame_weight`` times
+    the logit scale times the mean of the ``k`` best text-frame cosines over each video's (pre-temporal) frames;
+    HMMC adds it unweighted (``frame_weight`` 1)."""
     encoder = model.encoder
     if encoder.loose_type:
         video_emb = encoder.video_embedding(enc.frame_feats, enc.video_mask)
         text_emb = F.normalize(enc.text_feats, dim=-1)
-        return torch.cat([encoder.similarity(chunk, video_emb) for chunk in text_emb.split(TEXT_CHUNK)])
+        sim = torch.cat([encoder.similarity(chunk, video_emb) for chunk in text_emb.split(TEXT_CHUNK)])
+        if frame_topk > 0:
+            frames = frame_topk_similarity(text_emb, enc.frame_feats, enc.video_mask, frame_topk, TEXT_CHUNK)
+            sim = sim + frame_weight * encoder.logit_scale.exp().to(sim.dtype) * frames.to(sim.dtype)
+        return sim
+    if frame_topk > 0:
+        raise ValueError("the frame term (--use_frame_fea) needs a dual-encoder --sim_header, not tightTransf")
     return torch.cat(
         [
             encoder.tight_similarity(chunk, enc.frame_feats, enc.video_mask)
@@ -220,16 +281,19 @@ def evaluate_retrieval(
     allow_missing: bool = False,
     encoded: EncodedEvalSet | None = None,
     v2t_protocol: str = DEFAULT_V2T_PROTOCOL,
+    frame_topk: int = 0,
+    frame_weight: float = 1.0,
 ) -> dict:
     """R@1/5/10, MdR, MnR in both directions (and re-ranked, ``rerank_*`` keys, with a fusion and ``rerank_topk``).
 
     ``encoded``: features already computed by :func:`encode_eval_set` (they are not recomputed). ``v2t_protocol``:
     ``group`` or ``caption`` (module docstring). The result also names the protocol (``v2t_protocol``) and the tie
-    rule (``tie_rule``: ``optimistic``, a truth tied with other candidates ranks above them) of its numbers."""
+    rule (``tie_rule``: ``optimistic``, a truth tied with other candidates ranks above them) of its numbers.
+    ``frame_topk`` / ``frame_weight``: HMMC's frame term (:func:`dual_similarity`)."""
     if v2t_protocol not in V2T_PROTOCOLS:
         raise ValueError(f"v2t_protocol must be one of {V2T_PROTOCOLS}, got {v2t_protocol!r}")
     enc = encoded or encode_eval_set(model, eval_set, batch_size, num_workers, dist, allow_missing)
-    sim = dual_similarity(model, enc).cpu()
+    sim = dual_similarity(model, enc, frame_topk, frame_weight).cpu()
     sim, t2v, dropped, keep_t, keep_v = _drop_missing(enc, eval_set, sim)
     metrics: dict = dict(retrieval_metrics(sim, t2v, DEFAULT_TIE_RULE, v2t_protocol))
     metrics["num_texts"], metrics["num_videos"] = int(sim.shape[0]), int(sim.shape[1])
@@ -330,7 +394,8 @@ MetricsHook = Callable[[MemBridgeModel, EncodedEvalSet, RetrievalEvalSet, DistIn
 class RetrievalEvaluator:
     """``evaluate(task) -> metrics`` of one retrieval split for the engine: encode it once, the dual-encoder metrics,
     the re-ranked ones (with a fusion and ``rerank_topk > 0``) and ``extra(model, encoded, eval_set, dist)`` (stage 2:
-    the held-out fusion accuracies, on the same features)."""
+    the held-out fusion accuracies, on the same features). ``frame_topk`` / ``frame_weight``: HMMC's frame term
+    (:func:`dual_similarity`)."""
 
     def __init__(
         self,
@@ -339,12 +404,16 @@ class RetrievalEvaluator:
         settings: EvalSettings,
         rerank_topk: int = 0,
         extra: MetricsHook | None = None,
+        frame_topk: int = 0,
+        frame_weight: float = 1.0,
     ) -> None:
         self.eval_set = eval_set
         self.dist = dist
         self.settings = settings
         self.rerank_topk = rerank_topk
         self.extra = extra
+        self.frame_topk = frame_topk
+        self.frame_weight = frame_weight
 
     def __call__(self, task: nn.Module) -> dict:
         model = getattr(task, "model", task)
@@ -352,7 +421,7 @@ class RetrievalEvaluator:
         enc = encode_eval_set(model, self.eval_set, s.batch_size, s.num_workers, self.dist, s.allow_missing)
         metrics = evaluate_retrieval(
             model, self.eval_set, self.dist, s.batch_size, rerank_topk=self.rerank_topk, encoded=enc,
-            v2t_protocol=s.v2t_protocol,
+            v2t_protocol=s.v2t_protocol, frame_topk=self.frame_topk, frame_weight=self.frame_weight,
         )  # fmt: skip
         if self.extra is not None:
             metrics.update(self.extra(model, enc, self.eval_set, self.dist))
