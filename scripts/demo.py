@@ -195,7 +195,7 @@ class Pipeline:
         flags: list[str] = ["--max_frames", str(self.args.max_frames), "--max_words", str(self.args.max_words)]
         flags += ["--torch_threads", str(self.args.torch_threads)]
         flags += ["--num_thread_reader", str(self.args.num_thread_reader)]
-        flags += ["--batch_size_val", str(BATCH_SIZE_VAL), "--n_display", str(N_DISPLAY), "--loose_type"]
+        flags += ["--batch_size_val", str(BATCH_SIZE_VAL), "--n_display", str(N_DISPLAY)]
         flags += ["--seed", str(self.args.seed)]
         if self.args.visual_pretrain_path:
             flags += ["--visual_pretrain_path", self.args.visual_pretrain_path]
@@ -208,7 +208,9 @@ class Pipeline:
     def recipe_flags(self, name: str) -> list[str]:
         r = self.recipe[name]
         flags = ["--epochs", str(r.epochs), "--batch_size", str(self.args.batch_size or r.batch_size)]
-        flags += ["--coef_lr", str(r.coef_lr), "--warmup_proportion", str(r.warmup_proportion)]
+        flags += ["--warmup_proportion", str(r.warmup_proportion)]
+        if name != "stage2":  # stage 2 freezes CLIP: --coef_lr has no effect there (and warns)
+            flags += ["--coef_lr", str(r.coef_lr)]
         if r.lr is not None:
             flags += ["--lr", str(r.lr)]
         if r.fusion_lr is not None:
