@@ -1,7 +1,7 @@
 """Training step time of every stage-1 objective and every stage-2 method on one batch (printed as JSON).
 
     python bench/bench_methods.py --models tiny --steps 3          # seconds
-    python bench/bench_methods.py --models vitb16 --steps 3        # ViT-B/16 sizes: minutes per variant on CPU
+    python bench/bench_methods.py --models vitb16 --steps 3        # ViT-B/16 sizes (stage 2 alone: seconds a step)
     python bench/bench_methods.py --models tiny --steps 1 --variants clip,membridge
 
 Variants (each (model, variant) runs in its own child process, so its peak resident memory is its own):
