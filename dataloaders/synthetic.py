@@ -231,6 +231,12 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, xx: np.ndarray, 
         return dx * dx + dy * dy <= radius * radius
     if shape == "square":
         return np.maximum(np.abs(dx), np.abs(dy)) <= SQUARE_HALF_SIDE * radius
+    xs, ys = polygon_vertices(shape, radius)
+    return _polygon_mask(cx + xs, cy + ys, xx, yy)
+
+
+def polygon_vertices(shape: str, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Vertex offsets ``(xs, ys)`` around the centre of a triangle or star of nominal ``radius``."""
     if shape == "triangle":
         angles = np.deg2rad([-90.0, 30.0, 150.0])
         radii = np.full(3, TRIANGLE_CIRCUMRADIUS * radius)
@@ -239,7 +245,7 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, xx: np.ndarray, 
         radii = np.where(np.arange(2 * STAR_POINTS) % 2 == 0, STAR_OUTER, STAR_INNER) * radius
     else:
         raise ConfigError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return _polygon_mask(cx + radii * np.cos(angles), cy + radii * np.sin(angles), xx, yy)
+    return radii * np.cos(angles), radii * np.sin(angles)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -361,15 +367,7 @@ def shape_extent(shape: str, radius: float) -> tuple[float, float, float, float]
     if shape == "square":
         half = SQUARE_HALF_SIDE * radius
         return (-half, -half, half, half)
-    if shape == "triangle":
-        angles = np.deg2rad([-90.0, 30.0, 150.0])
-        radii = np.full(3, TRIANGLE_CIRCUMRADIUS * radius)
-    elif shape == "star":
-        angles = np.deg2rad(-90.0 + np.arange(2 * STAR_POINTS) * 180.0 / STAR_POINTS)
-        radii = np.where(np.arange(2 * STAR_POINTS) % 2 == 0, STAR_OUTER, STAR_INNER) * radius
-    else:
-        raise ConfigError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    xs, ys = radii * np.cos(angles), radii * np.sin(angles)
+    xs, ys = polygon_vertices(shape, radius)
     return (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
 
 
