@@ -9,11 +9,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -428,7 +423,7 @@ def test_hmmc_two_gloo_ranks_equal_one_process(synthetic_small, tmp_path):
 @pytest.mark.slow
 def test_hmmc_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
     """Queues, their pointers, the momentum copies, BatchNorm statistics and MLM draws resume exactly."""
-    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+    from tests.test_stage1 import kill_after_first_checkpoint, latest_weights, losses, run_script, stage1_flags
 
     flags = ("--epochs", "2", "--save_steps", "2", *_hmmc_flags(synthetic_small))
     full = tmp_path / "full"
@@ -436,17 +431,7 @@ def test_hmmc_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
     reference = losses(full)
     assert len(reference) == 12
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *stage1_flags(synthetic_small, killed, *flags)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "ckpt" / "latest").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    interrupted_at = int((killed / "ckpt" / "latest").read_text().strip().split("-")[1])
+    interrupted_at = kill_after_first_checkpoint(stage1_flags(synthetic_small, killed, *flags), killed)
     assert interrupted_at < 12
     run_script(stage1_flags(synthetic_small, killed, *flags, "--resume"))
     resumed = losses(killed)

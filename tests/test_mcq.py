@@ -535,10 +535,8 @@ def test_mcq_clip_checkpoint_layout_loads_as_clip_weights(tmp_path):
 @pytest.mark.slow
 def test_mcq_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
     """The bridge (``stage1_aux.bridge.*``), its optimizer state and the question draws resume exactly."""
-    import signal
-    import time
 
-    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+    from tests.test_stage1 import kill_after_first_checkpoint, latest_weights, losses, run_script, stage1_flags
 
     # no DataLoader workers: a killed run's workers keep its output-folder lock until they notice (up to 5 s)
     phrases = str(synthetic_small / "webvid" / "noun_verb.tsv")
@@ -549,17 +547,7 @@ def test_mcq_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
     reference = losses(full)
     assert len(reference) == 12
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *stage1_flags(synthetic_small, killed, *flags)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "ckpt" / "latest").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    interrupted_at = int((killed / "ckpt" / "latest").read_text().strip().split("-")[1])
+    interrupted_at = kill_after_first_checkpoint(stage1_flags(synthetic_small, killed, *flags), killed)
     assert interrupted_at < 12
     run_script(stage1_flags(synthetic_small, killed, *flags, "--resume"))
     resumed = losses(killed)

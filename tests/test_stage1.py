@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 
 TINY = str(REPO / "CLIP-modules" / "tiny.json")
+KILL_DEADLINE_S = 240  # seconds a stage-1 run may take to write its first checkpoint
 
 
 def stage1_flags(data: Path, out: Path, *extra: str) -> list[str]:
@@ -57,6 +58,22 @@ def latest_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "ckpt" / latest / "model.safetensors"))
 
 
+def kill_after_first_checkpoint(argv: list[str], out: Path) -> int:
+    """Run stage 1 with ``argv`` in a fresh process, SIGKILL it as soon as ``out`` holds a checkpoint, and return
+    the step of that checkpoint (the exact-resume tests of every stage-1 objective and method)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *argv]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + KILL_DEADLINE_S
+    while not (out / "ckpt" / "latest").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return int((out / "ckpt" / "latest").read_text().strip().split("-")[1])
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(synthetic_small, tmp_path):
     flags = ("--max_steps", "3", "--epochs", "1")
@@ -88,17 +105,7 @@ def test_resume_after_sigkill_continues_exactly(synthetic_small, tmp_path):
     assert len(reference) == 12  # 24 videos / batch 4 = 6 steps per epoch
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *stage1_flags(synthetic_small, killed, *flags)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "ckpt" / "latest").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    interrupted_at = int((killed / "ckpt" / "latest").read_text().strip().split("-")[1])
+    interrupted_at = kill_after_first_checkpoint(stage1_flags(synthetic_small, killed, *flags), killed)
     assert interrupted_at < 12
 
     run_script(stage1_flags(synthetic_small, killed, *flags, "--resume"))

@@ -7,10 +7,8 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -516,25 +514,9 @@ def test_stage2_two_gloo_ranks_one_sample_each(synthetic_small: Path, tmp_path: 
     assert all(torch.equal(trained[n], initial[n]) for n in clip)
 
 
-def _wait_for_lock_release(lock: Path, timeout: float = 60.0) -> None:
-    """The killed run's DataLoader workers hold the output-dir flock until they notice their parent died."""
-    import fcntl
-
-    deadline = time.time() + timeout
-    with open(lock, "a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-                return
-            except BlockingIOError:
-                assert time.time() < deadline, f"{lock} is still held {timeout} s after the kill"
-                time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_stage1_resume_after_sigkill_continues_exactly(synthetic_small: Path, tmp_path: Path):
-    from tests.test_stage1 import latest_weights, losses, run_script, stage1_flags
+    from tests.test_stage1 import kill_after_first_checkpoint, latest_weights, losses, run_script, stage1_flags
 
     flags = ("--epochs", "2", "--save_steps", "2", "--method", "t2vlp", "--num_tubes", "3")
     full = tmp_path / "full"
@@ -542,19 +524,8 @@ def test_stage1_resume_after_sigkill_continues_exactly(synthetic_small: Path, tm
     reference = losses(full)
     assert len(reference) == 12  # 24 videos / batch 4 = 6 steps per epoch
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *stage1_flags(synthetic_small, killed, *flags)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "ckpt" / "latest").exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    interrupted_at = int((killed / "ckpt" / "latest").read_text().strip().split("-")[1])
+    interrupted_at = kill_after_first_checkpoint(stage1_flags(synthetic_small, killed, *flags), killed)
     assert interrupted_at < 12
-    _wait_for_lock_release(killed / ".membridge.lock")
     run_script(stage1_flags(synthetic_small, killed, *flags, "--resume"))
     resumed = losses(killed)
     assert sorted(resumed) == sorted(reference)
