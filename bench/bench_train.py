@@ -17,6 +17,11 @@ but the step's other work does not speed up with it -- LayerNorm (fp32 by design
 activations, GELU, softmax, residual adds, and the fp32 BertAdam pass over 150M parameters -- so by Amdahl the bf16
 fraction stays far below the fp32 one. Under load every parallel region can wait for a busy core, which hits the
 many small memory-bound ops (the optimizer) hardest; compare fractions from one run, not across runs.
+
+To make that bound a number, one extra forward + backward runs under ``torch.profiler``: ``fwd_bwd_profile_s``
+splits its self CPU time into GEMMs, fused attention, the patch-embedding convolution and everything else, and
+``fraction_bound_non_matmul_as_now`` is the fraction the step would reach if every counted FLOP ran at the matmul
+peak while the other work (profile ``other`` + the optimiser step) stayed as it is.
 """
 
 from __future__ import annotations
@@ -52,6 +57,46 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * MATMUL_SIZE**3 / best
+
+
+# aten ops whose time counts as matrix-unit work (the matmul peak applies to them); everything else is "other"
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+ATTENTION_OPS = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def time_breakdown(forward_backward) -> dict:
+    """Self CPU seconds of one profiled forward + backward by kind: ``matmul`` (GEMMs), ``attention`` (fused SDPA
+    kernels), ``conv`` (the patch embedding) and ``other`` (LayerNorm, GELU, softmax, casts, adds, copies...).
+    The profiler's own overhead inflates the many small ops a little, so ``other`` is an upper estimate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward_backward()
+    spent = {"matmul": 0.0, "attention": 0.0, "conv": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kind = (
+            "matmul" if event.key in MATMUL_OPS else "attention" if event.key in ATTENTION_OPS
+            else "conv" if event.key in CONV_OPS else "other"
+        )  # fmt: skip
+        spent[kind] += event.self_cpu_time_total / 1e6
+    return {kind: round(seconds, 3) for kind, seconds in spent.items()}
+
+
+def amdahl_bound(flops: float, peak: float, breakdown: dict, optimizer_s: float) -> dict:
+    """The fraction of peak the step would reach if every FLOP ran at the matmul peak and the rest (``other`` of the
+    profile plus the optimiser step) took what it takes now: the bound that the non-matmul work sets."""
+    at_peak = flops / peak
+    rest = breakdown["other"] + optimizer_s
+    return {
+        "flops_at_peak_s": round(at_peak, 3),
+        "non_matmul_s": round(rest, 3),
+        "fraction_bound_non_matmul_as_now": round(at_peak / (at_peak + rest), 3),
+        "fwd_bwd_fraction_bound_non_matmul_as_now": round(at_peak / (at_peak + breakdown["other"]), 3),
+    }
 
 
 def run_child(model: str, precision: str, steps: int, videos: int, frames: int, words: int) -> dict:
@@ -108,6 +153,7 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
         update()
         times.append(time.perf_counter() - t0)
         fwd_bwd_times.append(t1 - t0)
+    breakdown = time_breakdown(forward_backward)
     step_s = min(times)
     fraction = statistics.median(flops / t / peak for t, peak in zip(times, peaks, strict=True))
     fwd_bwd_fraction = statistics.median(flops / t / peak for t, peak in zip(fwd_bwd_times, peaks, strict=True))
@@ -128,6 +174,9 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
         "fraction_of_peak": round(fraction, 3),
         "fwd_bwd_fraction_of_peak": round(fwd_bwd_fraction, 3),
         "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "fwd_bwd_profile_s": breakdown,
+        **amdahl_bound(flops, statistics.median(peaks), breakdown, statistics.median(times) - statistics.median(
+            fwd_bwd_times)),
     }
 
 
