@@ -175,8 +175,9 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
         "fwd_bwd_fraction_of_peak": round(fwd_bwd_fraction, 3),
         "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "fwd_bwd_profile_s": breakdown,
-        **amdahl_bound(flops, statistics.median(peaks), breakdown, statistics.median(times) - statistics.median(
-            fwd_bwd_times)),
+        **amdahl_bound(
+            flops, statistics.median(peaks), breakdown, statistics.median(times) - statistics.median(fwd_bwd_times)
+        ),
     }
 
 
