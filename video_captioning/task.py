@@ -89,9 +89,7 @@ class CaptionTask(nn.Module):
     batch count as negatives of each other, as in the published code.
     """
 
-    def __init__(
-        self, model: MemBridgeModel, targets: str = DEFAULT_CAPTION_TARGETS, contrastive_weight: float = 0.0
-    ):
+    def __init__(self, model: MemBridgeModel, targets: str = DEFAULT_CAPTION_TARGETS, contrastive_weight: float = 0.0):
         super().__init__()
         if model.fusion is None:
             raise ValueError("captioning needs a MemBridgeModel with a fusion encoder")
