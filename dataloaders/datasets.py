@@ -9,7 +9,9 @@ Items are dicts of tensors only (the default collate stacks them):
   ``text_ids, text_mask, text_index``;
 - eval captioning: ``video, video_mask, video_index`` (references in ``.references``);
 - QA: ``video, video_mask, question_ids, question_mask, answer_label, answer_first_token, video_index,
-  question_index``.
+  question_index``;
+- with ``video_extras`` set (``--method stoa``, engine/builders.py ``attach_object_inputs``), every item holding a
+  video also carries its ``object_boxes``, ``object_classes`` and ``trajectory_ids``.
 
 Datasets take a video source (``load(video_id, start, end, rng) -> (frames uint8 [T, H, W, 3], mask [T])``) and a
 transform (``(frames, mask) -> float [T, 3, H, W]``) as arguments. A training dataset skips a video the source
@@ -366,6 +368,8 @@ class CaptionDataset(_SkippingTrainDataset):
         self.read_video = _VideoReader(source, transform, video_keys)
         self.tokenizer = tokenizer
         self.max_words = max_words
+        # Optional per-video extras ``(video_id, video_mask) -> Item``, e.g. STOA's boxes (dataloaders/detections.py).
+        self.video_extras: Callable[[str, torch.Tensor], Item] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs) if self.train else len(self.video_ids)
@@ -376,13 +380,19 @@ class CaptionDataset(_SkippingTrainDataset):
         item = {"video": video, "video_mask": video_mask}
         item.update(_text_item(self.tokenizer, reference, self.max_words, "text"))
         item["video_index"] = _scalar(self._video_index[video_id])
+        if self.video_extras is not None:
+            item.update(self.video_extras(video_id, video_mask))
         return item
 
     def __getitem__(self, index: int) -> Item:
         if self.train:
             return super().__getitem__(index)
-        video, video_mask = self.read_video(self.video_ids[index], None, np.random.default_rng([EVAL_SEED, index]))
-        return {"video": video, "video_mask": video_mask, "video_index": _scalar(index)}
+        video_id = self.video_ids[index]
+        video, video_mask = self.read_video(video_id, None, np.random.default_rng([EVAL_SEED, index]))
+        item = {"video": video, "video_mask": video_mask, "video_index": _scalar(index)}
+        if self.video_extras is not None:
+            item.update(self.video_extras(video_id, video_mask))
+        return item
 
 
 class QADataset(_SkippingTrainDataset):
@@ -417,6 +427,8 @@ class QADataset(_SkippingTrainDataset):
         self.read_video = _VideoReader(source, transform, video_keys)
         self.tokenizer = tokenizer
         self.max_words = max_words
+        # Optional per-video extras ``(video_id, video_mask) -> Item``, e.g. STOA's boxes (dataloaders/detections.py).
+        self.video_extras: Callable[[str, torch.Tensor], Item] | None = None
 
     @property
     def num_out_of_vocabulary(self) -> int:
@@ -432,6 +444,8 @@ class QADataset(_SkippingTrainDataset):
         item["answer_first_token"] = _scalar(self.tokenizer.tokenize_words(row.answer)[0])
         item["video_index"] = _scalar(self._video_index[row.video_id])
         item["question_index"] = _scalar(index)
+        if self.video_extras is not None:
+            item.update(self.video_extras(row.video_id, video_mask))
         return item
 
     def __getitem__(self, index: int) -> Item:

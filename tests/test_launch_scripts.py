@@ -62,7 +62,7 @@ def test_node_settings_default_to_one_local_process(tmp_path):
 
 
 def test_the_glob_finds_every_launch_script():  # an empty glob would make the tests above vacuous
-    assert len(SCRIPTS) == 17
+    assert len(SCRIPTS) == 22
 
 
 def entry_parser(entry: str):
@@ -99,3 +99,37 @@ def test_launch_script_passes_no_flag_without_effect(tmp_path, script):
     # stage 2: --lr is the fusion's rate, no --coef_lr
     if script in ("start_fusion.sh", "start_fusion_t2vlp.sh", "start_fusion_stoa.sh"):
         assert "--coef_lr" not in argv and args.lr == 1e-5 and args.fusion_lr is None
+
+
+# STOA-VLP's published downstream commands (spec T2VLP_STOA.md B.9; global batch = per-GPU batch x 8 GPUs):
+# script -> (entry, datatype, epochs, batch, lr, coef_lr, max_words)
+STOA_RECIPES = {
+    "start_fusion_stoa.sh": ("main_task_fusion.py", "msrvtt", 10, 64, 1e-5, None, 32),
+    "start_retrieval_msrvtt_stoa.sh": ("video_text_retrieval.main_task_retrieval", "msrvtt", 5, 64, 1e-4, 1e-3, 32),
+    "start_caption_msrvtt_stoa.sh": ("video_captioning.main_task_caption", "msrvtt", 5, 32, 1e-4, 1e-3, 32),
+    "start_caption_msvd_stoa.sh": ("video_captioning.main_task_caption", "msvd", 10, 48, 1e-4, 1e-3, 32),
+    "start_qa_msrvtt_stoa.sh": ("video_qa.main_task_qa", "msrvtt_qa", 5, 48, 1e-4, 1.0, 20),
+    "start_qa_msvd_stoa.sh": ("video_qa.main_task_qa", "msvd_qa", 5, 64, 1e-4, 1.0, 20),
+}
+
+
+def test_every_stoa_launcher_has_a_recipe():
+    assert sorted(s for s in SCRIPTS if s.endswith("_stoa.sh")) == sorted(STOA_RECIPES)
+
+
+@pytest.mark.parametrize("script", sorted(STOA_RECIPES))
+def test_stoa_launcher_holds_the_published_recipe(tmp_path, script):
+    entry_name, datatype, epochs, batch, lr, coef_lr, max_words = STOA_RECIPES[script]
+    argv = launch(tmp_path, script, OBJECTS_DIR="/objects", LABELMAP="/labels.json")
+    entry, flags = split_entry(argv[len(DEFAULT_NODE_FLAGS) :])
+    assert entry == entry_name
+    args = entry_parser(entry).parse_args(flags)
+    assert (args.method, args.object_count, args.objects_dir, args.labelmap_path) == ("stoa", 10, "/objects",
+                                                                                      "/labels.json")  # fmt: skip
+    assert (args.datatype, args.epochs, args.batch_size, args.lr, args.max_words) == (datatype, epochs, batch, lr,
+                                                                                      max_words)  # fmt: skip
+    assert (args.max_frames, args.feature_framerate, args.sim_header, args.init_model) == (12, 1.0, "meanP", "/ckpt")
+    if coef_lr is not None:  # downstream: the fusion group at the published hard-coded 1e-5 (B.7)
+        assert args.coef_lr == coef_lr and args.fusion_lr == 1e-5
+    if entry == "video_qa.main_task_qa":
+        assert args.qa_head == "first_token"  # the family's first-BPE-token label over the tied head

@@ -438,20 +438,30 @@ def test_stage2_stoa_from_a_stage1_checkpoint_then_retrieval_rerank(synthetic_sm
     assert any("train/vtm" in row for row in rows) and "eval/rerank_t2v_R1" in rows[-1]
 
 
-def test_stoa_refuses_stage1_and_captioning_and_needs_detections():
+def test_stoa_refuses_stage1_and_needs_detections_but_captions():
     from dataloaders.errors import ConfigError
     from engine.builders import build_model
     from engine.flags import build_parser, validate
-    from video_captioning.task import validate_caption_flags
+    from video_captioning.task import build_caption_parser, caption_contrastive_weight, validate_caption_flags
 
     base = ["--do_train", "--output_dir", "/tmp/unused", "--clip_config", str(REPO / "CLIP-modules" / "tiny.json")]
     with pytest.raises(ConfigError, match="needs --objects_dir"):
         validate(build_parser("fusion").parse_args([*base, "--method", "stoa"]))
+    with pytest.raises(ConfigError, match="needs --objects_dir"):
+        validate(build_caption_parser().parse_args([*base, "--method", "stoa", "--datatype", "msvd"]))
     args = build_parser("clip").parse_args([*base, "--method", "stoa", "--objects_dir", "x", "--labelmap_path", "y"])
     with pytest.raises(ConfigError, match="no stage 1 of its own"):
         build_model(args, with_fusion=False)
-    with pytest.raises(ConfigError, match="video captioning is not implemented for --method stoa"):
-        validate_caption_flags(argparse_namespace(method="stoa", datatype="msvd", beam_size=1))
+    # captioning is supported; the contrastive term defaults to STOA's MSR-VTT recipe (B.7) and can be set
+    cases = [("stoa", "msrvtt", None, 1.0), ("stoa", "msvd", None, 0.0), ("membridge", "msrvtt", None, 0.0),
+             ("stoa", "msrvtt", 0.0, 0.0)]  # fmt: skip
+    for method, datatype, weight, expected in cases:
+        ns = argparse_namespace(method=method, datatype=datatype, beam_size=1, caption_contrastive_weight=weight)
+        validate_caption_flags(ns)
+        assert caption_contrastive_weight(ns) == expected
+    with pytest.raises(ConfigError, match="caption_contrastive_weight must be >= 0"):
+        validate_caption_flags(argparse_namespace(method="stoa", datatype="msvd", beam_size=1,
+                                                  caption_contrastive_weight=-1.0))  # fmt: skip
 
 
 def argparse_namespace(**values: object):
@@ -504,3 +514,196 @@ def test_published_stoa_state_dict_converts_and_loads_strictly():
     assert torch.equal(objects.encoder.coord_to_feature[2].weight, sd[f"{prefix}c_coord_to_feature.2.weight"])
     del converted["encoder.objects.frame_pos"]
     assert model.load_state_dict(converted, strict=False).missing_keys == ["encoder.objects.frame_pos"]
+
+
+# ---- downstream: captioning and QA ------------------------------------------------------------------------------
+
+
+def _trained(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+
+
+OBJECT_PARTS = (
+    "encoder.objects.action_queries", "encoder.objects.encoder.patch_to_d.0.weight",
+    "encoder.objects.encoder.box_categories", "encoder.objects.trajectory.proj",
+    "encoder.objects.trajectory.blocks.resblocks.1.mlp.c_proj.weight", "encoder.objects.action.proj",
+)  # fmt: skip
+
+
+def test_stoa_captioning_trains_the_object_module_and_the_fusion_and_post_sim_the_dual_encoder():
+    from video_captioning.task import CaptionTask
+
+    model = _stoa_model()  # CLIP frozen, as with a large --freeze_layer_num
+    batch = _stoa_batch(model)
+    out = CaptionTask(model).train()(batch)
+    assert set(out) == {"loss", "plm_acc"}
+    out["loss"].backward()
+    trained = _trained(model)
+    assert all(n.startswith(("encoder.objects.", "fusion.")) for n in trained), trained
+    assert set(OBJECT_PARTS) <= trained and "fusion.vocab_proj" in trained
+    assert not trained & {"fusion.match_matrix", "fusion.unmatch_matrix"}  # no VTM in captioning
+    # end-to-end fine-tuning (--freeze_layer_num 0): the ViT trains through frames and objects, the text tower only
+    # through the tied head (its prefix features carry no gradient) ...
+    model.encoder.requires_grad_(True)
+    model.zero_grad()
+    CaptionTask(model).train()(batch)["loss"].backward()
+    trained = _trained(model)
+    clip_trained = {n for n in trained if n.startswith("encoder.clip.")}
+    assert {"encoder.clip.visual.conv1.weight", "encoder.clip.token_embedding.weight"} <= clip_trained
+    assert all(n.startswith("encoder.clip.visual.") for n in clip_trained - {"encoder.clip.token_embedding.weight"})
+    # ... and the contrastive term (STOA's post_sim) adds the text tower and the temperature
+    model.zero_grad()
+    out = CaptionTask(model, contrastive_weight=1.0).train()(batch)
+    assert out["contrastive"] > 0
+    out["loss"].backward()
+    added = _trained(model) - trained
+    assert "encoder.clip.logit_scale" in added and "encoder.clip.transformer.resblocks.0.attn.in_proj_weight" in added
+
+
+def test_stoa_decoding_is_the_argmax_of_the_training_rows_and_cached_equals_naive():
+    from modules.fusion import encode_text_with_probes, plm_targets
+    from video_captioning.captioner import generate_captions
+
+    model = _stoa_model().eval()
+    batch = _stoa_batch(model)
+    encoder, fusion, clip = model.encoder, model.fusion, model.encoder.clip
+    sot, eot = 49406, fusion.config.eot_token_id
+    with torch.no_grad():
+        frames, objects = encoder.encode_video_tokens(batch["video"], batch["video_mask"], batch=batch)
+        vmask = batch["video_mask"]
+        cached = generate_captions(model, frames, vmask, 7, bos=sot, video_tokens=objects)
+        plain = generate_captions(model, frames, vmask, 7, bos=sot, video_tokens=objects, use_cache=False)
+        assert torch.equal(cached, plain) and cached.shape[1] > 0
+        beams = generate_captions(model, frames, vmask, 7, beam_size=2, bos=sot, video_tokens=objects)
+        beams_plain = generate_captions(
+            model, frames, vmask, 7, beam_size=2, bos=sot, video_tokens=objects, use_cache=False
+        )
+        assert torch.equal(beams, beams_plain)
+        # greedy token i+1 = argmax of the teacher-forced training row (b, i) on the decoded prefix
+        for b in range(len(cached)):
+            words = cached[b].tolist()
+            n = min(len(words) - (words[-1] == 0) * words.count(0), 6)
+            ended = eot in words[: n + 1]
+            words = words[: words.index(eot)] if ended else words[:n]
+            ids = torch.zeros(1, 8, dtype=torch.long)
+            ids[0, : len(words) + 2] = torch.tensor([sot, *words, eot])
+            mask = (ids != 0).long()
+            starts = torch.ones(1, dtype=torch.long)
+            prefixes = plm_targets(ids, mask, starts)[1].unique()
+            feats, probes = encode_text_with_probes(clip, ids, prefixes, eot)
+            rows = fusion.plm_objective(
+                frames[b : b + 1], vmask[b : b + 1], ids, mask, starts, feats, probes, prefixes,
+                clip.token_embedding.weight, objects[b : b + 1],
+            )  # fmt: skip
+            predicted = rows.logits.argmax(-1).tolist()
+            assert predicted[: len(words)] == words
+            if ended:
+                assert predicted[len(words)] == eot
+
+
+def test_stoa_qa_answer_state_matches_an_unpadded_reference_and_trains_objects_and_fusion():
+    from video_qa.model import MemBridgeQAModel
+    from video_qa.task import QATask
+
+    base = _stoa_model()
+    model = MemBridgeQAModel(base.encoder, base.fusion, head="first_token").eval()
+    batch = _stoa_batch(model, b=2)
+    batch["trajectory_ids"] = torch.tensor([[1, 2, 3, 4], [2, 1, 3, 4]])  # every trajectory slot valid
+    lengths = [4, 6]
+    batch["question_ids"] = torch.zeros(2, 8, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        batch["question_ids"][b, :n] = torch.tensor([49406, *range(10 + b, 8 + b + n), 49407])
+    batch["question_mask"] = (batch["question_ids"] != 0).long()
+    batch["answer_first_token"] = torch.tensor([5, 9])
+    fusion, t = model.fusion, batch["video_mask"].shape[1]
+    with torch.no_grad():
+        logits, _ = model.answer_logits(batch)
+        frames, objects = model.encoder.encode_video_tokens(batch["video"], batch["video_mask"], batch=batch)
+        q_feats, _ = model.encode_question(batch["question_ids"], batch["question_mask"])
+        states = []
+        for b, n in enumerate(lengths):  # [frames | v_sep | trajectories + actions | question | answer slot]
+            x = torch.cat([frames[b], frames[b].mean(0, keepdim=True), objects[b], q_feats[b, :n], torch.zeros(1, 64)])
+            keep = torch.ones(x.shape[0], 1)
+            keep[t] = keep[t + 1 + objects.shape[1] + n - 1] = 0  # no position at v_sep and the question's EOT
+            x = x + fusion.positional_embedding[: x.shape[0]] * keep
+            states.append(fusion.transformer(x.unsqueeze(0))[0, -1])  # joint attention, nothing padded
+        expected = fusion.vocab_logits(torch.stack(states), model.encoder.clip.token_embedding.weight)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    out = QATask(model.train())(batch)
+    out["loss"].backward()
+    trained = _trained(model)
+    assert all(n.startswith(("encoder.objects.", "fusion.")) for n in trained), trained
+    assert set(OBJECT_PARTS) <= trained and "fusion.vocab_proj" in trained
+
+
+def test_caption_sets_carry_boxes_padding_without_a_detection_file_and_objects_are_encoded_once_per_video(
+    synthetic_small: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    import shutil
+
+    from dataloaders.tokenizer import ClipTokenizer
+    from engine.builders import build_dataset
+    from engine.distributed import DistInfo
+    from video_captioning.task import DecodeSettings, build_caption_parser, caption_videos
+
+    objects = tmp_path / "objects"
+    shutil.copytree(synthetic_small / "objects", objects)
+    args = build_caption_parser().parse_args([
+        "--do_eval", "--output_dir", str(tmp_path / "out"), "--datatype", "msvd", "--method", "stoa",
+        "--object_count", "2", "--objects_dir", str(objects), "--labelmap_path",
+        str(synthetic_small / synthetic.LABEL_MAP_FILE_NAME), "--data_path", str(synthetic_small / "msvd"),
+        "--features_path", str(synthetic_small / "videos"), "--max_frames", "3",
+    ])  # fmt: skip
+    model = _stoa_model().eval()
+    size = model.encoder.clip.config.image_resolution
+    dataset = build_dataset(args, "msvd_caption", "test", size)
+    (objects / f"{dataset.video_ids[0]}.json").unlink()
+    item = dataset[0]
+    assert item["object_boxes"].shape == (3, 2, 4) and bool((item["object_boxes"] == -1).all())
+    assert not item["trajectory_ids"].any() and dataset.video_extras.__self__.missing == 1
+    assert f"no detection file {objects / dataset.video_ids[0]}.json" in caplog.text
+    assert bool((dataset[1]["object_classes"] > 0).any())  # a video with its file gets its boxes
+    train = build_dataset(args, "msvd_caption", "train", size)
+    assert {"object_boxes", "object_classes", "trajectory_ids", "text_ids"} <= set(train[0])
+    calls = []
+    model.encoder.objects.register_forward_hook(lambda module, inputs, out: calls.append(len(inputs[0])))
+    settings = DecodeSettings(max_len=3, beam_size=2, bos=49406)
+    cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    captions = caption_videos(model, dataset, cpu, 4, settings, ClipTokenizer())
+    assert list(captions) == dataset.video_ids
+    assert calls == [min(4, len(dataset) - i) for i in range(0, len(dataset), 4)]  # once per video, not per step
+
+
+@pytest.mark.slow
+def test_stoa_captioning_end_to_end_loss_falls_and_decodes(synthetic_small: Path, tmp_path: Path):
+    out = tmp_path / "caption"
+    _run("video_captioning.main_task_caption", [
+        "--do_train", "--do_eval", *_stoa_flags(synthetic_small), "--clip_config",
+        str(REPO / "CLIP-modules" / "tiny.json"), "--output_dir", str(out), "--datatype", "msrvtt",
+        "--data_path", str(synthetic_small / "msrvtt" / "MSRVTT_data.json"),
+        "--features_path", str(synthetic_small / "videos"), "--max_frames", "3", "--max_words", "10",
+        "--batch_size", "16", "--batch_size_val", "20", "--epochs", "1", "--lr", "2e-3", "--n_display", "2",
+        "--num_thread_reader", "0", "--torch_threads", "1", "--no-log_tensorboard", "--seed", "42",
+    ])  # fmt: skip
+    rows = [json.loads(line) for line in (out / "scalars.jsonl").read_text().splitlines()]
+    loss = [row["train/loss"] for row in rows if "train/loss" in row]
+    assert len(loss) >= 6 and np.mean(loss[-3:]) < np.mean(loss[:3]) - 0.3, loss
+    assert all("train/contrastive" in row for row in rows if "train/loss" in row)  # post_sim on MSR-VTT
+    captions = json.loads((out / "captions_test.json").read_text())
+    assert captions and all(isinstance(c, str) for c in captions.values())
+    assert any(c.strip() for c in captions.values())
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_videos"] == len(captions)
+
+
+def test_stoa_qa_end_to_end(synthetic_small: Path, tmp_path: Path):
+    from modules.model_config import read_model_config
+    from tests.test_qa import qa_flags, run_entry
+
+    out = tmp_path / "qa"
+    run_entry(qa_flags(synthetic_small, out, "--do_train", "--do_eval", *_stoa_flags(synthetic_small)[:8],
+                       "--epochs", "1", "--batch_size", "8", "--lr", "1e-3", "--torch_threads", "1"))  # fmt: skip
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["accuracy"] <= 100.0 and results["num_questions"] > 0
+    config = read_model_config(out / "ckpt" / (out / "ckpt" / "latest").read_text().strip())
+    assert config.method == "stoa" and config.object_count == 3

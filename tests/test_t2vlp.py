@@ -312,10 +312,11 @@ def test_t2vlp_captioning_decodes_with_one_causal_pass_per_step_and_trains_tubes
 
 
 def test_refused_tasks_name_the_method():
-    from video_qa.task import build_qa_model
+    from modules.methods import refuse_unsupported
 
-    with pytest.raises(ConfigError, match="video QA is not implemented for --method stoa"):  # a future method
-        build_qa_model(argparse.Namespace(method="stoa"), None)
+    refuse_unsupported("stoa", "video QA", supported=("membridge", "t2vlp", "stoa"))  # QA supports every method
+    with pytest.raises(ConfigError, match="video QA is not implemented for --method stoa"):  # a task without it
+        refuse_unsupported("stoa", "video QA", supported=("membridge", "t2vlp"))
 
 
 def test_t2vlp_qa_answer_state_matches_an_unpadded_reference():

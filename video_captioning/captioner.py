@@ -20,6 +20,10 @@ factored (``D x D x V`` multiply-adds saved per decode). ``use_cache=False`` re-
 ``[SOT, w1 .. wi, EOT]`` with ``encode_text_tokens`` at every step and runs the full training read-out
 (:meth:`MemBridgeFusion.next_token_logits`): the plain reference the fast path is tested against (same tokens, logits
 to float tolerance).
+
+The methods' video-only tokens (T2VLP tubes, STOA trajectory + action tokens: ``video_tokens [B, K, D]``) depend on
+the video alone: they are computed once per video before decoding and every step and beam indexes them by its row's
+video (``video_rows``).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class FusionCaptioner:
         self.clip = model.encoder.clip
         self.frame_feats = frame_feats
         self.video_mask = video_mask
-        self.video_tokens = video_tokens  # [B, K, D] T2VLP tubes (--method t2vlp), None otherwise
+        self.video_tokens = video_tokens  # [B, K, D] T2VLP tubes / STOA objects, None otherwise
         self.use_cache = use_cache
         self.eot_id = self.fusion.config.eot_token_id
         # The plain path reads out as training does (P @ E_tok^T [D, V], once per decode); the cached path never
@@ -163,7 +167,7 @@ def generate_captions(
     video_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Caption tokens ``[B, <= max_len]`` (EOT included where produced, padded with 0) of ``B`` videos
-    (``video_tokens [B, K, D]``: their T2VLP tubes with ``--method t2vlp``).
+    (``video_tokens [B, K, D]``: their T2VLP tubes or STOA trajectory + action tokens, computed once per video).
 
     ``beam_size == 1`` is greedy search (the family default), otherwise beam search with ``length_penalty``.
     """

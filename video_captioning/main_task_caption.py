@@ -25,6 +25,7 @@ from video_captioning.task import (
     SELECTION_METRIC,
     CaptionTask,
     build_caption_parser,
+    caption_contrastive_weight,
     caption_dataset_key,
     caption_evaluators,
     validate_caption_flags,
@@ -38,7 +39,7 @@ def build(args, dist) -> Job:
     test, val = caption_evaluators(args, dist, size, tokenizer, scorer)
     key = caption_dataset_key(args.datatype)
     train_set = lambda: build_dataset(args, key, "train", size, tokenizer=tokenizer)  # noqa: E731
-    task = CaptionTask(model, args.caption_targets)
+    task = CaptionTask(model, args.caption_targets, caption_contrastive_weight(args))
     return Job(task, train_set, test, val, SELECTION_METRIC if val else None, close=scorer.close)
 
 

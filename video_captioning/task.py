@@ -4,6 +4,10 @@ Training is the stage-2 prefix LM (``MemBridgeFusion.plm_loss``): video + bridge
 scoring every token of each reference (``--caption_targets suffix``: the stage-2 random suffix). Unlike stage 2,
 the CLIP video encoder is fine-tuned through the fusion (at ``--lr * --coef_lr``, below ``--freeze_layer_num``
 frozen); the text features of the prefix come from the CLIP text encoder without gradient, as decoding sees them.
+With ``--method t2vlp`` training is one teacher-forced pass plus the local alignment; with ``--method stoa`` the
+prefix LM runs over ``[frames | v_sep | trajectories + actions | text]`` (joint attention, the per-video boxes from
+``--objects_dir``), the object module trains, and on MSR-VTT the dual-encoder contrastive loss is added
+(``--caption_contrastive_weight``, spec B.7's ``post_sim``).
 
 Evaluation decodes every test video (batched over videos, each rank a contiguous shard, captions gathered as JSON),
 then scores one caption per video against **all** its references with pycocoevalcap on PTB-tokenised text.
@@ -29,11 +33,12 @@ from dataloaders.errors import ConfigError, DataError
 from dataloaders.tokenizer import ClipTokenizer
 from engine.builders import build_dataset
 from engine.data import build_eval_loader
-from engine.distributed import DistInfo, all_gather_object, broadcast_object
+from engine.distributed import DistInfo, all_gather_object, all_gather_with_grad, broadcast_object
 from engine.flags import build_parser
 from engine.run_logging import write_json_atomic
 from modules.aux_losses import local_alignment
 from modules.fusion import draw_plm_starts, encode_text_with_probes, eot_positions, plm_targets
+from modules.losses import contrastive_loss
 from modules.membridge import MemBridgeModel
 from modules.methods import refuse_unsupported
 from video_captioning.captioner import generate_captions
@@ -69,30 +74,63 @@ def max_caption_tokens(max_words: int) -> int:
 
 
 class CaptionTask(nn.Module):
-    """The prefix-LM loss of a captioning batch (``video, video_mask, text_ids, text_mask``): ``{loss, plm_acc}``.
+    """The prefix-LM loss of a captioning batch (``video, video_mask, text_ids, text_mask``; with ``--method stoa``
+    also the boxes ``object_boxes, object_classes, trajectory_ids``): ``{loss, plm_acc}``.
 
     ``targets``: ``all`` scores every token of the reference (teacher forcing, what decoding needs), ``suffix`` a
     random suffix per reference (the stage-2 PLM draw). Frame features keep their gradient when some video-encoder
-    parameter trains (``--freeze_layer_num``); the text features never do.
+    parameter trains (``--freeze_layer_num``); the text features of the prefix never do. The method's video-only
+    tokens (T2VLP tubes on a detached ViT input, STOA trajectory + action tokens, whose ViT inputs keep their
+    gradient as published, B.3) enter the fusion after ``v_sep`` and their module trains.
+
+    ``contrastive_weight > 0`` adds the symmetric InfoNCE of the dual encoder over the (global) batch (STOA's
+    ``post_sim`` on MSR-VTT captioning, spec B.7; reported as ``contrastive``): the caption's EOT feature is then
+    encoded a second time, with gradient, so the text encoder trains too. References of one video that share a
+    batch count as negatives of each other, as in the published code.
     """
 
-    def __init__(self, model: MemBridgeModel, targets: str = DEFAULT_CAPTION_TARGETS):
+    def __init__(self, model: MemBridgeModel, targets: str = DEFAULT_CAPTION_TARGETS, contrastive_weight: float = 0.0):
         super().__init__()
         if model.fusion is None:
             raise ValueError("captioning needs a MemBridgeModel with a fusion encoder")
         if targets not in CAPTION_TARGETS:
             raise ConfigError(f"--caption_targets {targets!r}: choose one of {CAPTION_TARGETS}")
+        if contrastive_weight < 0:
+            raise ConfigError(f"--caption_contrastive_weight must be >= 0 (got {contrastive_weight})")
         self.model = model
         self.targets = targets
+        self.contrastive_weight = contrastive_weight
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self._lm_loss(batch)
+        if self.contrastive_weight > 0:
+            encoder = self.model.encoder
+            sim = encoder.similarity_logits(
+                all_gather_with_grad(encoder.text_features(batch["text_ids"])),
+                all_gather_with_grad(out.pop("frame_feats")),
+                all_gather_with_grad(batch["video_mask"]),
+            )
+            out["contrastive"] = contrastive_loss(sim)
+            out["loss"] = out["loss"] + self.contrastive_weight * out["contrastive"]
+        out.pop("frame_feats", None)
+        return out
+
+    def after_optimizer_step(self) -> None:
+        if self.contrastive_weight > 0:  # only the contrastive term trains the temperature
+            self.model.encoder.clamp_logit_scale_()
+
+    def _lm_loss(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{loss, plm_acc[, align], frame_feats}`` of the fusion's language-model pass."""
         encoder, fusion = self.model.encoder, self.model.fusion
         clip = encoder.clip
         text_ids, text_mask, video_mask = batch["text_ids"], batch["text_mask"], batch["video_mask"]
-        train_video = self.training and any(p.requires_grad for p in clip.visual.parameters())
-        with torch.set_grad_enabled(train_video and torch.is_grad_enabled()):
-            frames, tap = encoder.encode_video(batch["video"], video_mask, return_tap=True)
-        tubes = None if encoder.tubes is None else encoder.tubes(tap.detach(), video_mask)  # T2VLP, trains
+        if encoder.objects is not None:  # STOA: the object module trains; the ViT where it trains (B.3, B.7)
+            frames, tubes = encoder.encode_video_tokens(batch["video"], video_mask, batch=batch)
+        else:
+            train_video = self.training and any(p.requires_grad for p in clip.visual.parameters())
+            with torch.set_grad_enabled(train_video and torch.is_grad_enabled()):
+                frames, tap = encoder.encode_video(batch["video"], video_mask, return_tap=True)
+            tubes = None if encoder.tubes is None else encoder.tubes(tap.detach(), video_mask)  # T2VLP, trains
         if self.targets == "all":
             starts = torch.ones(text_ids.shape[0], dtype=torch.long, device=text_ids.device)
         else:
@@ -105,7 +143,7 @@ class CaptionTask(nn.Module):
                 frames, video_mask, text_ids, text_mask, starts, token_feats, t_eot, clip.token_embedding.weight,
                 tubes,
             ).loss_and_accuracy()  # fmt: skip
-            out = {"plm_acc": accuracy}
+            out = {"plm_acc": accuracy, "frame_feats": frames}
             if tubes is not None:
                 out["align"] = local_alignment(encoder.tubes.text_queries(), token_feats, text_mask, tubes)
                 loss = loss + out["align"]
@@ -117,7 +155,7 @@ class CaptionTask(nn.Module):
             frames, video_mask, text_ids, text_mask, starts, token_feats, probe_feats, prefixes,
             clip.token_embedding.weight, tubes,
         )  # fmt: skip
-        return {"loss": loss, "plm_acc": accuracy}
+        return {"loss": loss, "plm_acc": accuracy, "frame_feats": frames}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,8 +195,10 @@ def caption_videos(
     )
     local: list[tuple[int, str]] = []
     for batch in tqdm(loader, desc="caption videos", disable=dist.rank != 0, leave=False):
-        video, video_mask = batch["video"].to(device), batch["video_mask"].to(device)
-        frames, tubes = model.encoder.encode_video_tokens(video, video_mask, detach_tap=True)
+        batch = {key: value.to(device) for key, value in batch.items()}  # STOA's boxes too
+        video, video_mask = batch["video"], batch["video_mask"]
+        # the method's video-only tokens (T2VLP tubes, STOA objects): once per video, reused by every step and beam
+        frames, tubes = model.encoder.encode_video_tokens(video, video_mask, detach_tap=True, batch=batch)
         tokens = generate_captions(
             model,
             frames,
@@ -243,6 +283,13 @@ def build_caption_parser(description: str | None = None) -> argparse.ArgumentPar
         default=DEFAULT_CAPTION_TARGETS,
         help="training scores every reference token (all) or a random suffix per reference as in stage-2 PLM",
     )
+    g.add_argument(
+        "--caption_contrastive_weight",
+        type=float,
+        default=None,
+        help="weight of the dual-encoder InfoNCE added to the caption loss (default: 1 for --method stoa on "
+        "--datatype msrvtt, STOA's post_sim; 0 otherwise)",
+    )
     # Downstream fine-tuning trains the fusion at --lr (the published rule) unless --fusion_lr is given.
     parser.set_defaults(fusion_lr=None)
     return parser
@@ -251,9 +298,20 @@ def build_caption_parser(description: str | None = None) -> argparse.ArgumentPar
 def validate_caption_flags(args: argparse.Namespace) -> None:
     """Captioning-only checks (after ``engine.flags.validate``)."""
     caption_dataset_key(args.datatype)
-    refuse_unsupported(args.method, "video captioning", supported=("membridge", "t2vlp"))
+    refuse_unsupported(args.method, "video captioning", supported=("membridge", "t2vlp", "stoa"))
     if args.beam_size < 1:
         raise ConfigError(f"--beam_size must be >= 1 (got {args.beam_size})")
+    if caption_contrastive_weight(args) < 0:
+        raise ConfigError(f"--caption_contrastive_weight must be >= 0 (got {args.caption_contrastive_weight})")
+
+
+def caption_contrastive_weight(args: argparse.Namespace) -> float:
+    """``--caption_contrastive_weight``, by default STOA's recipe (spec B.7): the contrastive loss joins the caption
+    loss on MSR-VTT only (``post_sim`` when ``datatype == msrvtt_caption``)."""
+    weight = getattr(args, "caption_contrastive_weight", None)
+    if weight is not None:
+        return weight
+    return 1.0 if args.method == "stoa" and args.datatype == "msrvtt" else 0.0
 
 
 def caption_evaluators(

@@ -21,6 +21,11 @@ There is no published MemBridge QA code, so ``official_quirks`` does not change 
 With ``--method t2vlp`` the layout is T2VLP's (spec A.6): ``[v_sep | frames | tubes | question | answer slot]``,
 joint attention (padding only), the positional embedding on every slot; the tubes come from the video with a
 detached ViT input, as in every downstream copy of the published code. There is no alignment loss in QA.
+
+With ``--method stoa`` (spec B.7) the layout is ``[frames | v_sep | trajectories + actions | question | answer slot]``
+through the same ``qa`` pass: joint attention, the positional embedding everywhere but ``v_sep`` and the question's
+EOT; the ``2 O + 4`` object tokens come from the batch's boxes (``object_boxes``, ``object_classes``,
+``trajectory_ids``) and the ViT, and their module trains with the answer loss.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ class MemBridgeQAModel(MemBridgeModel):
         video_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused state of the answer slot ``[B, D]``: the ``qa`` pass of the fusion (see the module docstring);
-        ``video_tokens [B, K, D]``: the videos' T2VLP tubes (``--method t2vlp``)."""
+        ``video_tokens [B, K, D]``: the videos' T2VLP tubes or STOA object tokens (``--method t2vlp|stoa``)."""
         inputs = FusionInputs.for_question(
             frame_feats, video_mask, question_feats, question_mask, question_eot, video_tokens
         )
@@ -113,7 +118,7 @@ class MemBridgeQAModel(MemBridgeModel):
         """Logits ``[B, A]`` (classifier) or ``[B, V]`` (first_token) of a QA batch, and the encoder outputs
         (``frame_feats [B, T, D]``, ``question_eot [B, D]``) for auxiliary losses."""
         video_mask, question_mask = batch["video_mask"], batch["question_mask"]
-        frame_feats, tubes = self.encoder.encode_video_tokens(batch["video"], video_mask, detach_tap=True)
+        frame_feats, tubes = self.encoder.encode_video_tokens(batch["video"], video_mask, detach_tap=True, batch=batch)
         question_feats, question_eot = self.encode_question(batch["question_ids"], question_mask)
         state = self.answer_state(frame_feats, video_mask, question_feats, question_mask, question_eot, tubes)
         if self.qa_head is not None:

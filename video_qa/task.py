@@ -29,7 +29,7 @@ from dataloaders.datasets import DATASETS, DataPaths, QADataset
 from dataloaders.errors import ConfigError
 from dataloaders.tokenizer import ClipTokenizer
 from dataloaders.transforms import ClipTransform
-from engine.builders import build_clip, file_source, model_config
+from engine.builders import attach_object_inputs, build_clip, file_source, model_config
 from engine.checkpoint import KeyMap, LoadReport, load_weights
 from engine.data import EvalSettings, build_eval_loader
 from engine.distributed import DistInfo, all_gather_with_grad, gather_eval_rows
@@ -100,6 +100,8 @@ def build_qa_dataset(
         num_answers=args.num_answers,
         rng_seed=args.seed,
     )
+    if args.method == "stoa":  # every question carries its video's boxes (--objects_dir, --labelmap_path)
+        attach_object_inputs(args, dataset, args.datatype, split)
     oov = dataset.num_out_of_vocabulary
     logger.info(
         "%s %s: %d questions on %d videos, %d answers in the vocabulary, %d questions (%.2f%%) out of it",
@@ -121,7 +123,7 @@ def build_qa_model(args: argparse.Namespace, num_answers: int | None) -> MemBrid
     """The QA model of the flags: CLIP (sizes as ``engine.builders.build_clip``), a fusion sized by
     ``--cross_config_path`` and the fusion flags, the answer head; ``--init_model`` weights (see
     :func:`init_qa_weights`). It carries its ModelConfig (head settings included) for its checkpoints."""
-    refuse_unsupported(args.method, "video QA", supported=("membridge", "t2vlp"))
+    refuse_unsupported(args.method, "video QA", supported=("membridge", "t2vlp", "stoa"))
     clip = build_clip(args)
     config = dataclasses.replace(
         model_config(args, clip.config, with_fusion=True),
@@ -161,6 +163,10 @@ def init_qa_weights(model: MemBridgeQAModel, init_model: str | None) -> LoadRepo
     if all(name in missing for name in fusion_blocks):
         logger.info("no fusion weights in --init_model: fusion initialised from the CLIP text encoder")
         model.fusion.init_from_clip(model.encoder.clip)
+    objects = model.encoder.objects
+    if objects is not None and report is not None and any(k.startswith("encoder.objects.") for k in report.missing):
+        logger.info("--init_model has no STOA object module: initialising its blocks from the loaded ViT")
+        objects.init_from_visual(model.encoder.clip.visual)
     return report
 
 
