@@ -38,7 +38,9 @@ from modules.published_keys import (
     convert_hmmc_state_dict,
     convert_published_state_dict,
     is_hmmc_layout,
+    is_openai_clip_layout,
     is_published_layout,
+    openai_clip_to_ours,
 )
 from modules.stoa import DEFAULT_NUM_ACTIONS
 from modules.video_clip import DEFAULT_TEMPORAL_LN_EPS
@@ -321,6 +323,9 @@ def load_init_model(args: argparse.Namespace, model: nn.Module):
             conversion = convert_hmmc_state_dict(state, strict=True)
             logger.info("%s", conversion.report())
             return conversion.state_dict
+        if is_openai_clip_layout(state):  # a bare OpenAI-layout CLIP, e.g. MCQ's MCQ_CLIP.pth (MCQ_HMMC.md C.3)
+            logger.info("--init_model holds an OpenAI-layout CLIP: loading it as encoder.clip")
+            return openai_clip_to_ours(state)
         if not is_published_layout(state):
             return state
         converted, unmapped = convert_published_state_dict(state, fusion_layers=fusion_layers or 6)
