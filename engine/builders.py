@@ -77,7 +77,14 @@ def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) ->
         slice_framepos=args.slice_framepos,
         frame_order=args.train_frame_order if train else args.eval_frame_order,
         pad_mode=args.pad_frames,
+        frame_sampling=segment_sampling(getattr(args, "frame_sampling", "fps"), train),
     )
+
+
+def segment_sampling(frame_sampling: str, train: bool) -> str:
+    """``--frame_sampling`` for a training or evaluation set: ``segment_random`` draws in training only (MCQ's
+    'rand' for training, 'uniform' = segment middles for evaluation)."""
+    return "segment_middle" if frame_sampling == "segment_random" and not train else frame_sampling
 
 
 def webvid_source(args: argparse.Namespace):

@@ -33,6 +33,7 @@ CLIP_MODULES = REPO_ROOT / "CLIP-modules"
 
 SLICE_FRAMEPOS = {"0": "head", "1": "tail", "2": "uniform"}
 FRAME_ORDER = {"0": "keep", "1": "reverse", "2": "shuffle"}
+FRAME_SAMPLINGS = ("fps", "segment_middle", "segment_random")  # dataloaders.video_io.FRAME_SAMPLINGS
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "fp16")
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 DEFAULT_CLIP_CONFIG = "ViT-B-16.json"
@@ -119,6 +120,14 @@ def _add_data_flags(p: argparse.ArgumentParser, task: str) -> None:
         type=_coded_choice(SLICE_FRAMEPOS, "--slice_framepos"),
         default="uniform",
         help="which frames to keep when a video has more than max_frames: head|tail|uniform (0|1|2)",
+    )
+    g.add_argument(
+        "--frame_sampling",
+        choices=FRAME_SAMPLINGS,
+        default="fps",
+        help="video files: fps (--feature_framerate frames a second, then --slice_framepos), or one frame per each of "
+        "max_frames equal segments of all frames (MCQ/Frozen): its middle (segment_middle), or a random one in "
+        "training and the middle in evaluation (segment_random); WebVid shards keep the frames they store",
     )
     g.add_argument(
         "--train_frame_order",
