@@ -246,6 +246,13 @@ def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
         )
     else:
         g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
+        g.add_argument(
+            "--text_lr",
+            type=float,
+            default=None,
+            help="learning rate of the text tower (CLIP's, or --language chinese's BERT); None: CLIP's text tower "
+            "trains at lr * coef_lr like the visual one (HMMC: 1e-5 pre-training, 1e-7 fine-tuning)",
+        )
     g.add_argument("--warmup_proportion", type=float, default=0.1, help="share of steps in linear warm-up")
     g.add_argument("--weight_decay", type=float, default=0.2, help="decoupled weight decay (not on bias/LayerNorm)")
     g.add_argument(
@@ -349,6 +356,13 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
 def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fusion (stage 2 and downstream)")
     g.add_argument("--fusion_lr", type=float, default=1e-5, help="learning rate of the fusion parameters")
+    g.add_argument(
+        "--extra_lr",
+        type=float,
+        default=None,
+        help="learning rate of the method's new encoder modules (--method t2vlp: the tube module, stoa: the object "
+        "module); None: the fusion's rate. The published stage-2 code trains them at lr * coef_lr (1e-8)",
+    )
     g.add_argument("--fusion_layers", type=int, default=None, help="fusion blocks (default: from fusion.json, 6)")
     g.add_argument("--num_bridge_tokens", type=int, default=None, help="bridge tokens K (default: fusion.json, 8)")
     g.add_argument("--memory_size", type=int, default=None, help="memory slots S (default: fusion.json, 8192)")
@@ -542,6 +556,8 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("seed", lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})")
     check("lr", lambda v: v >= 0, "a finite number >= 0 (0 freezes the weights, e.g. to write an initial checkpoint)")
     check("fusion_lr", lambda v: v >= 0, "a finite number >= 0")
+    check("text_lr", lambda v: v >= 0, "a finite number >= 0")
+    check("extra_lr", lambda v: v >= 0, "a finite number >= 0")
     check("coef_lr", lambda v: v >= 0, "a finite number >= 0")
     check("weight_decay", lambda v: v >= 0, "a finite number >= 0")
     check("max_grad_norm", lambda v: True, "a finite number (0 or negative: no clipping)")
