@@ -332,13 +332,7 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
         help="mcq: MCQ's literal question building and phrase-file parsing (MCQ_HMMC.md A.15 items 2-3); hmmc: "
         "pad-scoring MLM with full-vocabulary random ids, queue size a multiple of the global batch (B.14 2-3, 6)",
     )
-    g.add_argument(
-        "--language",
-        choices=("english", "chinese"),
-        default="english",
-        help="english: CLIP's text tower; chinese: the Hugging Face BERT of --text_pretrain_path + Linear (HMMC)",
-    )
-    g.add_argument("--text_pretrain_path", default=None, help="--language chinese: local Hugging Face model folder")
+    add_language_flags(g)
     g.add_argument("--contrast_num_negative", type=int, default=4096, help="hmmc: queue size K (HMMC recipe: 1024)")
     g.add_argument("--contrast_momentum", type=float, default=0.99, help="hmmc: momentum-encoder EMA momentum")
     g.add_argument("--contrast_temperature", type=float, default=0.07, help="hmmc: MoCo InfoNCE temperature")
@@ -351,6 +345,17 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
         "--hmmc_mask_id", type=int, default=None, help="hmmc: MLM's [MASK] id (default 0; --official_quirks: 49394)"
     )
     g.add_argument("--use_temp", action="store_true", help="hmmc: HMMC's temporal module (= --sim_header seqTransf)")
+
+
+def add_language_flags(g: argparse._ArgumentGroup) -> None:
+    """``--language`` / ``--text_pretrain_path`` (HMMC's Chinese text encoder): stage 1 and retrieval."""
+    g.add_argument(
+        "--language",
+        choices=("english", "chinese"),
+        default="english",
+        help="english: CLIP's text tower; chinese: the Hugging Face BERT of --text_pretrain_path + Linear (HMMC)",
+    )
+    g.add_argument("--text_pretrain_path", default=None, help="--language chinese: local Hugging Face model folder")
 
 
 def _add_fusion_flags(p: argparse.ArgumentParser) -> None:

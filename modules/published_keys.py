@@ -159,6 +159,9 @@ HMMC_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("text_encoder.transformer.", "encoder.clip.transformer."),
     ("text_encoder.ln_final.", "encoder.clip.ln_final."),
     ("text_encoder.text_projection", "encoder.clip.text_projection"),
+    # --language chinese: the Hugging Face BERT (``TextEncoder.chinese_encoder``) and its Linear to the joint space
+    ("text_encoder.chinese_encoder.", "encoder.text_hf.backbone."),
+    ("text_encoder.text_proj.", "encoder.text_hf.text_proj."),
 )
 # Training-only parts of HMMC's pre-training model: momentum twins, projector/predictor MLPs, the MLM head, queues.
 HMMC_TRAINING_ONLY = (
