@@ -2,7 +2,9 @@
 
 The pipeline of one video is four small pure functions over frame indices followed by one decode:
 
-1. ``published_frame_indices``: ``feature_framerate`` frames per second, as CLIP4Clip's ``RawVideoExtractorCV2``;
+1. ``published_frame_indices``: ``feature_framerate`` frames per second, as CLIP4Clip's ``RawVideoExtractorCV2``
+   (``frame_sampling='fps'``, the default); or ``segment_frames`` over all decoded frames (``segment_middle`` /
+   ``segment_random``: Frozen's / MCQ's "uniform" / "rand", one frame per each of ``max_frames`` equal segments);
 2. ``slice_frames``: keep ``max_frames`` of them (head / tail / uniform);
 3. ``pad_frames``: fill short videos to ``max_frames`` (MemBridge ``repeat`` or CLIP4Clip ``zero``);
 4. ``order_frames``: keep / reverse / shuffle the valid frames;
@@ -35,6 +37,7 @@ ORDER_CODES: dict[int, str] = {0: "keep", 1: "reverse", 2: "shuffle"}
 SLICE_MODES: tuple[str, ...] = tuple(SLICE_CODES.values())
 ORDER_MODES: tuple[str, ...] = tuple(ORDER_CODES.values())
 PAD_MODES: tuple[str, ...] = ("repeat", "zero")
+FRAME_SAMPLINGS: tuple[str, ...] = ("fps", "segment_middle", "segment_random")
 BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
 # ``auto`` tries these in order. PyAV first: as fast as decord on the real clips (bench/bench_data.py) and exact
 # where decord 0.6 is not (a stale frame after a long jump to an AVI's last frame; frames one GOP off after seeks
@@ -124,6 +127,27 @@ def published_frame_indices(
     bases = (seconds * fps_int).astype(np.int64)
     indices = (bases[:, None] + offsets[None, :]).reshape(-1)
     return indices[indices < num_frames]
+
+
+def segment_frames(n: int, max_frames: int, mode: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Positions (into ``n`` frames) of Frozen-in-Time / MCQ's ``sample_frames``: ``min(max_frames, n)`` equal
+    segments with edges ``int(linspace(0, n, k + 1))``, segment ``i`` covering ``[edge_i, edge_{i+1} - 1]``;
+    ``segment_middle`` takes ``(first + last) // 2`` of each (their 'uniform'), ``segment_random`` a uniformly random
+    frame of each (their 'rand', which draws from ``range(first, last)`` and so never takes a segment's last frame
+    and fails on one-frame segments; here every frame of the segment can be drawn). ``segment_random`` needs ``rng``.
+    """
+    mode = _choice(mode, FRAME_SAMPLINGS[1:], "frame_sampling")
+    _check_max_frames(max_frames)
+    if n < 1:
+        raise ValueError(f"segment_frames needs n >= 1 frames, got {n}")
+    count = min(max_frames, n)
+    edges = np.linspace(0, n, num=count + 1).astype(np.int64)
+    first, last = edges[:-1], edges[1:] - 1
+    if mode == "segment_middle":
+        return (first + last) // 2
+    if rng is None:
+        raise ValueError("frame_sampling='segment_random' needs a numpy Generator (rng)")
+    return first + rng.integers(0, last - first + 1)
 
 
 def slice_frames(n: int, max_frames: int, slice_framepos: str | int) -> np.ndarray:
@@ -420,17 +444,26 @@ def load_video(
     end_sec: float | None = None,
     rng: np.random.Generator | None = None,
     backend: str = "auto",
+    frame_sampling: str = "fps",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The published frame pipeline of one video: ``(frames uint8 [T, H, W, 3] RGB, mask int64 [T])``.
 
     ``T = max_frames``; slots with mask 0 (``pad_mode='zero'``) hold all-zero frames. A video that yields no
     frame (unreadable, empty, or a segment after its end) raises DataError, never a zero video. ``rng`` is only
-    used by ``frame_order='shuffle'`` (a fresh unseeded generator when None).
+    used by ``frame_order='shuffle'`` and ``frame_sampling='segment_random'`` (a fresh unseeded generator when
+    None). ``frame_sampling`` other than ``fps`` splits every frame of the video (or of its segment) into
+    ``max_frames`` parts (``segment_frames``; ``feature_framerate`` and ``slice_framepos`` then have no effect).
     """
     path = _check_file(path)
     info = probe_video(path)
+    frame_sampling = _choice(frame_sampling, FRAME_SAMPLINGS, "frame_sampling")
+    if rng is None:
+        rng = np.random.default_rng()
     try:
-        sampled = published_frame_indices(info.num_frames, info.fps, feature_framerate, start_sec, end_sec)
+        rate = feature_framerate if frame_sampling == "fps" else 0  # 0: every frame
+        sampled = published_frame_indices(info.num_frames, info.fps, rate, start_sec, end_sec)
+        if frame_sampling != "fps" and len(sampled):
+            sampled = sampled[segment_frames(len(sampled), max_frames, frame_sampling, rng)]
     except DataError as err:
         raise DataError(f"{path}: {err}") from err
     if len(sampled) == 0:
@@ -438,8 +471,6 @@ def load_video(
             f"{path}: segment [{start_sec}, {end_sec}] s starts after the video's end ({info.duration:.2f} s, "
             f"{info.num_frames} frames): fix the annotation times or the video"
         )
-    if rng is None:
-        rng = np.random.default_rng()
     wanted, mask = plan_frames(sampled, max_frames, slice_framepos, frame_order, pad_mode, rng)
     decoded = decode_frames(path, wanted, backend)
     frames = np.zeros((max_frames, *decoded.shape[1:]), dtype=np.uint8)
@@ -471,6 +502,7 @@ class FileVideoSource:
         pad_mode: str | int = "repeat",
         extensions: Sequence[str] = DEFAULT_EXTENSIONS,
         backend: str = "auto",
+        frame_sampling: str = "fps",
     ) -> None:
         self.video_dir = Path(video_dir)
         if not self.video_dir.is_dir():
@@ -483,6 +515,7 @@ class FileVideoSource:
         self.slice_framepos = _choice(slice_framepos, SLICE_MODES, "slice_framepos", SLICE_CODES)
         self.frame_order = _choice(frame_order, ORDER_MODES, "frame_order", ORDER_CODES)
         self.pad_mode = _choice(pad_mode, PAD_MODES, "pad_frames")
+        self.frame_sampling = _choice(frame_sampling, FRAME_SAMPLINGS, "frame_sampling")
         self.extensions = tuple(extensions)
         self.backend = backend
 
@@ -526,4 +559,5 @@ class FileVideoSource:
             end_sec=end,
             rng=rng,
             backend=self.backend,
+            frame_sampling=self.frame_sampling,
         )

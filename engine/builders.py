@@ -38,7 +38,9 @@ from modules.published_keys import (
     convert_hmmc_state_dict,
     convert_published_state_dict,
     is_hmmc_layout,
+    is_openai_clip_layout,
     is_published_layout,
+    openai_clip_to_ours,
 )
 from modules.stoa import DEFAULT_NUM_ACTIONS
 from modules.video_clip import DEFAULT_TEMPORAL_LN_EPS
@@ -75,7 +77,14 @@ def file_source(args: argparse.Namespace, video_dir: str | None, train: bool) ->
         slice_framepos=args.slice_framepos,
         frame_order=args.train_frame_order if train else args.eval_frame_order,
         pad_mode=args.pad_frames,
+        frame_sampling=segment_sampling(getattr(args, "frame_sampling", "fps"), train),
     )
+
+
+def segment_sampling(frame_sampling: str, train: bool) -> str:
+    """``--frame_sampling`` for a training or evaluation set: ``segment_random`` draws in training only (MCQ's
+    'rand' for training, 'uniform' = segment middles for evaluation)."""
+    return "segment_middle" if frame_sampling == "segment_random" and not train else frame_sampling
 
 
 def webvid_source(args: argparse.Namespace):
@@ -321,6 +330,9 @@ def load_init_model(args: argparse.Namespace, model: nn.Module):
             conversion = convert_hmmc_state_dict(state, strict=True)
             logger.info("%s", conversion.report())
             return conversion.state_dict
+        if is_openai_clip_layout(state):  # a bare OpenAI-layout CLIP, e.g. MCQ's MCQ_CLIP.pth (MCQ_HMMC.md C.3)
+            logger.info("--init_model holds an OpenAI-layout CLIP: loading it as encoder.clip")
+            return openai_clip_to_ours(state)
         if not is_published_layout(state):
             return state
         converted, unmapped = convert_published_state_dict(state, fusion_layers=fusion_layers or 6)

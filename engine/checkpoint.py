@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dataloaders.errors import CheckpointError
+from dataloaders.safe_pickle import safe_torch_load
 from engine import distributed
 from modules.model_config import model_config_metadata
 
@@ -60,6 +61,11 @@ DEFAULT_KEEP = 2
 FORMAT_VERSION = 1
 ALIASES_METADATA_KEY = "aliases"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+CONVERT_HINT = (
+    "it may be truncated or corrupt; otherwise "
+    "convert it once to safetensors in a trusted environment with the code that wrote it: "
+    "safetensors.torch.save_file(checkpoint['state_dict'], 'weights.safetensors')"
+)
 DDP_PREFIX = "module."
 MAX_LISTED_KEYS = 20
 STEP_DIR_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
@@ -503,14 +509,8 @@ def _read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 f"{path} is not a readable TorchScript archive ({_one_line(exc)}): re-export it, or save the weights "
                 "as a plain state dict (tensors only) or as safetensors"
             ) from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} cannot be read as a state dict with torch.load(weights_only=True) ({_one_line(exc)}): it may be "
-            "truncated or corrupt, or hold pickled Python objects; re-save it as a plain state dict (tensors only) or "
-            "as safetensors"
-        ) from exc
+    # weights only; pickled Python objects beside the tensors (a training checkpoint's config) are dropped unexecuted
+    return safe_torch_load(path, CONVERT_HINT)[0], {}
 
 
 def _as_state_dict(raw: Any, path: Path) -> tuple[StateDict, list[str]]:

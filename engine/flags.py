@@ -33,6 +33,7 @@ CLIP_MODULES = REPO_ROOT / "CLIP-modules"
 
 SLICE_FRAMEPOS = {"0": "head", "1": "tail", "2": "uniform"}
 FRAME_ORDER = {"0": "keep", "1": "reverse", "2": "shuffle"}
+FRAME_SAMPLINGS = ("fps", "segment_middle", "segment_random")  # dataloaders.video_io.FRAME_SAMPLINGS
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "fp16")
 SIM_HEADERS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 DEFAULT_CLIP_CONFIG = "ViT-B-16.json"
@@ -119,6 +120,14 @@ def _add_data_flags(p: argparse.ArgumentParser, task: str) -> None:
         type=_coded_choice(SLICE_FRAMEPOS, "--slice_framepos"),
         default="uniform",
         help="which frames to keep when a video has more than max_frames: head|tail|uniform (0|1|2)",
+    )
+    g.add_argument(
+        "--frame_sampling",
+        choices=FRAME_SAMPLINGS,
+        default="fps",
+        help="video files: fps (--feature_framerate frames a second, then --slice_framepos), or one frame per each of "
+        "max_frames equal segments of all frames (MCQ/Frozen): its middle (segment_middle), or a random one in "
+        "training and the middle in evaluation (segment_random); WebVid shards keep the frames they store",
     )
     g.add_argument(
         "--train_frame_order",
@@ -237,6 +246,13 @@ def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
         )
     else:
         g.add_argument("--coef_lr", type=float, default=1e-3, help="CLIP parameters train at lr * coef_lr")
+        g.add_argument(
+            "--text_lr",
+            type=float,
+            default=None,
+            help="learning rate of the text tower (CLIP's, or --language chinese's BERT); None: CLIP's text tower "
+            "trains at lr * coef_lr like the visual one (HMMC: 1e-5 pre-training, 1e-7 fine-tuning)",
+        )
     g.add_argument("--warmup_proportion", type=float, default=0.1, help="share of steps in linear warm-up")
     g.add_argument("--weight_decay", type=float, default=0.2, help="decoupled weight decay (not on bias/LayerNorm)")
     g.add_argument(
@@ -316,13 +332,7 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
         help="mcq: MCQ's literal question building and phrase-file parsing (MCQ_HMMC.md A.15 items 2-3); hmmc: "
         "pad-scoring MLM with full-vocabulary random ids, queue size a multiple of the global batch (B.14 2-3, 6)",
     )
-    g.add_argument(
-        "--language",
-        choices=("english", "chinese"),
-        default="english",
-        help="english: CLIP's text tower; chinese: the Hugging Face BERT of --text_pretrain_path + Linear (HMMC)",
-    )
-    g.add_argument("--text_pretrain_path", default=None, help="--language chinese: local Hugging Face model folder")
+    add_language_flags(g)
     g.add_argument("--contrast_num_negative", type=int, default=4096, help="hmmc: queue size K (HMMC recipe: 1024)")
     g.add_argument("--contrast_momentum", type=float, default=0.99, help="hmmc: momentum-encoder EMA momentum")
     g.add_argument("--contrast_temperature", type=float, default=0.07, help="hmmc: MoCo InfoNCE temperature")
@@ -337,9 +347,27 @@ def _add_stage1_objective_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use_temp", action="store_true", help="hmmc: HMMC's temporal module (= --sim_header seqTransf)")
 
 
+def add_language_flags(g: argparse._ArgumentGroup) -> None:
+    """``--language`` / ``--text_pretrain_path`` (HMMC's Chinese text encoder): stage 1 and retrieval."""
+    g.add_argument(
+        "--language",
+        choices=("english", "chinese"),
+        default="english",
+        help="english: CLIP's text tower; chinese: the Hugging Face BERT of --text_pretrain_path + Linear (HMMC)",
+    )
+    g.add_argument("--text_pretrain_path", default=None, help="--language chinese: local Hugging Face model folder")
+
+
 def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fusion (stage 2 and downstream)")
     g.add_argument("--fusion_lr", type=float, default=1e-5, help="learning rate of the fusion parameters")
+    g.add_argument(
+        "--extra_lr",
+        type=float,
+        default=None,
+        help="learning rate of the method's new encoder modules (--method t2vlp: the tube module, stoa: the object "
+        "module); None: the fusion's rate. The published stage-2 code trains them at lr * coef_lr (1e-8)",
+    )
     g.add_argument("--fusion_layers", type=int, default=None, help="fusion blocks (default: from fusion.json, 6)")
     g.add_argument("--num_bridge_tokens", type=int, default=None, help="bridge tokens K (default: fusion.json, 8)")
     g.add_argument("--memory_size", type=int, default=None, help="memory slots S (default: fusion.json, 8192)")
@@ -533,6 +561,8 @@ def _numeric_errors(args: argparse.Namespace) -> list[str]:
     check("seed", lambda v: 0 <= v < MAX_SEED, f"in [0, {MAX_SEED})")
     check("lr", lambda v: v >= 0, "a finite number >= 0 (0 freezes the weights, e.g. to write an initial checkpoint)")
     check("fusion_lr", lambda v: v >= 0, "a finite number >= 0")
+    check("text_lr", lambda v: v >= 0, "a finite number >= 0")
+    check("extra_lr", lambda v: v >= 0, "a finite number >= 0")
     check("coef_lr", lambda v: v >= 0, "a finite number >= 0")
     check("weight_decay", lambda v: v >= 0, "a finite number >= 0")
     check("max_grad_norm", lambda v: True, "a finite number (0 or negative: no clipping)")

@@ -219,6 +219,33 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+# The CLIP text tower (OpenAI names under ``clip.``) and HMMC's Hugging Face text encoder (``text_hf.``): ``--text_lr``.
+TEXT_PREFIXES = (
+    "clip.transformer.",
+    "clip.token_embedding.",
+    "clip.positional_embedding",
+    "clip.ln_final.",
+    "clip.text_projection",
+    "text_hf.",
+)
+# The methods' new encoder modules (T2VLP's tube module, STOA's object module): ``--extra_lr``.
+EXTRA_PREFIXES = ("encoder.tubes.", "encoder.objects.")
+PARTS = ("clip", "text", "extra", "fusion", "other")
+
+
+def _part_of(name: str, clip_prefix: str, fusion_prefix: str, fusion_lr: float | None, text_lr: float | None) -> str:
+    """The group of parameter ``name`` (see :func:`build_param_groups`)."""
+    if any(_matches(name, prefix) for prefix in EXTRA_PREFIXES):
+        return "extra"
+    if fusion_lr is not None and _matches(name, fusion_prefix):
+        return "fusion"
+    if text_lr is not None and any(_matches(name, prefix) for prefix in TEXT_PREFIXES):
+        return "text"
+    if _matches(name, clip_prefix):
+        return "clip"
+    return "other"
+
+
 def build_param_groups(
     model: nn.Module,
     lr: float,
@@ -227,33 +254,40 @@ def build_param_groups(
     clip_prefix: str = "clip.",
     fusion_prefix: str = "fusion.",
     fusion_lr: float | None = None,
+    text_lr: float | None = None,
+    extra_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into named groups by learning rate and weight decay.
 
     Fusion parameters (name contains ``fusion_prefix``) train at ``fusion_lr`` when it is given, otherwise they
     follow the rule of the other names (so ``fusion_lr=None`` trains the fusion at ``lr``); CLIP parameters (name
     contains ``clip_prefix``) at ``lr * coef_lr``; the rest at ``lr``. ``coef_lr=None`` (stage 2, where CLIP is
-    frozen) is allowed only when no CLIP parameter trains. Biases, normalisation layers and ``gamma``/``beta`` get
-    no weight decay. Parameters with ``requires_grad=False`` are left out and empty groups are dropped. Each group
-    carries a ``name`` for logging.
+    frozen) is allowed only when no CLIP parameter trains. ``text_lr`` (HMMC's ``--text_lr``; None: the text tower
+    is CLIP like the rest, at ``lr * coef_lr``) trains the text tower (``TEXT_PREFIXES``) at its own rate. The
+    methods' new modules (``EXTRA_PREFIXES``: T2VLP tubes, STOA objects) train at ``extra_lr``, by default the fusion
+    rate (``fusion_lr``, else ``lr``). Biases, normalisation layers and ``gamma``/``beta`` get no weight decay.
+    Parameters with ``requires_grad=False`` are left out and empty groups are dropped. Each group carries a
+    ``name`` for logging.
     """
     no_decay = _no_decay_names(model)
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if fusion_lr is not None and _matches(name, fusion_prefix):
-            part = "fusion"
-        elif _matches(name, clip_prefix):
-            part = "clip"
-        else:
-            part = "other"
+        part = _part_of(name, clip_prefix, fusion_prefix, fusion_lr, text_lr)
         buckets.setdefault((part, name not in no_decay), []).append(param)
     if coef_lr is None and any(part == "clip" for part, _ in buckets):
         raise ConfigError("CLIP parameters train but no --coef_lr was set: pass --coef_lr or freeze the CLIP")
-    part_lr = {"fusion": fusion_lr, "clip": None if coef_lr is None else lr * coef_lr, "other": lr}
+    fusion_rate = lr if fusion_lr is None else fusion_lr
+    part_lr = {
+        "clip": None if coef_lr is None else lr * coef_lr,
+        "text": text_lr,
+        "extra": fusion_rate if extra_lr is None else extra_lr,
+        "fusion": fusion_lr,
+        "other": lr,
+    }
     groups = []
-    for part in ("clip", "fusion", "other"):
+    for part in PARTS:
         for decay in (True, False):
             params = buckets.get((part, decay))
             if params:
@@ -297,6 +331,8 @@ def build_optimizer(
     warmup_proportion: float,
     total_steps: int,
     max_grad_norm: float,
+    text_lr: float | None = None,
+    extra_lr: float | None = None,
 ) -> OptimizerBundle:
     """The optimiser of ``--optimizer`` over :func:`build_param_groups` of ``model``.
 
@@ -304,7 +340,9 @@ def build_optimizer(
     does not clip). ``adamw``: ``torch.optim.AdamW`` with the same betas/eps, a ``LambdaLR`` of the same
     warmup-cosine shape (step it after every optimiser step), and clipping of the global gradient norm by the caller.
     """
-    groups = build_param_groups(model, lr, coef_lr, weight_decay, fusion_lr=fusion_lr)
+    groups = build_param_groups(
+        model, lr, coef_lr, weight_decay, fusion_lr=fusion_lr, text_lr=text_lr, extra_lr=extra_lr
+    )
     if not groups:
         raise ConfigError("the model has no trainable parameters: check --freeze_layer_num and the training stage")
     warmup, total = warmup_proportion, total_steps

@@ -164,6 +164,8 @@ def fit(
         lr=args.lr,
         coef_lr=args.coef_lr,
         fusion_lr=getattr(args, "fusion_lr", None),
+        text_lr=getattr(args, "text_lr", None),
+        extra_lr=getattr(args, "extra_lr", None),
         weight_decay=args.weight_decay,
         warmup_proportion=args.warmup_proportion,
         total_steps=total_steps,

@@ -2,7 +2,9 @@
 
 ``load_clip`` reads OpenAI's released files (TorchScript archives such as ``ViT-B-16.pt``), plain state dicts and
 safetensors, and infers the architecture from tensor shapes the way OpenAI's ``build_model`` does, so ViT-B/16,
-ViT-B/32 and ViT-L/14 files all load. Nothing is ever unpickled without ``weights_only=True``.
+ViT-B/32 and ViT-L/14 files all load. Nothing is ever unpickled without ``weights_only=True``: training checkpoints
+that also pickle Python objects (MCQ-CLIP's ``{'state_dict', 'config': ConfigParser, ...}``) load with those objects
+dropped unexecuted (``dataloaders.safe_pickle.safe_torch_load``); ``state_dict`` and ``module.`` wrappers are removed.
 
 Shapes: images ``[B, 3, S, S]``, text ids ``[B, N]``; ``W`` ViT width, ``P`` patches per image, ``D`` embed dim.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from dataloaders.errors import CheckpointError, ConfigError
+from dataloaders.safe_pickle import safe_torch_load
 from modules.clip_blocks import LayerNorm, ResidualAttentionBlock, Transformer, causal_mask, default_heads
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,10 @@ TEMPORAL_PATCH_FRAMES = 3
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 """Integer entries of OpenAI's TorchScript state dicts that are not weights."""
 CHECKPOINT_HINT = "use OpenAI's released ViT-*.pt, or a state dict / safetensors file with the same keys"
+CONVERT_HINT = (
+    "convert it once to safetensors in a trusted environment with the code that wrote it: "
+    "safetensors.torch.save_file(checkpoint['state_dict'], 'weights.safetensors')"
+)
 SAFETENSORS_HEADER_BYTES = 8
 
 
@@ -339,8 +346,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # weights only: a training checkpoint's pickled config objects (MCQ's ConfigParser) are dropped
+            state, _ = safe_torch_load(path, CONVERT_HINT)
+    except CheckpointError:
+        raise
     except Exception as err:  # torch, pickle and safetensors raise unrelated types for a bad file
         detail = " ".join(str(err).split()) or type(err).__name__  # one line: torch's messages span several
         raise CheckpointError(f"{path}: cannot read the checkpoint ({detail}); {CHECKPOINT_HINT}") from err

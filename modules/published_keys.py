@@ -20,19 +20,34 @@ The STOA-VLP release (spec ``T2VLP_STOA.md`` B.3-B.5, C.2.6) adds ``clip.visual.
 fusion positional table has ``90 + 12 O`` rows: set ``context_length`` in ``fusion.json`` to load it.
 
 HMMC's released checkpoints (``visual_encoder.*``, ``text_encoder.*`` and training-only parts) map through
-:func:`convert_hmmc_state_dict`.
+:func:`convert_hmmc_state_dict`. A bare OpenAI-layout CLIP (MCQ's ``MCQ_CLIP.pth``: ``visual.*``, ``transformer.*``,
+``text_projection``, ...) maps under ``encoder.clip.`` (:func:`openai_clip_to_ours`).
+
+Optional converter (the loaders read such files directly; a safetensors copy loads without any unpickling)::
+
+    python -m modules.published_keys --to_safetensors MCQ_CLIP.pth MCQ_CLIP.safetensors
+
+reads a ``torch.save`` file weights-only (pickled config objects dropped unexecuted), unwraps ``state_dict`` and a
+DDP ``module.`` prefix, and writes the tensors as safetensors.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from dataloaders.errors import DataError
+from dataloaders.errors import DataError, MemBridgeError
+from dataloaders.safe_pickle import safe_torch_load
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FUSION_LAYERS = 6
 DROPPED = None  # target of published weights that the published forward never uses
@@ -144,6 +159,9 @@ HMMC_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("text_encoder.transformer.", "encoder.clip.transformer."),
     ("text_encoder.ln_final.", "encoder.clip.ln_final."),
     ("text_encoder.text_projection", "encoder.clip.text_projection"),
+    # --language chinese: the Hugging Face BERT (``TextEncoder.chinese_encoder``) and its Linear to the joint space
+    ("text_encoder.chinese_encoder.", "encoder.text_hf.backbone."),
+    ("text_encoder.text_proj.", "encoder.text_hf.text_proj."),
 )
 # Training-only parts of HMMC's pre-training model: momentum twins, projector/predictor MLPs, the MLM head, queues.
 HMMC_TRAINING_ONLY = (
@@ -195,3 +213,70 @@ def convert_hmmc_state_dict(state_dict: Mapping[str, torch.Tensor], strict: bool
         )
     out.state_dict.setdefault("encoder.clip.logit_scale", torch.tensor(HMMC_LOGIT_SCALE))
     return out
+
+
+OPENAI_CLIP_MARKERS = ("visual.proj", "text_projection")
+OURS_CLIP_PREFIX = "encoder.clip."
+DDP_PREFIX = "module."
+OPENAI_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_openai_clip_layout(state_dict: Mapping[str, object]) -> bool:
+    """True for a bare OpenAI-layout CLIP state dict (``visual.proj`` and ``text_projection`` at the top level)."""
+    return all(marker in state_dict for marker in OPENAI_CLIP_MARKERS)
+
+
+def openai_clip_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenAI-layout CLIP state dict renamed under ``encoder.clip.`` (OpenAI's non-weight entries dropped)."""
+    return {OURS_CLIP_PREFIX + k: v for k, v in state_dict.items() if k not in OPENAI_NON_WEIGHT_KEYS}
+
+
+def read_tensor_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file read weights-only (pickled objects dropped unexecuted), with a
+    ``state_dict`` wrapper and a DDP ``module.`` prefix (on every key) removed."""
+    data, _ = safe_torch_load(path, "the file is not a torch.save archive of tensors")
+    while isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise DataError(f"{path}: holds a {type(data).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise DataError(f"{path}: holds no tensors under its top level or its 'state_dict' entry")
+    if all(k.startswith(DDP_PREFIX) for k in tensors):
+        tensors = {k[len(DDP_PREFIX) :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def to_safetensors(source: str | Path, target: str | Path) -> int:
+    """Write the tensors of :func:`read_tensor_state_dict` of ``source`` to the safetensors file ``target``; returns
+    how many were written."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in read_tensor_state_dict(source).items()}
+    save_file(tensors, str(target))
+    return len(tensors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modules.published_keys --to_safetensors IN OUT``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument(
+        "--to_safetensors",
+        nargs=2,
+        metavar=("IN", "OUT"),
+        required=True,
+        help="convert a torch.save checkpoint (e.g. MCQ_CLIP.pth) to a safetensors file of its state dict",
+    )
+    args = parser.parse_args(argv)
+    source, target = args.to_safetensors
+    try:
+        count = to_safetensors(source, target)
+    except MemBridgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{target}: {count} tensors written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -332,11 +332,18 @@ def test_wrong_shapes_raise_and_load_nothing(tmp_path: Path) -> None:
     torch.testing.assert_close(target.emb.weight, before)
 
 
-def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+def test_pickled_objects_are_dropped_and_weights_load(tmp_path: Path) -> None:
     file = tmp_path / "evil.bin"
-    torch.save({"state_dict": Net().state_dict(), "obj": Path("x")}, file)
-    with pytest.raises(CheckpointError, match="weights_only"):
-        ckpt.load_weights(file, Net())
+    source = Net()
+    torch.save({"state_dict": source.state_dict(), "obj": Path("x")}, file)  # a training checkpoint's config object
+    target = Net()
+    report = ckpt.load_weights(file, target, strict=True)  # the object is dropped unexecuted (MCQ-CLIP files)
+    assert report.loaded == len(source.state_dict()) and not report.missing and not report.unexpected
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.bin: cannot read the file with torch.load.weights_only=True"):
+        ckpt.load_weights(tmp_path / "garbage.bin", Net())
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.load_weights(tmp_path / "nope.bin", Net())
 

@@ -29,6 +29,8 @@ BAD_VALUES = [
     ("clip", "lr", ["nan", "inf", "-inf", "-1e-4"]),
     ("clip", "coef_lr", ["nan", "inf", "-1"]),
     ("retrieval", "fusion_lr", ["nan", "inf", "-1e-5"]),
+    ("clip", "text_lr", ["nan", "-1e-5"]),
+    ("fusion", "extra_lr", ["inf", "-1e-8"]),
     ("fusion", "lr", ["nan", "-1"]),
     ("clip", "weight_decay", ["nan", "inf", "-0.1"]),
     ("clip", "max_grad_norm", ["nan", "inf"]),

@@ -874,3 +874,55 @@ def test_vatex_english_and_chinese_captions(tmp_path):
         DATASETS["vatex"]("test", paths, FakeSource(), fake_transform, tok, 12)
     with pytest.raises(DataError, match="missing key 'chCap'"):
         DATASETS["vatex_zh"]("test", paths, FakeSource(), fake_transform, tok, 12)
+
+
+@pytest.mark.slow
+def test_chinese_hmmc_checkpoint_evaluates_through_retrieval(synthetic_small, tiny_bert, tmp_path, caplog):
+    """A released-layout HMMC checkpoint with the Chinese text encoder (``text_encoder.chinese_encoder.*`` +
+    ``text_encoder.text_proj``) loads with ``--init_model`` into a ``--language chinese`` retrieval model and gives
+    the same evaluation as the same weights in our layout (the CLIP text tower, unused in Chinese, is not in it)."""
+    from engine.builders import build_model
+    from tests.test_retrieval import MODEL_FLAGS, msrvtt_flags
+    from video_text_retrieval import main_task_retrieval as retrieval
+    from video_text_retrieval.settings import build_retrieval_parser
+
+    flags = [*MODEL_FLAGS, *msrvtt_flags(synthetic_small), "--language", "chinese", "--text_pretrain_path",
+             str(tiny_bert), "--rerank_topk", "0", "--batch_size_val", "16", "--torch_threads", "1",
+             "--do_eval"]  # fmt: skip
+    parse = build_retrieval_parser().parse_args
+    torch.manual_seed(5)
+    model = build_model(parse([*flags, "--output_dir", str(tmp_path / "x")]), False)
+    with torch.no_grad():  # weights unlike the BERT folder's and the run's own initialisation
+        for p in model.encoder.text_hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    renames = (("encoder.clip.visual.", "visual_encoder.visual."),
+               ("encoder.text_hf.backbone.", "text_encoder.chinese_encoder."),
+               ("encoder.text_hf.text_proj.", "text_encoder.text_proj."))  # fmt: skip
+    state = {"queue_v_cross_ng": torch.zeros(4, 8)}  # a training-only HMMC tensor
+    for key, value in model.state_dict().items():
+        rule = next(((o, t) for o, t in renames if key.startswith(o)), None)
+        if rule is not None:
+            state[rule[1] + key[len(rule[0]) :]] = value.clone()
+    assert any(k.startswith("text_encoder.chinese_encoder.") for k in state)
+    torch.save(state, tmp_path / "hmmc_zh.bin")
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    ours["encoder.clip.logit_scale"] = torch.tensor(math.log(100.0))  # HMMC's constant scale, as the converter sets
+    save_file(ours, str(tmp_path / "ours.safetensors"))
+
+    loaded = build_model(parse([*flags, "--output_dir", str(tmp_path / "y"), "--init_model", str(tmp_path /
+                                "hmmc_zh.bin")]), False)  # fmt: skip
+    for key, value in model.state_dict().items():
+        if key.startswith(("encoder.text_hf.", "encoder.clip.visual.")):
+            assert torch.equal(loaded.state_dict()[key], value), key
+    with caplog.at_level(logging.INFO):
+        converted = retrieval.main([*flags, "--init_model", str(tmp_path / "hmmc_zh.bin"), "--output_dir",
+                                    str(tmp_path / "zh")])  # fmt: skip
+    assert "1 training-only tensors of HMMC's pre-training model left out, 0 unknown" in caplog.text
+    reference = retrieval.main([*flags, "--init_model", str(tmp_path / "ours.safetensors"), "--output_dir",
+                                str(tmp_path / "ref")])  # fmt: skip
+    assert converted["num_texts"] > 0
+    for key in ("t2v_R1", "t2v_R5", "t2v_MnR", "v2t_R1", "v2t_MnR"):
+        assert converted[key] == pytest.approx(reference[key]), key
+    with pytest.raises(ConfigError, match="--rerank_topk 0"):
+        at = flags.index("--rerank_topk")  # without it: the default re-ranking, which needs CLIP's text tokens
+        retrieval.main([*flags[:at], *flags[at + 2 :], "--output_dir", str(tmp_path / "bad")])

@@ -224,3 +224,123 @@ def test_blocked_update_is_bit_identical_to_the_published_loop(monkeypatch: pyte
         for p, r in zip(params, ref, strict=True):
             assert torch.equal(p.detach(), r) and torch.equal(p.grad, r.grad)
     assert all(not torch.equal(p.detach(), start) for p, start in zip(params, initial, strict=True))  # they moved
+
+
+# ------------------------------------------------------------------ --text_lr / --extra_lr on the real module names
+
+TEXT_TOWER = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+
+
+def t2vlp_model(stage2: bool):
+    """The tiny MemBridge model with T2VLP's tube module and a stand-in Chinese text encoder (``encoder.text_hf``);
+    stage 2: the encoder frozen but for the tubes; stage 1: no fusion, everything trains."""
+    from dataclasses import replace
+
+    from modules.clip_model import CLIPConfig, load_clip
+    from modules.fusion import MemBridgeFusion
+    from modules.membridge import MemBridgeModel
+    from modules.video_clip import VideoCLIP
+    from tests.fusion_fixtures import TEST_VOCAB, TINY_CLIP, tiny_config
+
+    torch.manual_seed(0)
+    clip = load_clip(config=replace(CLIPConfig.from_json(TINY_CLIP), vocab_size=TEST_VOCAB))
+    encoder = VideoCLIP(clip, joint_layers=1, max_frames=4, num_tubes=2)
+    encoder.text_hf = nn.Linear(3, 4)
+    model = MemBridgeModel(encoder, MemBridgeFusion(tiny_config()) if stage2 else None)
+    if stage2:
+        model.freeze_encoder()
+    return model
+
+
+def expected_part(name: str) -> str:
+    """The group each name belongs in, written from the spec tables (MCQ_HMMC.md B.10, T2VLP_STOA.md C.2 item 9)."""
+    if name.startswith(("encoder.tubes.", "encoder.objects.")):
+        return "extra"
+    if name.startswith("fusion."):
+        return "fusion"
+    if name.startswith("encoder.text_hf."):
+        return "text"
+    if name.startswith("encoder.clip."):
+        return "text" if name.split(".")[2] in TEXT_TOWER else "visual"
+    return "other"
+
+
+def lr_of_each_parameter(model: nn.Module, **kwargs) -> dict[str, float]:
+    groups = build_param_groups(model, weight_decay=0.2, **kwargs)
+    by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    return {name: by_id[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("text_lr", [None, 1e-7])
+def test_stage1_text_lr_moves_only_the_text_tower(text_lr) -> None:
+    model = t2vlp_model(stage2=False)
+    lrs = lr_of_each_parameter(model, lr=1e-4, coef_lr=1e-3, text_lr=text_lr)
+    parts = {name: expected_part(name) for name in lrs}
+    assert {"text", "visual", "extra"} <= set(parts.values())
+    for name, lr in lrs.items():
+        part = parts[name]
+        if part == "text" and name.startswith("encoder.text_hf."):  # not CLIP: today's rule puts it at lr
+            want = 1e-4 if text_lr is None else text_lr
+        elif part in ("text", "visual"):
+            want = 1e-7 if part == "visual" or text_lr is None else text_lr
+        else:  # tubes in stage 1 (no fusion flags): the fusion rate is lr, as before --extra_lr
+            want = 1e-4
+        assert lr == pytest.approx(want, rel=1e-12), name
+    assert lrs["encoder.clip.logit_scale"] == pytest.approx(1e-7)  # CLIP, not text tower
+
+
+@pytest.mark.parametrize("fusion_lr", [None, 2e-5])
+@pytest.mark.parametrize("extra_lr", [None, 3e-6])
+def test_stage2_extra_lr_sets_the_tube_module_default_fusion_rate(fusion_lr, extra_lr) -> None:
+    model = t2vlp_model(stage2=True)
+    lrs = lr_of_each_parameter(model, lr=1e-5, coef_lr=None, fusion_lr=fusion_lr, extra_lr=extra_lr)
+    fusion_rate = 1e-5 if fusion_lr is None else fusion_lr
+    tubes = [name for name in lrs if expected_part(name) == "extra"]
+    assert tubes and all(name.startswith("encoder.tubes.") for name in tubes)
+    assert not any(expected_part(name) in ("text", "visual") for name in lrs)  # the CLIP is frozen
+    for name, lr in lrs.items():
+        want = (fusion_rate if extra_lr is None else extra_lr) if name in tubes else fusion_rate
+        assert lr == pytest.approx(want, rel=1e-12), name
+
+
+def first_step(model: nn.Module, **kwargs) -> dict[str, torch.Tensor]:
+    """Parameter changes of one BertAdam step (no warm-up) on fixed per-name gradients, in float64 (the change is
+    then exact to ~1e-12 of the weight, so a doubled rate gives a doubled change to that precision)."""
+    model.double()
+    optimizer, _, _ = build_optimizer(
+        model, optimizer="bertadam", weight_decay=0.2, warmup_proportion=0.0, total_steps=10, max_grad_norm=1.0,
+        **kwargs,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for index, p in enumerate(model.parameters()):
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+    optimizer.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_doubling_extra_lr_doubles_the_tube_step_and_leaves_the_fusion_step() -> None:
+    args = dict(lr=1e-5, coef_lr=None, fusion_lr=2e-5)
+    base = first_step(t2vlp_model(stage2=True), extra_lr=1e-3, **args)
+    double = first_step(t2vlp_model(stage2=True), extra_lr=2e-3, **args)
+    tubes = [n for n in base if n.startswith("encoder.tubes.")]
+    fusion = [n for n in base if n.startswith("fusion.")]
+    assert tubes and fusion
+    for name in tubes:
+        assert base[name].abs().max() > 0
+        torch.testing.assert_close(double[name], 2 * base[name], rtol=1e-9, atol=1e-12, msg=name)
+    for name in fusion:
+        assert torch.equal(double[name], base[name]), name
+
+
+def test_doubling_text_lr_doubles_the_text_step_and_leaves_the_visual_step() -> None:
+    args = dict(lr=1e-3, coef_lr=0.1, fusion_lr=None)
+    base = first_step(t2vlp_model(stage2=False), text_lr=1e-3, **args)
+    double = first_step(t2vlp_model(stage2=False), text_lr=2e-3, **args)
+    text = [n for n in base if expected_part(n) == "text"]
+    others = [n for n in base if expected_part(n) != "text"]
+    assert "encoder.clip.token_embedding.weight" in text and "encoder.clip.visual.proj" in others
+    for name in text:
+        torch.testing.assert_close(double[name], 2 * base[name], rtol=1e-9, atol=1e-12, msg=name)
+    for name in others:
+        assert torch.equal(double[name], base[name]), name

@@ -22,6 +22,7 @@ from dataloaders.video_io import (
     plan_frames,
     probe_video,
     published_frame_indices,
+    segment_frames,
     slice_frames,
 )
 
@@ -382,3 +383,49 @@ def test_clip_transform_rejects_bad_input():
         ClipTransform(32)(np.zeros((2, 8, 8, 3), dtype=np.float32))
     with pytest.raises(ConfigError, match="backend"):
         ClipTransform(32, backend="cv2")
+
+
+def test_segment_frames_hand_computed():
+    # 10 frames, 4 segments: edges int(linspace(0, 10, 5)) = 0 2 5 7 10 -> [0,1] [2,4] [5,6] [7,9]
+    assert segment_frames(10, 4, "segment_middle").tolist() == [0, 3, 5, 8]
+    # 50 frames, 4 segments: edges 0 12 25 37 50 -> [0,11] [12,24] [25,36] [37,49]
+    assert segment_frames(50, 4, "segment_middle").tolist() == [5, 18, 30, 43]
+    assert segment_frames(3, 4, "segment_middle").tolist() == [0, 1, 2]  # fewer frames than slots: each once
+    assert segment_frames(7, 1, "segment_middle").tolist() == [3]
+    draws = np.array([segment_frames(10, 4, "segment_random", np.random.default_rng(s)) for s in range(300)])
+    for column, (first, last) in enumerate([(0, 1), (2, 4), (5, 6), (7, 9)]):
+        assert set(draws[:, column].tolist()) == set(range(first, last + 1))  # every frame of a segment, no other
+    same = segment_frames(50, 8, "segment_random", np.random.default_rng(4))
+    assert same.tolist() == segment_frames(50, 8, "segment_random", np.random.default_rng(4)).tolist()
+    with pytest.raises(ValueError, match="rng"):
+        segment_frames(10, 4, "segment_random")
+    with pytest.raises(ConfigError, match="frame_sampling"):
+        segment_frames(10, 4, "uniform")
+
+
+def test_load_video_segment_sampling(index_clip):
+    # all 50 frames in 4 segments (not the 1-fps frames 0, 8, ..., 48 of the default)
+    frames, mask = load_video(index_clip, max_frames=4, frame_sampling="segment_middle", feature_framerate=3)
+    assert [read_index(f) for f in frames] == [5, 18, 30, 43] and mask.tolist() == [1] * 4
+    # the segment 2-3 s at 8 fps holds frames 16..31 (seconds 2 and 3, every frame): edges 0 5 10 16 -> middles 2 7 12
+    frames, _ = load_video(index_clip, max_frames=3, frame_sampling="segment_middle", start_sec=2, end_sec=3)
+    assert [read_index(f) for f in frames] == [16 + 2, 16 + 7, 16 + 12]
+    rng = np.random.default_rng(1)
+    expected = segment_frames(50, 4, "segment_random", np.random.default_rng(1))
+    frames, _ = load_video(index_clip, max_frames=4, frame_sampling="segment_random", rng=rng)
+    assert [read_index(f) for f in frames] == expected.tolist()
+    source = FileVideoSource(index_clip.parent, max_frames=60, pad_mode="zero", frame_sampling="segment_middle")
+    frames, mask = source.load("clip7")
+    assert [read_index(f) for f in frames[:50]] == list(range(50)) and mask.tolist() == [1] * 50 + [0] * 10
+
+
+def test_frame_sampling_flag_reaches_the_video_source(index_clip):
+    from engine.builders import file_source
+    from engine.flags import build_parser
+
+    folder = str(index_clip.parent)
+    default = build_parser("retrieval").parse_args(["--output_dir", "o"])
+    assert file_source(default, folder, train=True).frame_sampling == "fps"
+    args = build_parser("retrieval").parse_args(["--output_dir", "o", "--frame_sampling", "segment_random"])
+    assert file_source(args, folder, train=True).frame_sampling == "segment_random"
+    assert file_source(args, folder, train=False).frame_sampling == "segment_middle"  # evaluation: the middles

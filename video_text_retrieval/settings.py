@@ -7,7 +7,7 @@ import argparse
 from dataloaders.errors import ConfigError
 from engine.builders import build_dataset
 from engine.data import EvalSettings
-from engine.flags import build_parser, effective_rerank_topk
+from engine.flags import add_language_flags, build_parser, effective_rerank_topk
 from video_text_retrieval.task import RetrievalEvaluator
 
 # Retrieval benchmarks -> whether they have a validation split for model selection (MSR-VTT 1k-A has none).
@@ -44,6 +44,7 @@ def build_retrieval_parser(description: str | None = None) -> argparse.ArgumentP
     """The shared flags (common + fusion) plus the retrieval-only ones."""
     parser = build_parser("retrieval", description=description)
     g = parser.add_argument_group("retrieval fine-tuning")
+    add_language_flags(g)
     g.add_argument(
         "--vtm_weight",
         type=float,
@@ -85,6 +86,14 @@ def validate_retrieval(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.frame_loss_weight > 0 and args.sim_header == "tightTransf":
         raise ConfigError("--frame_loss_weight (HMMC's frame loss) needs a dual-encoder --sim_header, not tightTransf")
+    if args.language == "chinese":
+        if not args.text_pretrain_path:
+            raise ConfigError("--language chinese needs --text_pretrain_path (a local Hugging Face BERT folder)")
+        if args.rerank_topk > 0:
+            raise ConfigError(
+                "--language chinese is a dual encoder (HMMC): the fusion re-ranking reads CLIP's text tokens; "
+                "pass --rerank_topk 0"
+            )
     check_selection_metric(args.selection_metric or default_selection_metric(args.rerank_topk), args.rerank_topk)
 
 
