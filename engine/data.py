@@ -177,8 +177,9 @@ def encode_video_set(
     A ``DataError`` on any rank (an unreadable video in a set that is not wrapped in :class:`TolerantVideos`) stops
     every rank with the same error, ``hint`` appended, instead of leaving the other ranks blocked in the gather.
 
-    ``video_tokens`` (an encoder with T2VLP tubes or STOA objects): a fourth result, those tokens ``[N, K, D]``
-    (STOA: from the items' ``object_*`` / ``trajectory_ids`` keys).
+    ``video_tokens`` (an encoder with T2VLP tubes or STOA objects): a fourth and a fifth result, those tokens
+    ``[N, K, D]`` (STOA: from the items' ``object_*`` / ``trajectory_ids`` keys) and their key mask ``[N, K]`` (long,
+    1 = real token; all ones for tubes, STOA's empty trajectory slots 0).
     """
     device = dist.device
     loader, indices = build_eval_loader(
@@ -186,16 +187,20 @@ def encode_video_set(
     )
     was_training = encoder.training
     encoder.eval()
-    frames, masks, oks, extras = [], [], [], []
+    frames, masks, oks, extras, extra_masks = [], [], [], [], []
     failure = None
     try:
         for batch in tqdm(loader, desc=desc, disable=dist.rank != 0, leave=False):
             video, mask = batch["video"].to(device), batch["video_mask"].to(device)
             if video_tokens:
                 objects = {k: v.to(device) for k, v in batch.items() if k.startswith(("object_", "trajectory_"))}
-                feats, extra = encoder.encode_video_tokens(video, mask, detach_tap=True, batch=objects)
+                feats, extra, extra_mask = encoder.encode_video_tokens(
+                    video, mask, detach_tap=True, batch=objects, return_mask=True
+                )
                 frames.append(feats.float())
                 extras.append(extra.float())
+                ones = torch.ones(extra.shape[:2], dtype=torch.long, device=device)
+                extra_masks.append(ones if extra_mask is None else extra_mask.long())
             else:
                 frames.append(encoder.encode_video(video, mask).float())
             masks.append(mask)
@@ -214,6 +219,7 @@ def encode_video_set(
     if frames:
         frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
         extra_rows = torch.cat(extras) if video_tokens else None
+        extra_mask_rows = torch.cat(extra_masks) if video_tokens else None
     else:  # an empty shard: shapes from the first readable video
         t = first_readable(videos, desc)["video_mask"].shape[0]
         frame_rows = torch.zeros(0, t, d, device=device)
@@ -221,12 +227,15 @@ def encode_video_set(
         ok_rows = torch.zeros(0, dtype=torch.long, device=device)
         k = encoder.tubes.num_tubes if encoder.tubes is not None else getattr(encoder.objects, "num_tokens", 0)
         extra_rows = torch.zeros(0, k, d, device=device) if video_tokens else None
+        extra_mask_rows = torch.zeros(0, k, dtype=torch.long, device=device) if video_tokens else None
     out = (
         gather_eval_rows(frame_rows, indices, n),
         gather_eval_rows(mask_rows, indices, n),
         gather_eval_rows(ok_rows, indices, n),
     )
-    return (*out, gather_eval_rows(extra_rows, indices, n)) if video_tokens else out
+    if not video_tokens:
+        return out
+    return (*out, gather_eval_rows(extra_rows, indices, n), gather_eval_rows(extra_mask_rows, indices, n))
 
 
 @dataclass(frozen=True)

@@ -200,8 +200,12 @@ def fusion_attention_mask(
     plm_prefix: int | torch.Tensor | None = None,
     attention: str = "bridge",
     vsep_first: bool = False,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention mask ``[B, 1, N, N]`` of the fusion sequence (0 visible, ``-inf`` hidden).
+
+    ``extra_mask [B, K]`` (nonzero = real token; None: all real) hides the empty extra tokens as key-padding columns
+    in every layout, like padded frames and text (STOA's ``[id_list != 0, 1, 1, 1, 1]``, spec B.6).
 
     ``attention == "joint"`` (T2VLP): every row sees every non-padded column; with ``causal_text`` the video and
     extra rows do not see text and the text x text block is causal (``plm_prefix`` is not used). ``vsep_first``:
@@ -222,6 +226,10 @@ def fusion_attention_mask(
     bridges = slice(t + 1, t + 1 + num_bridges)
     text = slice(t + 1 + num_bridges, n)
     ones = torch.ones(b, 1 + num_bridges, dtype=torch.bool, device=video_mask.device)
+    if extra_mask is not None:
+        if tuple(extra_mask.shape) != (b, num_bridges):
+            raise ValueError(f"extra_mask has shape {tuple(extra_mask.shape)}; expected {(b, num_bridges)}")
+        ones[:, 1:] = extra_mask.bool()
     if vsep_first:
         columns = torch.cat([ones[:, :1], video_mask.bool(), ones[:, 1:], text_mask.bool()], dim=1)
     else:
@@ -544,9 +552,11 @@ class FusionInputs:
     - ``lm``: one teacher-forced causal pass (``plm_mode single_pass``, T2VLP): causal text, video and extra rows do
       not see text, text slot ``j`` predicts token ``j+1`` (joint attention only).
 
-    ``extra_tokens [B, K, D]``: the video-only tokens between video and text (T2VLP tubes, ``bridge_source tube``);
-    None for memory / learned bridges, which the fusion computes itself. Under ``positional == "all"`` every slot
-    gets its positional embedding (no exemption).
+    ``extra_tokens [B, K, D]``: the video-only tokens between video and text (T2VLP tubes, ``bridge_source tube``;
+    STOA trajectories + actions, ``object``); None for memory / learned bridges, which the fusion computes itself.
+    ``extra_mask [B, K]`` (nonzero = real; None = all real): the extra tokens to hide as key padding in every mode
+    (STOA's empty trajectory slots); it travels with the video like ``extra_tokens``. Under
+    ``positional == "all"`` every slot gets its positional embedding (no exemption).
     """
 
     frame_feats: torch.Tensor
@@ -557,6 +567,7 @@ class FusionInputs:
     mode: FusionMode = "vtm"
     plm_prefix: int | torch.Tensor | None = None
     extra_tokens: torch.Tensor | None = None
+    extra_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in FUSION_MODES:
@@ -572,6 +583,10 @@ class FusionInputs:
         }
         if self.extra_tokens is not None:
             expected["extra_tokens"] = (b,)
+        if self.extra_mask is not None:
+            if self.extra_tokens is None:
+                raise ValueError("FusionInputs.extra_mask is given without extra_tokens")
+            expected["extra_mask"] = tuple(self.extra_tokens.shape[:2])
         for name, lead in expected.items():
             shape = tuple(getattr(self, name).shape)
             if shape[: len(lead)] != lead:
@@ -587,6 +602,7 @@ class FusionInputs:
         prefix: torch.Tensor,
         probe: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> FusionInputs:
         """Rows of the prefix LM: text slots ``0 .. prefix[r]`` hold ``token_feats``, later slots only their
         positional embedding (zero features), ``probe [R, D]`` (the EOT feature of ``[SOT, w1 .. wi, EOT]``) is the
@@ -594,8 +610,9 @@ class FusionInputs:
         slots = torch.arange(token_feats.shape[1], device=token_feats.device).unsqueeze(0)
         text_in = token_feats.masked_fill((slots > prefix.unsqueeze(1)).unsqueeze(-1), 0.0)
         return cls(
-            frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix, extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix,
+            extra_tokens=extra_tokens, extra_mask=extra_mask,
+        )  # fmt: skip
 
     @classmethod
     def for_question(
@@ -606,10 +623,14 @@ class FusionInputs:
         question_mask: torch.Tensor,
         question_eot: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> FusionInputs:
         """The QA pass ``[frames | v_sep | bridges | question | answer slot]`` (:func:`with_answer_slot`)."""
         text_feats, text_mask, _ = with_answer_slot(question_feats, question_mask)
-        return cls(frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa", extra_tokens=extra_tokens)
+        return cls(
+            frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -769,7 +790,7 @@ class MemBridgeFusion(nn.Module):
             x = torch.cat([x[:, : t + 1].detach(), x[:, t + 1 :]], dim=1)
         mask = fusion_attention_mask(
             inputs.video_mask, inputs.text_mask, self.num_bridges, inputs.mode in ("plm", "lm"), inputs.plm_prefix,
-            self.config.attention, self.config.vsep_first,
+            self.config.attention, self.config.vsep_first, inputs.extra_mask,
         ).to(x.dtype)  # fmt: skip
         details = {"fusion_inputs": x, "attention_mask": mask}
         if memory_attention is not None:
@@ -837,13 +858,15 @@ class MemBridgeFusion(nn.Module):
         intended_norm: bool = False,
         return_details: bool = False,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path; ``group_size`` and
         ``intended_norm`` as in :meth:`vtm_logits`); ``return_details`` adds the details of :meth:`fuse`;
-        ``extra_tokens [R, K, D]``: the videos' own tokens (T2VLP tubes)."""
+        ``extra_tokens [R, K, D]`` / ``extra_mask [R, K]``: the videos' own tokens (T2VLP tubes, STOA objects)."""
         inputs = FusionInputs(
-            frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm", extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
         logits, details = self._match(inputs, group_size, intended_norm)
         return (logits, details) if return_details else logits
 
@@ -855,17 +878,20 @@ class MemBridgeFusion(nn.Module):
         text_mask: torch.Tensor,
         t_eot: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``match_prob(text_idx [Q, k], video_idx [Q, k]) -> p_match [Q, k]`` over cached features, for
         :func:`rerank` (videos: ``frame_feats [Nv, T, D]``, ``video_mask``, ``extra_tokens [Nv, K, D]`` for a
-        video-token source; texts: ``text_feats [Nt, L, D]``, ``text_mask``, ``t_eot [Nt, D]``)."""
+        video-token source, with ``extra_mask [Nv, K]`` when some are empty; texts: ``text_feats [Nt, L, D]``,
+        ``text_mask``, ``t_eot [Nt, D]``)."""
 
         def match_prob(text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
             ti, vi = text_idx.reshape(-1), video_idx.reshape(-1)
             extra = None if extra_tokens is None else extra_tokens[vi]
+            extra_visible = None if extra_mask is None else extra_mask[vi]
             logits = self.match_logits(
                 frame_feats[vi], video_mask[vi], text_feats[ti], text_mask[ti], t_eot[ti], group_size=text_idx.shape[1],
-                extra_tokens=extra,
+                extra_tokens=extra, extra_mask=extra_visible,
             )  # fmt: skip
             return logits.float().softmax(-1)[:, 1].reshape(text_idx.shape)
 
@@ -919,6 +945,7 @@ class MemBridgeFusion(nn.Module):
         neg_video: torch.Tensor,
         neg_text: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Video-text matching over ``3b`` pairs: positives, text->video and video->text hard negatives.
 
@@ -929,10 +956,11 @@ class MemBridgeFusion(nn.Module):
         """
         video_idx = torch.cat([local_index, neg_video, local_index])
         text_idx = torch.cat([local_index, local_index, neg_text])
-        extra = None if extra_tokens is None else extra_tokens[video_idx]  # video-only tokens travel with the video
+        extra = None if extra_tokens is None else extra_tokens[video_idx]  # video-only tokens travel with the video,
+        extra_visible = None if extra_mask is None else extra_mask[video_idx]  # and so does their mask
         inputs = FusionInputs(
             frame_feats[video_idx], video_mask[video_idx], text_feats[text_idx], text_mask[text_idx], t_eot[text_idx],
-            extra_tokens=extra,
+            extra_tokens=extra, extra_mask=extra_visible,
         )  # fmt: skip
         logits, details = self._match(inputs, group_size=None, intended_norm=False)
         targets = torch.zeros(video_idx.shape[0], dtype=torch.long, device=logits.device)
@@ -953,6 +981,7 @@ class MemBridgeFusion(nn.Module):
         labels: torch.Tensor,
         token_embedding: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Masked language modelling; ``masked_text_feats`` / ``masked_t_eot`` encode the masked ids.
 
@@ -962,8 +991,9 @@ class MemBridgeFusion(nn.Module):
         masked = labels != IGNORE_INDEX
         text_in = masked_text_feats.masked_fill(masked.unsqueeze(-1), 0.0)
         inputs = FusionInputs(
-            frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm", extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
         hidden, details = self._fuse(inputs)
         h_text = hidden[:, self.text_offset(frame_feats.shape[1]) :]
         return ObjectiveOutput(self.vocab_logits(h_text[masked], token_embedding), labels[masked], details)
@@ -984,6 +1014,7 @@ class MemBridgeFusion(nn.Module):
         prefixes: torch.Tensor,
         token_embedding: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Prefix LM in one batched fusion pass over the ``R`` (sample, prefix) rows that carry loss.
 
@@ -997,8 +1028,9 @@ class MemBridgeFusion(nn.Module):
         rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
         t_eot = probe_feats[rows, torch.searchsorted(prefixes, prefix)]
         extra = None if extra_tokens is None else extra_tokens[rows]
+        extra_visible = None if extra_mask is None else extra_mask[rows]
         inputs = FusionInputs.prefix_lm(
-            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot, extra
+            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot, extra, extra_visible
         )
         logits, details = self.next_token_logits(inputs, self.vocab_weight(token_embedding))
         return ObjectiveOutput(logits, targets, {**details, "rows": rows, "prefix": prefix})
@@ -1014,6 +1046,7 @@ class MemBridgeFusion(nn.Module):
         t_eot: torch.Tensor,
         token_embedding: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Prefix LM as one teacher-forced causal pass per text (``plm_mode single_pass``, T2VLP's PLM).
 
@@ -1023,8 +1056,9 @@ class MemBridgeFusion(nn.Module):
         """
         rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
         inputs = FusionInputs(
-            frame_feats, video_mask, token_feats, text_mask, t_eot, mode="lm", extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, token_feats, text_mask, t_eot, mode="lm", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
         hidden, details = self._fuse(inputs)
         out = hidden[rows, self.text_offset(frame_feats.shape[1]) + prefix]
         logits = self.vocab_logits(out, weight=self.vocab_weight(token_embedding))

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
 CACHED_FRAME_FEATURES_KEY = "frame_feats"  # optional batch key [B, T, D] (--cache_visual_features)
-CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed T2VLP tubes (evaluation only)
+CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed tubes / STOA objects
+CACHED_VIDEO_TOKEN_MASK_KEY = "video_token_mask"  # optional batch key [B, K]: their key mask (STOA's empty slots)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ class _PairPool:
     text_feats: torch.Tensor  # [Bg, L, D]
     text_mask: torch.Tensor  # [Bg, L]
     t_eot: torch.Tensor  # [Bg, D]
-    extra_tokens: torch.Tensor | None = None  # [Bg, K, D] video-only tokens (T2VLP tubes)
+    extra_tokens: torch.Tensor | None = None  # [Bg, K, D] video-only tokens (T2VLP tubes, STOA objects)
+    extra_mask: torch.Tensor | None = None  # [Bg, K] their key mask (None: all real)
 
 
 class MemBridgeModel(nn.Module):
@@ -131,23 +133,26 @@ class MemBridgeModel(nn.Module):
         frames, out = self.encoder.encode_video_objects(batch["video"], batch["video_mask"], batch)
         return frames.detach(), out
 
-    def video_tokens(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Frame features ``[B, T, D]`` (no gradient) and the video-only extra tokens (T2VLP tubes ``[B, K, D]``,
-        trained on a detached ViT input; None without a tube module). Precomputed tubes come with the batch
-        (``video_tokens``, evaluation); cached frame features alone cannot give tubes."""
+    def video_tokens(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Frame features ``[B, T, D]`` (no gradient), the video-only extra tokens (T2VLP tubes ``[B, K, D]``, trained
+        on a detached ViT input; STOA trajectory + action tokens; None without such a module) and their key mask
+        ``[B, K]`` (None: all real; STOA: ``[id_list != 0, 1 .. 1]``). Precomputed tokens come with the batch
+        (``video_tokens`` and, when some are empty, ``video_token_mask``; evaluation, VTM in retrieval)."""
         tubes = self.encoder.tubes
         if CACHED_VIDEO_TOKENS_KEY in batch:
-            return self.frame_features(batch), batch[CACHED_VIDEO_TOKENS_KEY]
+            return self.frame_features(batch), batch[CACHED_VIDEO_TOKENS_KEY], batch.get(CACHED_VIDEO_TOKEN_MASK_KEY)
         if self.encoder.objects is not None:
             frames, out = self.object_tokens(batch)
-            return frames, out.tokens
+            return frames, out.tokens, out.token_mask
         if tubes is None:
-            return self.frame_features(batch), None
+            return self.frame_features(batch), None, None
         if "video" not in batch:
             raise ValueError("tube tokens need the video (or precomputed 'video_tokens'): no --cache_visual_features")
         with torch.no_grad():
             frames, tap = self.encoder.encode_video(batch["video"], batch["video_mask"], return_tap=True)
-        return frames, tubes(tap, batch["video_mask"])
+        return frames, tubes(tap, batch["video_mask"]), None
 
     def _require_fusion(self) -> MemBridgeFusion:
         if self.fusion is None:
@@ -210,9 +215,9 @@ class MemBridgeModel(nn.Module):
         objects = None
         if self.encoder.objects is not None and CACHED_VIDEO_TOKENS_KEY not in batch:
             frame_feats, objects = self.object_tokens(batch)
-            extra = objects.tokens
+            extra, extra_mask = objects.tokens, objects.token_mask
         else:
-            frame_feats, extra = self.video_tokens(batch)
+            frame_feats, extra, extra_mask = self.video_tokens(batch)
         zero = frame_feats.new_zeros(())
         out = {name: zero for name in ("vtm", "mlm", "plm", "vtm_acc", "mlm_acc", "plm_acc")}
         single_pass = fusion.config.plm_mode == "single_pass"
@@ -234,9 +239,10 @@ class MemBridgeModel(nn.Module):
             record(
                 "mlm",
                 fusion.mlm_objective(
-                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding, extra
+                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding, extra,
+                    extra_mask,
                 ),
-            )
+            )  # fmt: skip
 
         starts = draw_plm_starts(text_mask, generator) if draws.plm_starts is None else draws.plm_starts
         with_probes = weights.plm and not single_pass
@@ -249,20 +255,22 @@ class MemBridgeModel(nn.Module):
             record(
                 "plm",
                 fusion.single_pass_lm_objective(
-                    frame_feats, video_mask, text_ids, text_mask, starts, text_feats, t_eot, token_embedding, extra
+                    frame_feats, video_mask, text_ids, text_mask, starts, text_feats, t_eot, token_embedding, extra,
+                    extra_mask,
                 ),
-            )
+            )  # fmt: skip
         elif weights.plm:
             record(
                 "plm",
                 fusion.plm_objective(
                     frame_feats, video_mask, text_ids, text_mask, starts, text_feats, probe_feats, prefixes,
-                    token_embedding, extra,
+                    token_embedding, extra, extra_mask,
                 ),
             )  # fmt: skip
 
         if weights.vtm:
-            pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot, extra)
+            mask_rows = None if extra_mask is None else extra_mask.long()  # long: every backend gathers it
+            pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot, extra, mask_rows)
             if gather is not None:
                 pool = _PairPool(*(None if v is None else gather(v) for v in vars(pool).values()))
                 if extra is not None and gather_with_grad is not None:
@@ -286,7 +294,7 @@ class MemBridgeModel(nn.Module):
                 "vtm",
                 fusion.vtm_objective(
                     pool.frame_feats, pool.video_mask, pool.text_feats, pool.text_mask, pool.t_eot, local_index,
-                    neg_video, neg_text, pool.extra_tokens,
+                    neg_video, neg_text, pool.extra_tokens, pool.extra_mask,
                 ),
             )  # fmt: skip
 

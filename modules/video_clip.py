@@ -277,19 +277,28 @@ class VideoCLIP(nn.Module):
         return frames, out
 
     def encode_video_tokens(
-        self, video: torch.Tensor, video_mask: torch.Tensor, detach_tap: bool = False, batch: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        detach_tap: bool = False,
+        batch: dict | None = None,
+        return_mask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Frame features ``[B, T, D]`` and the video-only extra tokens of the method (T2VLP tube tokens
         ``[B, K, D]``, STOA trajectory + action tokens ``[B, 2O + 4, D]`` from ``batch``'s boxes; None without).
         ``detach_tap``: the tubes' ViT input carries no gradient (stage 2 and downstream, as published; stage 1
-        keeps it)."""
+        keeps it). ``return_mask`` adds the tokens' key mask ``[B, K]`` (STOA: empty trajectory slots are False;
+        None for tubes, which are all real)."""
+        mask = None
         if self.objects is not None:
             frames, out = self.encode_video_objects(video, video_mask, batch or {})
-            return frames, out.tokens
-        if self.tubes is None:
-            return self.encode_video(video, video_mask), None
-        frames, tap = self.encode_video(video, video_mask, return_tap=True)
-        return frames, self.tubes(tap.detach() if detach_tap else tap, video_mask)
+            frames, tokens, mask = frames, out.tokens, out.token_mask
+        elif self.tubes is None:
+            frames, tokens = self.encode_video(video, video_mask), None
+        else:
+            frames, tap = self.encode_video(video, video_mask, return_tap=True)
+            tokens = self.tubes(tap.detach() if detach_tap else tap, video_mask)
+        return (frames, tokens, mask) if return_mask else (frames, tokens)
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` -> unnormalised EOT features ``[B, D]`` (with ``text_hf``: its pooled feature)."""

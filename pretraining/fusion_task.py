@@ -15,7 +15,13 @@ from engine.distributed import (
     shard_indices,
 )
 from modules.fusion import eot_positions
-from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Draws, Stage2Weights
+from modules.membridge import (
+    CACHED_VIDEO_TOKEN_MASK_KEY,
+    CACHED_VIDEO_TOKENS_KEY,
+    MemBridgeModel,
+    Stage2Draws,
+    Stage2Weights,
+)
 
 HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
 HELD_OUT_SEED = 1234  # fixed draws (masks, suffixes, negatives) so held-out accuracies are comparable across runs
@@ -73,12 +79,13 @@ def held_out_accuracies(
     text_to_video: list[int],
     dist: DistInfo,
     video_tokens: torch.Tensor | None = None,
+    video_token_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """VTM / MLM / PLM accuracy (%) on held-out (caption, video) pairs, batches sharded across ranks.
 
     ``text_tokens [Nt, L, D]`` are the captions' per-position CLIP features, already computed by the retrieval
     evaluation (``encode_eval_set``); they are reused, not recomputed, as are ``video_tokens [Nv, K, D]`` (T2VLP
-    tubes, with the videos).
+    tubes, STOA objects, with the videos) and their key mask ``video_token_mask [Nv, K]``.
 
     ``heldout_vtm_acc``: the training task's accuracy (1 positive + 2 hard negatives per pair, so always answering
     "no match" scores 66.7%). ``heldout_vtm_pair_acc``: how often a caption's match score with its own video exceeds
@@ -116,12 +123,14 @@ def held_out_accuracies(
             }
             if video_tokens is not None:
                 batch[CACHED_VIDEO_TOKENS_KEY] = video_tokens[vid]
+            if video_token_mask is not None:
+                batch[CACHED_VIDEO_TOKEN_MASK_KEY] = video_token_mask[vid]
             out = model.stage2_losses(batch, weights=Stage2Weights())
             for key in ACCURACY_KEYS:
                 sums[key] += float(out[key]) * len(idx)
             pair_wins, random_correct = _pair_decisions(
                 model, frame_feats, video_mask, vid, random_video[idx.cpu()].to(vid.device),
-                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx], video_tokens,
+                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx], video_tokens, video_token_mask,
             )  # fmt: skip
             sums["vtm_pair_acc"] += pair_wins
             sums["vtm_random_acc"] += random_correct
@@ -144,6 +153,7 @@ def _pair_decisions(
     t_eot: torch.Tensor,
     sim: torch.Tensor,
     video_tokens: torch.Tensor | None = None,
+    video_token_mask: torch.Tensor | None = None,
 ) -> tuple[int, float]:
     """For captions whose own videos are ``vid``: how many match their own video better than their hardest other
     video (the most similar under the dual-encoder similarity ``sim [b, Nv]``), and how many of the 2b balanced
@@ -154,9 +164,10 @@ def _pair_decisions(
     margins = []  # match - unmatch logit: finer than the probability, which saturates to exactly 0 or 1
     for videos in (vid, hardest, random_vid):
         extra = None if video_tokens is None else video_tokens[videos]
+        extra_mask = None if video_token_mask is None else video_token_mask[videos]
         logits = model.fusion.match_logits(
             frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, intended_norm=True,
-            extra_tokens=extra,
+            extra_tokens=extra, extra_mask=extra_mask,
         ).float()  # fmt: skip
         margins.append(logits[:, 1] - logits[:, 0])
     own, hard, rand = margins
@@ -170,4 +181,5 @@ def held_out_metrics(model: MemBridgeModel, enc, eval_set, dist: DistInfo) -> di
     return held_out_accuracies(
         model, enc.frame_feats, enc.video_mask, enc.text_ids[readable], enc.text_mask[readable],
         enc.text_tokens[readable], [eval_set.text_to_video[i] for i in readable], dist, enc.video_tokens,
+        enc.video_token_mask,
     )  # fmt: skip
