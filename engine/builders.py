@@ -253,6 +253,8 @@ def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
     """The fusion sizes: ``fusion.json`` under --cross_config_path, overridden by the explicit fusion flags; the
     layout switches come from the ``--method`` preset unless given (``modules/methods.py``)."""
     layout = fusion_overrides(args.method, args.bridge_source, args.fusion_attention, args.fusion_pos, args.plm_mode)
+    if getattr(args, "head_dropout", None) is not None:
+        layout["dropout"] = args.head_dropout
     objects = object_count(args)
     tubes = num_tubes(args) or (2 * objects + DEFAULT_NUM_ACTIONS if objects else 0)  # video-only extra tokens
     return FusionConfig.from_json(

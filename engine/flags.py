@@ -373,6 +373,13 @@ def _add_fusion_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reproduce the three defects of the published stage-2 code (DESIGN 2.6b) for published checkpoints",
     )
+    g.add_argument(
+        "--head_dropout",
+        type=float,
+        default=None,
+        help="dropout of the vocabulary / VTM heads (default: the --method preset's, else the fusion JSON's); "
+        "0 makes a multi-rank stage-2 run equal a one-process run exactly (dropout masks are drawn per rank)",
+    )
     g.add_argument("--rerank_topk", type=int, default=32, help="re-rank the top-k candidates with VTM (0: off)")
 
 

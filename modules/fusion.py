@@ -266,8 +266,10 @@ def mlm_mask(
     text_mask: torch.Tensor,
     generator: torch.Generator | None = None,
     prob: float = DEFAULT_MLM_PROB,
+    uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask inner tokens for MLM: ``(masked_ids, labels)``.
+    """Mask inner tokens for MLM: ``(masked_ids, labels)``. ``uniforms`` (two ``[B, L]`` draws in [0, 1), e.g. the
+    per-sample :data:`STAGE2_DRAWS_KEY` of the batch) replace the two draws from ``generator``.
 
     Each token strictly between SOT and EOT is masked with probability ``prob``; a text with no draw gets one
     inner token masked uniformly at random. Masked ids become ``MLM_MASK_ID`` (0); ``labels`` hold the original
@@ -276,8 +278,10 @@ def mlm_mask(
     b, length = text_ids.shape
     positions = torch.arange(length, device=text_ids.device).unsqueeze(0)
     inner = (positions >= 1) & (positions < eot_positions(text_mask).unsqueeze(1))
-    chosen = (_uniform((b, length), generator, text_ids.device) < prob) & inner
-    fallback_scores = _uniform((b, length), generator, text_ids.device).masked_fill(~inner, -1.0)
+    first, second = uniforms or (_uniform((b, length), generator, text_ids.device), None)
+    chosen = (first < prob) & inner
+    second = _uniform((b, length), generator, text_ids.device) if second is None else second
+    fallback_scores = second.masked_fill(~inner, -1.0)
     fallback = F.one_hot(fallback_scores.argmax(1), length).bool() & inner
     needs_one = ~chosen.any(1, keepdim=True)
     chosen = chosen | (fallback & needs_one)
@@ -286,12 +290,15 @@ def mlm_mask(
     return masked_ids, labels
 
 
-def draw_plm_starts(text_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per text, the first scored position of PLM, uniform in ``[1, eot]`` (``eot`` = index of EOT) ``[B]``."""
+def draw_plm_starts(
+    text_mask: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per text, the first scored position of PLM, uniform in ``[1, eot]`` (``eot`` = index of EOT) ``[B]``
+    (``uniform [B]``: given draws in [0, 1) instead of ``generator``'s)."""
     eot = eot_positions(text_mask)
     if bool((eot < 1).any()):
         raise ValueError("every text needs at least SOT and EOT (text_mask.sum() >= 2) for PLM")
-    draws = _uniform((text_mask.shape[0],), generator, text_mask.device)
+    draws = _uniform((text_mask.shape[0],), generator, text_mask.device) if uniform is None else uniform
     return (1 + (draws * eot).floor().long()).clamp(max=eot)
 
 
@@ -345,8 +352,15 @@ def sample_hard_negatives(
     local_offset: int,
     local_size: int,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One hard negative per local positive, in both directions, as global indices.
+
+    With ``uniforms [b, 2]`` (this rank's per-sample draws in [0, 1): text->video, video->text) and ``order [Bg]``
+    (a per-sample key of every pair of the global batch, distinct) the draw is an inverse-CDF lookup over the
+    candidates sorted by ``order``: the same distribution as ``multinomial``, and the same negative whatever the
+    split of the global batch over ranks and its row order (a 2-rank run equals a 1-process run).
 
     ``sim_global [Bg, Bg]`` holds text (rows) x video (columns) similarities of the gathered batch; this rank's
     pairs are rows/columns ``local_offset .. local_offset + local_size - 1``. Negatives are drawn by
@@ -360,12 +374,33 @@ def sample_hard_negatives(
     rows = torch.arange(local_offset, local_offset + local_size, device=sim_global.device)
     positive = F.one_hot(rows, total).bool()
     draws = []
-    for logits in (sim_global[rows], sim_global.t()[rows]):
+    for direction, logits in enumerate((sim_global[rows], sim_global.t()[rows])):
         probs = logits.float().masked_fill(positive, float("-inf")).softmax(-1)
+        if uniforms is not None:
+            if order is None:
+                raise ValueError("sample_hard_negatives: give the pairs' order keys with the uniforms")
+            canonical = order.argsort()
+            cdf = probs[:, canonical].double().cumsum(-1)
+            target = uniforms[:, direction].to(cdf).unsqueeze(1) * cdf[:, -1:]
+            pick = torch.searchsorted(cdf, target, right=True).clamp(max=total - 1).squeeze(1)
+            draws.append(canonical[pick].to(sim_global.device))
+            continue
         if generator is not None:
             probs = probs.to(generator.device)
         draws.append(torch.multinomial(probs, 1, generator=generator).squeeze(1).to(sim_global.device))
     return draws[0], draws[1]
+
+
+def cross_entropy_sum_and_correct(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(summed cross-entropy, number of correct argmaxes, number of targets)`` (float scalars; the sum keeps the
+    graph): the parts of a mean that is taken over several ranks."""
+    count = logits.new_tensor(float(targets.numel()), dtype=torch.float32)
+    if targets.numel() == 0:
+        return logits.sum().float() * 0.0, count * 0.0, count
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return total, (logits.argmax(-1) == targets).float().sum(), count
 
 
 def cross_entropy_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

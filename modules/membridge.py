@@ -19,6 +19,7 @@ from modules.fusion import (
     MemBridgeFusion,
     ObjectiveOutput,
     check_fusion_matches_clip,
+    cross_entropy_sum_and_correct,
     draw_plm_starts,
     encode_text_with_probes,
     eot_positions,
@@ -34,6 +35,32 @@ GatherFn = Callable[[torch.Tensor], torch.Tensor]
 CACHED_FRAME_FEATURES_KEY = "frame_feats"  # optional batch key [B, T, D] (--cache_visual_features)
 CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed tubes / STOA objects
 CACHED_VIDEO_TOKEN_MASK_KEY = "video_token_mask"  # optional batch key [B, K]: their key mask (STOA's empty slots)
+# optional batch key [B, 2L + 4] float64: per-sample uniform draws of stage 2 (see stage2_draw_columns)
+STAGE2_DRAWS_KEY = "stage2_draws"
+
+
+def stage2_draw_columns(max_words: int) -> dict[str, slice]:
+    """Columns of the per-sample :data:`STAGE2_DRAWS_KEY` row of a text of ``max_words`` slots: ``mlm`` and
+    ``mlm_fallback`` (``[L]`` each, :func:`modules.fusion.mlm_mask`), ``plm_start`` (:func:`draw_plm_starts`),
+    ``neg_video`` / ``neg_text`` (the VTM negatives of the pair, inverse-CDF draws) and ``order`` (the pair's key
+    that fixes the candidates' order for those draws)."""
+    length = max_words
+    names = ("plm_start", "neg_video", "neg_text", "order")
+    columns = {"mlm": slice(0, length), "mlm_fallback": slice(length, 2 * length)}
+    columns.update({name: slice(2 * length + i, 2 * length + i + 1) for i, name in enumerate(names)})
+    return columns
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor, gather: GatherFn | None) -> torch.Tensor:
+    """``total / count`` over all ranks: the value is the global mean (the same on every rank, and the same as one
+    process holding the whole batch); the gradient is this rank's share ``W / count_global * d total``, so that
+    the data-parallel average of the ranks' gradients is the global mean's gradient."""
+    if gather is None:
+        return total / count.clamp(min=1.0)
+    parts = gather(torch.stack([total.detach().float(), count.float()]).unsqueeze(0))  # [W, 2]
+    total_all, count_all = parts.sum(0).unbind()
+    share = total * (parts.shape[0] / count_all.clamp(min=1.0))
+    return share - share.detach() + total_all / count_all.clamp(min=1.0)
 
 
 @dataclass(frozen=True)
@@ -224,14 +251,26 @@ class MemBridgeModel(nn.Module):
         details: dict[str, torch.Tensor] = {}
 
         def record(name: str, objective: ObjectiveOutput) -> None:
-            out[name], out[f"{name}_acc"] = objective.loss_and_accuracy()
+            if gather is None:
+                out[name], out[f"{name}_acc"] = objective.loss_and_accuracy()
+            else:  # means over the global batch (the MLM / PLM row counts differ between ranks)
+                total, correct, count = cross_entropy_sum_and_correct(objective.logits, objective.targets)
+                out[name], out[f"{name}_acc"] = global_mean(total, count, gather), global_mean(correct, count, gather)
+                out[f"{name}_acc"] = out[f"{name}_acc"].detach()
             if return_details:
                 details.update({f"{name}_{key}": value for key, value in objective.details.items()})
                 details.update({f"{name}_logits": objective.logits, f"{name}_targets": objective.targets})
 
+        uniform = batch.get(STAGE2_DRAWS_KEY)
+        columns = stage2_draw_columns(text_ids.shape[1])
+        if uniform is not None and tuple(uniform.shape) != (text_ids.shape[0], columns["order"].stop):
+            raise ValueError(f"batch[{STAGE2_DRAWS_KEY!r}] has shape {tuple(uniform.shape)}; expected "
+                             f"{(text_ids.shape[0], columns['order'].stop)}")  # fmt: skip
+        part = (lambda name: None) if uniform is None else (lambda name: uniform[:, columns[name]])  # noqa: E731
         if weights.mlm:
             if draws.mlm_labels is None:
-                masked_ids, labels = mlm_mask(text_ids, text_mask, generator, fusion.config.mlm_prob)
+                given = None if uniform is None else (part("mlm"), part("mlm_fallback"))
+                masked_ids, labels = mlm_mask(text_ids, text_mask, generator, fusion.config.mlm_prob, given)
             else:
                 masked_ids, labels = draws.mlm_masked_ids, draws.mlm_labels
             details.update(mlm_masked_ids=masked_ids, mlm_labels=labels)
@@ -244,7 +283,11 @@ class MemBridgeModel(nn.Module):
                 ),
             )  # fmt: skip
 
-        starts = draw_plm_starts(text_mask, generator) if draws.plm_starts is None else draws.plm_starts
+        if draws.plm_starts is None:
+            start_draws = None if uniform is None else part("plm_start").squeeze(1)
+            starts = draw_plm_starts(text_mask, generator, start_draws)
+        else:
+            starts = draws.plm_starts
         with_probes = weights.plm and not single_pass
         prefixes = plm_targets(text_ids, text_mask, starts)[1].unique() if with_probes else starts.new_zeros(0)
         with torch.no_grad():
@@ -283,9 +326,14 @@ class MemBridgeModel(nn.Module):
             if draws.neg_video is None:
                 with torch.no_grad():
                     sim = self.encoder.similarity_logits(pool.t_eot, pool.frame_feats, pool.video_mask)
+                    order = None
+                    if uniform is not None:
+                        order = part("order").squeeze(1)
+                        order = order if gather is None else gather(order)
                 neg_video, neg_text = sample_hard_negatives(
-                    sim * weights.vtm_negative_scale, local_offset, local_size, generator
-                )
+                    sim * weights.vtm_negative_scale, local_offset, local_size, generator,
+                    None if uniform is None else torch.cat([part("neg_video"), part("neg_text")], dim=1), order,
+                )  # fmt: skip
             else:
                 neg_video, neg_text = draws.neg_video, draws.neg_text
             details.update(neg_video=neg_video, neg_text=neg_text)
@@ -300,13 +348,17 @@ class MemBridgeModel(nn.Module):
 
         out["loss"] = weights.vtm * out["vtm"] + weights.mlm * out["mlm"] + weights.plm * out["plm"]
         if extra is not None and self.encoder.tubes is not None:  # T2VLP: alignment on the detached text features
-            out["align"] = local_alignment(self.encoder.tubes.text_queries(), text_feats, text_mask, extra)
+            align = local_alignment(self.encoder.tubes.text_queries(), text_feats, text_mask, extra)
+            count = align.new_tensor(float(extra.numel()))
+            out["align"] = align if gather is None else global_mean(align * count, count, gather)
             out["loss"] = out["loss"] + weights.align * out["align"]
         if objects is not None and "noun_mask" in batch and weights.match:  # STOA: OTA + action set prediction
             quirks = fusion.config.official_quirks
-            out["match"] = object_action_matching(
+            total, count = object_action_matching(
                 objects.trajectories, objects.trajectory_valid, objects.actions, text_feats, text_mask,
                 batch["noun_mask"], batch["verb_mask"], eot_in_sets=quirks, skip_actions_without_objects=quirks,
+                reduction="sum",
             )  # fmt: skip
+            out["match"] = global_mean(total, count, gather)
             out["loss"] = out["loss"] + weights.match * out["match"]
         return (out, details) if return_details else out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,9 +21,11 @@ from modules.fusion import eot_positions
 from modules.membridge import (
     CACHED_VIDEO_TOKEN_MASK_KEY,
     CACHED_VIDEO_TOKENS_KEY,
+    STAGE2_DRAWS_KEY,
     MemBridgeModel,
     Stage2Draws,
     Stage2Weights,
+    stage2_draw_columns,
 )
 
 HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
@@ -28,11 +33,33 @@ HELD_OUT_SEED = 1234  # fixed draws (masks, suffixes, negatives) so held-out acc
 ACCURACY_KEYS = ("vtm_acc", "mlm_acc", "plm_acc")
 
 
+def attach_stage2_draws(dataset: Any, max_words: int) -> None:
+    """Make every training item carry its stage-2 random draws (``stage2_draws`` float64 ``[2 L + 4]``, columns in
+    :func:`modules.membridge.stage2_draw_columns`): MLM masks, the PLM suffix start, the VTM negatives and the pair's
+    order key. They come from a child of the item's own generator (seeded by run seed, epoch and sample index;
+    ``Generator.spawn`` does not depend on what the frame sampling drew), so they are the same whatever the number of
+    ranks or the feature cache, and a resumed run draws what an uninterrupted one would. Composes with a
+    per-caption hook already set (e.g. ``--tag_file``)."""
+    previous = dataset.extra_items
+    width = stage2_draw_columns(max_words)["order"].stop
+
+    def items(video_id: str, caption: str, rng: np.random.Generator) -> dict:
+        item = dict(previous(video_id, caption, rng)) if previous is not None else {}
+        item[STAGE2_DRAWS_KEY] = torch.from_numpy(rng.spawn(1)[0].random(width))
+        return item
+
+    dataset.extra_items = items
+
+
 class FusionPretrainTask(nn.Module):
     """``loss = w_vtm * VTM + w_mlm * MLM + w_plm * PLM`` on frozen, detached CLIP features (DESIGN 2.6).
 
-    Random draws (MLM masks, PLM suffix starts, hard negatives) use the global torch RNG, which checkpoints save,
-    so a resumed run draws what an uninterrupted one would.
+    Random draws (MLM masks, PLM suffix starts, hard negatives) come with the batch (:func:`attach_stage2_draws`,
+    per sample: the same with any number of ranks); without them the global torch RNG draws them, which checkpoints
+    save, so a resumed run draws what an uninterrupted one would. Means (losses, accuracies) are over the global
+    batch (:func:`modules.membridge.global_mean`). Dropout masks of the heads are drawn per rank: a multi-rank run
+    equals a one-process run exactly only with ``--head_dropout 0`` (and without ``--official_quirks``, whose Q2
+    normalisation runs over each rank's rows), otherwise in distribution.
     """
 
     def __init__(self, model: MemBridgeModel, weights: Stage2Weights):

@@ -500,6 +500,67 @@ def _latest(run: Path) -> Path:
     return run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
 
 
+def _stage2_stoa_flags(data: Path, out: Path, *extra: str) -> list[str]:
+    from tests.test_stage2 import fusion_flags
+
+    tags = str(data / "webvid" / synthetic.TAG_FILE_NAME)
+    return fusion_flags(data, out, *_stoa_flags(data)[:-2], "--tag_file", tags, "--head_dropout", "0",
+                        "--torch_threads", "1", *extra)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_stage2_two_gloo_ranks_equal_one_process(synthetic_small: Path, tmp_path: Path):
+    """Same global batch (4), 3 steps: per-sample draws (MLM masks, PLM starts, VTM negatives over the canonically
+    ordered global batch) and global-batch means make 2 ranks x 2 samples train exactly like 1 process x 4; the
+    object tokens of the hard negatives travel with their masks. Head dropout off (its masks are drawn per rank)."""
+    from tests.test_stage1 import latest_weights
+    from tests.test_stage2 import losses, run
+
+    flags = ("--max_steps", "3", "--epochs", "1")
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, tmp_path / "one", *flags))
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        for key in ("train/vtm", "train/mlm", "train/plm", "train/match", "train/loss", "train/vtm_acc"):
+            assert one[step][key] == pytest.approx(two[step][key], rel=1e-5, abs=1e-6), (step, key)
+    w1, w2 = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-6, msg=name)
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, tmp_path / "init", "--max_steps", "1", "--epochs",
+                                                  "1", "--fusion_lr", "0", "--lr", "0"))  # fmt: skip
+    initial = latest_weights(tmp_path / "init")
+    moved = {n.split(".")[1] for n in w1 if not torch.equal(w1[n], initial[n])}
+    assert {"objects", "transformer", "match_matrix"} <= moved and "clip" not in moved, moved  # trained, CLIP frozen
+
+
+@pytest.mark.slow
+def test_stage2_resume_after_sigkill_continues_exactly(synthetic_small: Path, tmp_path: Path):
+    from tests.test_stage1 import kill_after_first_checkpoint, latest_weights
+    from tests.test_stage2 import losses, run
+
+    flags = ("--epochs", "1", "--save_steps", "2")
+    full = tmp_path / "full"
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, full, *flags))
+    reference = losses(full)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]  # 24 videos / batch 4
+    killed = tmp_path / "killed"
+    argv = _stage2_stoa_flags(synthetic_small, killed, *flags)
+    interrupted_at = kill_after_first_checkpoint(argv, killed, script="main_task_fusion.py")
+    assert interrupted_at < 6
+    run("main_task_fusion.py", [*argv, "--resume"])
+    resumed = losses(killed)
+    assert sorted(resumed) == sorted(reference)
+    for step in range(interrupted_at + 1, 7):
+        for key in ("train/loss", "train/match"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-7), (step, key)
+    final, expected = latest_weights(killed), latest_weights(full)
+    assert final.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.slow
 def test_stage2_stoa_from_a_stage1_checkpoint_then_retrieval_rerank(synthetic_small: Path, tmp_path: Path):
     webvid = synthetic_small / "webvid"
