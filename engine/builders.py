@@ -104,7 +104,9 @@ def build_pretrain_set(args: argparse.Namespace, image_size: int, dist=None, fro
 
 def cache_visual_features(args: argparse.Namespace, train_set, encoder: nn.Module, dist, image_size: int) -> None:
     """``--cache_visual_features``: per-video frame features of the frozen encoder, computed once and kept under
-    ``--visual_cache_dir`` (default ``OUTPUT_DIR/visual_cache``), keyed by the frame-sampling settings."""
+    ``--visual_cache_dir`` (default ``OUTPUT_DIR/visual_cache``), keyed by the frame-sampling settings. With T2VLP
+    tubes / STOA objects (trained in stage 2) the ViT taps they read are cached too, keyed by the method as well
+    (ViT-B/16, 12 frames: 7.3 MB per video for T2VLP, 14.5 MB for STOA; see engine/feature_cache.py)."""
     settings = {
         "max_frames": args.max_frames,
         "slice_framepos": args.slice_framepos,
@@ -114,8 +116,13 @@ def cache_visual_features(args: argparse.Namespace, train_set, encoder: nn.Modul
         "transform": args.transform,
         "train_datatype": args.train_datatype,
     }
+    taps = getattr(encoder, "num_visual_taps", 0)
+    if taps:  # MemBridge's settings (and so its cache key) stay as they were
+        settings.update(method=args.method, visual_taps=taps)
     cache_root = Path(args.visual_cache_dir or Path(args.output_dir) / "visual_cache")
-    attach_visual_cache(train_set, encoder, cache_root, settings, dist, args.batch_size_val, args.num_thread_reader)
+    attach_visual_cache(
+        train_set, encoder, cache_root, settings, dist, args.batch_size_val, args.num_thread_reader, visual_taps=taps
+    )
 
 
 def build_dataset(

@@ -170,6 +170,7 @@ def encode_video_set(
     desc: str,
     hint: str = "",
     video_tokens: bool = False,
+    visual_taps: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Frame features ``[N, T, D]`` (float32), video masks ``[N, T]`` and readable flags ``ok [N]`` of every item of
     ``videos``, in dataset order, on every rank. Each rank encodes its contiguous shard (``batch_size`` is global).
@@ -180,6 +181,9 @@ def encode_video_set(
     ``video_tokens`` (an encoder with T2VLP tubes or STOA objects): a fourth and a fifth result, those tokens
     ``[N, K, D]`` (STOA: from the items' ``object_*`` / ``trajectory_ids`` keys) and their key mask ``[N, K]`` (long,
     1 = real token; all ones for tubes, STOA's empty trajectory slots 0).
+
+    ``visual_taps`` (instead of ``video_tokens``): a fourth result, the ViT taps the encoder's tube / object module
+    reads, float32 ``[N, n, T, 1+P, W]`` (``VideoCLIP.visual_taps``; the ``--cache_visual_features`` of T2VLP/STOA).
     """
     device = dist.device
     loader, indices = build_eval_loader(
@@ -192,7 +196,11 @@ def encode_video_set(
     try:
         for batch in tqdm(loader, desc=desc, disable=dist.rank != 0, leave=False):
             video, mask = batch["video"].to(device), batch["video_mask"].to(device)
-            if video_tokens:
+            if visual_taps:
+                feats, taps = encoder.visual_taps(video, mask)
+                frames.append(feats.float())
+                extras.append(taps.float())
+            elif video_tokens:
                 objects = {k: v.to(device) for k, v in batch.items() if k.startswith(("object_", "trajectory_"))}
                 feats, extra, extra_mask = encoder.encode_video_tokens(
                     video, mask, detach_tap=True, batch=objects, return_mask=True
@@ -218,7 +226,7 @@ def encode_video_set(
     d = encoder.clip.config.embed_dim
     if frames:
         frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
-        extra_rows = torch.cat(extras) if video_tokens else None
+        extra_rows = torch.cat(extras) if video_tokens or visual_taps else None
         extra_mask_rows = torch.cat(extra_masks) if video_tokens else None
     else:  # an empty shard: shapes from the first readable video
         t = first_readable(videos, desc)["video_mask"].shape[0]
@@ -228,11 +236,17 @@ def encode_video_set(
         k = encoder.tubes.num_tubes if encoder.tubes is not None else getattr(encoder.objects, "num_tokens", 0)
         extra_rows = torch.zeros(0, k, d, device=device) if video_tokens else None
         extra_mask_rows = torch.zeros(0, k, dtype=torch.long, device=device) if video_tokens else None
+        if visual_taps:
+            sample = first_readable(videos, desc)
+            shape = encoder.visual_taps(sample["video"][None].to(device), sample["video_mask"][None].to(device))[1]
+            extra_rows = torch.zeros(0, *shape.shape[1:], device=device)
     out = (
         gather_eval_rows(frame_rows, indices, n),
         gather_eval_rows(mask_rows, indices, n),
         gather_eval_rows(ok_rows, indices, n),
     )
+    if visual_taps:
+        return (*out, gather_eval_rows(extra_rows, indices, n))
     if not video_tokens:
         return out
     return (*out, gather_eval_rows(extra_rows, indices, n), gather_eval_rows(extra_mask_rows, indices, n))

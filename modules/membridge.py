@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
 CACHED_FRAME_FEATURES_KEY = "frame_feats"  # optional batch key [B, T, D] (--cache_visual_features)
+# optional batch key [B, n, T, 1+P, W]: the cached ViT taps of T2VLP / STOA (VideoCLIP.visual_taps), with frame_feats
+CACHED_VISUAL_TAPS_KEY = "visual_taps"
 CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed tubes / STOA objects
 CACHED_VIDEO_TOKEN_MASK_KEY = "video_token_mask"  # optional batch key [B, K]: their key mask (STOA's empty slots)
 # optional batch key [B, 2L + 4] float64: per-sample uniform draws of stage 2 (see stage2_draw_columns)
@@ -154,9 +156,13 @@ class MemBridgeModel(nn.Module):
 
     def object_tokens(self, batch: Mapping[str, torch.Tensor]):
         """STOA: frame features ``[B, T, D]`` (no gradient) and the :class:`ObjectActionOutput` of the batch's boxes
-        (the object module trains; the ViT gives it its inputs without gradient when frozen)."""
+        (the object module trains; the ViT gives it its inputs without gradient when frozen). Without the video the
+        batch must carry the cached ViT taps (``visual_taps``, ``--cache_visual_features``) and ``frame_feats``."""
         if "video" not in batch:
-            raise ValueError("object tokens need the video: no --cache_visual_features with --method stoa")
+            if CACHED_VISUAL_TAPS_KEY not in batch:
+                raise ValueError("object tokens need the video or the cached ViT taps ('visual_taps')")
+            out = self.encoder.tokens_from_taps(batch[CACHED_VISUAL_TAPS_KEY], batch["video_mask"], batch)
+            return self.frame_features(batch), out
         frames, out = self.encoder.encode_video_objects(batch["video"], batch["video_mask"], batch)
         return frames.detach(), out
 
@@ -176,7 +182,10 @@ class MemBridgeModel(nn.Module):
         if tubes is None:
             return self.frame_features(batch), None, None
         if "video" not in batch:
-            raise ValueError("tube tokens need the video (or precomputed 'video_tokens'): no --cache_visual_features")
+            if CACHED_VISUAL_TAPS_KEY not in batch:
+                raise ValueError("tube tokens need the video, the cached ViT taps ('visual_taps') or 'video_tokens'")
+            taps = batch[CACHED_VISUAL_TAPS_KEY]
+            return self.frame_features(batch), self.encoder.tokens_from_taps(taps, batch["video_mask"]), None
         with torch.no_grad():
             frames, tap = self.encoder.encode_video(batch["video"], batch["video_mask"], return_tap=True)
         return frames, tubes(tap, batch["video_mask"]), None

@@ -276,6 +276,43 @@ class VideoCLIP(nn.Module):
         )
         return frames, out
 
+    @property
+    def num_visual_taps(self) -> int:
+        """ViT taps the video-token module reads (``--cache_visual_features`` stores them): 1 for T2VLP tubes (the
+        block N-2 input), 2 for STOA objects (the block N-2 and N-1 inputs), 0 otherwise."""
+        return 2 if self.objects is not None else 1 if self.tubes is not None else 0
+
+    @torch.no_grad()
+    def visual_taps(self, video: torch.Tensor, video_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the frozen ViT gives the trainable video-token module: frame features ``[B, T, D]`` and the taps
+        ``[B, num_visual_taps, T, 1+P, W]`` (T2VLP: the tokens entering block N-2; STOA: those entering blocks N-2
+        and N-1), without gradient. :meth:`tokens_from_taps` turns them into the tokens."""
+        if self.objects is not None:
+            frames, layers = self.encode_video(video, video_mask, return_layer_tokens=True)
+            return frames, torch.stack([layers[-TUBE_BLOCKS], layers[-1]], dim=1)
+        if self.tubes is not None:
+            frames, tap = self.encode_video(video, video_mask, return_tap=True)
+            return frames, tap.unsqueeze(1)
+        raise ValueError("visual_taps: this encoder has no tube or object module")
+
+    def tokens_from_taps(
+        self, taps: torch.Tensor, video_mask: torch.Tensor, batch: dict | None = None
+    ) -> torch.Tensor | ObjectActionOutput:
+        """The video-only tokens from cached :meth:`visual_taps`: tubes ``[B, K, D]``, or STOA's
+        :class:`ObjectActionOutput` (boxes from ``batch``)."""
+        if taps.shape[1] != self.num_visual_taps:
+            raise ValueError(f"{taps.shape[1]} cached ViT taps; this encoder reads {self.num_visual_taps}")
+        if self.objects is not None:
+            batch = batch or {}
+            missing = [k for k in ("object_boxes", "object_classes", "trajectory_ids") if k not in batch]
+            if missing:
+                raise ValueError(f"--method stoa needs the batch keys {missing} (DetectionReader, --objects_dir)")
+            return self.objects(
+                taps[:, 0], taps[:, 1], batch["object_boxes"], batch["object_classes"], batch["trajectory_ids"],
+                video_mask,
+            )  # fmt: skip
+        return self.tubes(taps[:, 0], video_mask)
+
     def encode_video_tokens(
         self,
         video: torch.Tensor,
