@@ -22,7 +22,7 @@ from engine.builders import build_model, build_pretrain_set
 from engine.flags import build_parser
 from engine.run import Job, cli, prepare_model, run_main
 from modules.membridge import Stage2Weights
-from pretraining.fusion_task import FusionPretrainTask, held_out_metrics
+from pretraining.fusion_task import FusionPretrainTask, attach_stage2_draws, held_out_metrics
 from video_text_retrieval.settings import build_retrieval_evaluator
 
 
@@ -34,7 +34,12 @@ def build(args, dist) -> Job:
     evaluate = (
         build_retrieval_evaluator(args, args.datatype, "test", size, dist, held_out_metrics) if args.val_csv else None
     )
-    train_set = lambda: build_pretrain_set(args, size, dist, frozen_encoder=model.encoder)  # noqa: E731
+
+    def train_set():
+        dataset = build_pretrain_set(args, size, dist, frozen_encoder=model.encoder)
+        attach_stage2_draws(dataset, args.max_words)  # per-sample draws: any number of ranks trains the same
+        return dataset
+
     return Job(FusionPretrainTask(model, weights), train_set=train_set, test=evaluate)
 
 

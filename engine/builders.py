@@ -113,7 +113,9 @@ def build_pretrain_set(args: argparse.Namespace, image_size: int, dist=None, fro
 
 def cache_visual_features(args: argparse.Namespace, train_set, encoder: nn.Module, dist, image_size: int) -> None:
     """``--cache_visual_features``: per-video frame features of the frozen encoder, computed once and kept under
-    ``--visual_cache_dir`` (default ``OUTPUT_DIR/visual_cache``), keyed by the frame-sampling settings."""
+    ``--visual_cache_dir`` (default ``OUTPUT_DIR/visual_cache``), keyed by the frame-sampling settings. With T2VLP
+    tubes / STOA objects (trained in stage 2) the ViT taps they read are cached too, keyed by the method as well
+    (ViT-B/16, 12 frames: 7.3 MB per video for T2VLP, 14.5 MB for STOA; see engine/feature_cache.py)."""
     settings = {
         "max_frames": args.max_frames,
         "slice_framepos": args.slice_framepos,
@@ -123,8 +125,13 @@ def cache_visual_features(args: argparse.Namespace, train_set, encoder: nn.Modul
         "transform": args.transform,
         "train_datatype": args.train_datatype,
     }
+    taps = getattr(encoder, "num_visual_taps", 0)
+    if taps:  # MemBridge's settings (and so its cache key) stay as they were
+        settings.update(method=args.method, visual_taps=taps)
     cache_root = Path(args.visual_cache_dir or Path(args.output_dir) / "visual_cache")
-    attach_visual_cache(train_set, encoder, cache_root, settings, dist, args.batch_size_val, args.num_thread_reader)
+    attach_visual_cache(
+        train_set, encoder, cache_root, settings, dist, args.batch_size_val, args.num_thread_reader, visual_taps=taps
+    )
 
 
 def build_dataset(
@@ -262,6 +269,8 @@ def build_fusion_config(args: argparse.Namespace) -> FusionConfig:
     """The fusion sizes: ``fusion.json`` under --cross_config_path, overridden by the explicit fusion flags; the
     layout switches come from the ``--method`` preset unless given (``modules/methods.py``)."""
     layout = fusion_overrides(args.method, args.bridge_source, args.fusion_attention, args.fusion_pos, args.plm_mode)
+    if getattr(args, "head_dropout", None) is not None:
+        layout["dropout"] = args.head_dropout
     objects = object_count(args)
     tubes = num_tubes(args) or (2 * objects + DEFAULT_NUM_ACTIONS if objects else 0)  # video-only extra tokens
     return FusionConfig.from_json(

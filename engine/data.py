@@ -170,6 +170,7 @@ def encode_video_set(
     desc: str,
     hint: str = "",
     video_tokens: bool = False,
+    visual_taps: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Frame features ``[N, T, D]`` (float32), video masks ``[N, T]`` and readable flags ``ok [N]`` of every item of
     ``videos``, in dataset order, on every rank. Each rank encodes its contiguous shard (``batch_size`` is global).
@@ -177,8 +178,12 @@ def encode_video_set(
     A ``DataError`` on any rank (an unreadable video in a set that is not wrapped in :class:`TolerantVideos`) stops
     every rank with the same error, ``hint`` appended, instead of leaving the other ranks blocked in the gather.
 
-    ``video_tokens`` (an encoder with T2VLP tubes or STOA objects): a fourth result, those tokens ``[N, K, D]``
-    (STOA: from the items' ``object_*`` / ``trajectory_ids`` keys).
+    ``video_tokens`` (an encoder with T2VLP tubes or STOA objects): a fourth and a fifth result, those tokens
+    ``[N, K, D]`` (STOA: from the items' ``object_*`` / ``trajectory_ids`` keys) and their key mask ``[N, K]`` (long,
+    1 = real token; all ones for tubes, STOA's empty trajectory slots 0).
+
+    ``visual_taps`` (instead of ``video_tokens``): a fourth result, the ViT taps the encoder's tube / object module
+    reads, float32 ``[N, n, T, 1+P, W]`` (``VideoCLIP.visual_taps``; the ``--cache_visual_features`` of T2VLP/STOA).
     """
     device = dist.device
     loader, indices = build_eval_loader(
@@ -186,16 +191,24 @@ def encode_video_set(
     )
     was_training = encoder.training
     encoder.eval()
-    frames, masks, oks, extras = [], [], [], []
+    frames, masks, oks, extras, extra_masks = [], [], [], [], []
     failure = None
     try:
         for batch in tqdm(loader, desc=desc, disable=dist.rank != 0, leave=False):
             video, mask = batch["video"].to(device), batch["video_mask"].to(device)
-            if video_tokens:
+            if visual_taps:
+                feats, taps = encoder.visual_taps(video, mask)
+                frames.append(feats.float())
+                extras.append(taps.float())
+            elif video_tokens:
                 objects = {k: v.to(device) for k, v in batch.items() if k.startswith(("object_", "trajectory_"))}
-                feats, extra = encoder.encode_video_tokens(video, mask, detach_tap=True, batch=objects)
+                feats, extra, extra_mask = encoder.encode_video_tokens(
+                    video, mask, detach_tap=True, batch=objects, return_mask=True
+                )
                 frames.append(feats.float())
                 extras.append(extra.float())
+                ones = torch.ones(extra.shape[:2], dtype=torch.long, device=device)
+                extra_masks.append(ones if extra_mask is None else extra_mask.long())
             else:
                 frames.append(encoder.encode_video(video, mask).float())
             masks.append(mask)
@@ -213,7 +226,8 @@ def encode_video_set(
     d = encoder.clip.config.embed_dim
     if frames:
         frame_rows, mask_rows, ok_rows = torch.cat(frames), torch.cat(masks), torch.cat(oks)
-        extra_rows = torch.cat(extras) if video_tokens else None
+        extra_rows = torch.cat(extras) if video_tokens or visual_taps else None
+        extra_mask_rows = torch.cat(extra_masks) if video_tokens else None
     else:  # an empty shard: shapes from the first readable video
         t = first_readable(videos, desc)["video_mask"].shape[0]
         frame_rows = torch.zeros(0, t, d, device=device)
@@ -221,12 +235,21 @@ def encode_video_set(
         ok_rows = torch.zeros(0, dtype=torch.long, device=device)
         k = encoder.tubes.num_tubes if encoder.tubes is not None else getattr(encoder.objects, "num_tokens", 0)
         extra_rows = torch.zeros(0, k, d, device=device) if video_tokens else None
+        extra_mask_rows = torch.zeros(0, k, dtype=torch.long, device=device) if video_tokens else None
+        if visual_taps:
+            sample = first_readable(videos, desc)
+            shape = encoder.visual_taps(sample["video"][None].to(device), sample["video_mask"][None].to(device))[1]
+            extra_rows = torch.zeros(0, *shape.shape[1:], device=device)
     out = (
         gather_eval_rows(frame_rows, indices, n),
         gather_eval_rows(mask_rows, indices, n),
         gather_eval_rows(ok_rows, indices, n),
     )
-    return (*out, gather_eval_rows(extra_rows, indices, n)) if video_tokens else out
+    if visual_taps:
+        return (*out, gather_eval_rows(extra_rows, indices, n))
+    if not video_tokens:
+        return out
+    return (*out, gather_eval_rows(extra_rows, indices, n), gather_eval_rows(extra_mask_rows, indices, n))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ record location + shard size + mtime) changed is recomputed; other encoder weigh
 Directories are written to a temp name and renamed, so a killed run never leaves a half-written cache; a cache damaged
 otherwise (unreadable or inconsistent files) is rebuilt, and videos whose cached features are NaN / infinite are
 encoded again (:func:`read_cache_index`).
+
+T2VLP / STOA (``visual_taps``): their tube / object modules train in stage 2 on what the frozen ViT gives them, so the
+cache also keeps those ViT taps, ``taps.npy`` float32 ``[N, n, T, 1+P, W]`` (``VideoCLIP.visual_taps``: T2VLP n=1,
+the tokens entering block N-2; STOA n=2, those entering blocks N-2 and N-1), and the items carry ``visual_taps``
+next to ``frame_feats``. The settings then name the method and the number of taps, and the encoder hash leaves out the
+trainable ``tubes.`` / ``objects.`` tensors, so a cache built for one method, transform or frame setting is never
+read by another. Cost at ViT-B/16 (197 tokens x 768 per frame, float32): 0.58 MB per frame and tap, i.e. with 12
+frames 7.3 MB per video for T2VLP and 14.5 MB for STOA (MemBridge: 24.6 kB of frame features).
 """
 
 from __future__ import annotations
@@ -36,16 +44,20 @@ from engine.distributed import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
 
-FEATURES_FILE, MASKS_FILE, INDEX_FILE = "features.npy", "masks.npy", "index.json"
+FEATURES_FILE, MASKS_FILE, INDEX_FILE, TAPS_FILE = "features.npy", "masks.npy", "index.json", "taps.npy"
+TRAINABLE_VIDEO_TOKEN_PREFIXES = ("tubes.", "objects.")  # trained in stage 2: not part of the cached encoder's hash
 UNREADABLE_ROW = -1  # index row of a video that could not be read (no features stored)
 CACHE_FORMAT = 1
 NAN_SCAN_ROWS = 4096  # cached videos checked for non-finite features per read
 
 
-def encoder_fingerprint(encoder: nn.Module) -> str:
-    """A hash of every tensor of the encoder (names, shapes, dtypes and bytes)."""
+def encoder_fingerprint(encoder: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> str:
+    """A hash of every tensor of the encoder (names, shapes, dtypes and bytes), but those whose names start with one
+    of ``skip_prefixes``."""
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(encoder.state_dict().items()):
+        if name.startswith(skip_prefixes):
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -73,7 +85,8 @@ def video_fingerprint(source: Any, video_id: str, key: str) -> str:
 
 
 class CachedFrameReader:
-    """Drop-in for a dataset's video reader: returns cached ``frame_feats [T, D]`` and ``video_mask [T]``."""
+    """Drop-in for a dataset's video reader: returns cached ``frame_feats [T, D]`` and ``video_mask [T]``; with a
+    ``taps.npy`` also :meth:`taps` (the ViT taps of T2VLP / STOA, given to the items by :class:`CachedTaps`)."""
 
     output_key = "frame_feats"
 
@@ -83,11 +96,22 @@ class CachedFrameReader:
         self.directory = directory
         self._features: np.ndarray | None = None
         self._masks: np.ndarray | None = None
+        self._taps: np.ndarray | None = None
 
     def _open(self) -> None:
         # opened lazily so that every DataLoader worker maps the files itself
         self._features = np.load(self.directory / FEATURES_FILE, mmap_mode="r")
         self._masks = np.load(self.directory / MASKS_FILE, mmap_mode="r")
+        if (self.directory / TAPS_FILE).is_file():
+            self._taps = np.load(self.directory / TAPS_FILE, mmap_mode="r")
+
+    def taps(self, video_id: str) -> torch.Tensor:
+        """The cached ViT taps ``[n, T, 1+P, W]`` of a readable video (after :meth:`__call__` for it)."""
+        if self._features is None:
+            self._open()
+        if self._taps is None:
+            raise DataError(f"the visual feature cache {self.directory} holds no {TAPS_FILE}; delete it to rebuild it")
+        return torch.from_numpy(np.array(self._taps[self.rows[video_id]]))
 
     def __call__(self, video_id: str, clip, rng) -> tuple[torch.Tensor, torch.Tensor]:
         if self._features is None:
@@ -101,7 +125,21 @@ class CachedFrameReader:
         return torch.from_numpy(np.array(self._features[row])), torch.from_numpy(np.array(self._masks[row], np.int64))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": None, "_masks": None}
+        return {**self.__dict__, "_features": None, "_masks": None, "_taps": None}
+
+
+class CachedTaps:
+    """A dataset's ``video_extras`` hook adding the cached ViT taps (``visual_taps``) to each item, after the hook it
+    replaces (e.g. STOA's boxes)."""
+
+    def __init__(self, reader: CachedFrameReader, previous=None):
+        self.reader = reader
+        self.previous = previous
+
+    def __call__(self, video_id: str, video_mask: torch.Tensor) -> dict:
+        item = dict(self.previous(video_id, video_mask)) if self.previous is not None else {}
+        item["visual_taps"] = self.reader.taps(video_id)
+        return item
 
 
 class _UniqueVideos(Dataset):
@@ -135,8 +173,9 @@ def _settings_key(encoder_fp: str, settings: dict) -> str:
     return hashlib.blake2b(payload.encode(), digest_size=12).hexdigest()
 
 
-def read_cache_index(directory: Path) -> dict[str, list]:
-    """The usable entries of the cache in ``directory``: ``{video_id: [row, fingerprint]}``.
+def read_cache_index(directory: Path, visual_taps: int = 0) -> dict[str, list]:
+    """The usable entries of the cache in ``directory``: ``{video_id: [row, fingerprint]}``; ``visual_taps > 0``:
+    the cache must also hold that many ViT taps per video (``taps.npy``).
 
     A damaged cache (index that is not valid JSON or of the wrong shape, feature / mask files that cannot be read or
     disagree with the index) is rebuilt: {} with a warning. Rows holding NaN or infinite features are left out, so
@@ -158,6 +197,10 @@ def read_cache_index(directory: Path) -> dict[str, list]:
         masks = np.load(directory / MASKS_FILE, mmap_mode="r")
         if feats.ndim != 3 or masks.shape != feats.shape[:2] or min(rows) < 0 or max(rows) >= len(feats):
             raise ValueError(f"features {feats.shape} / masks {masks.shape} do not fit the {len(rows)} indexed rows")
+        if visual_taps:
+            taps = np.load(directory / TAPS_FILE, mmap_mode="r")
+            if taps.ndim != 5 or taps.shape[:3] != (len(feats), visual_taps, feats.shape[1]):
+                raise ValueError(f"{TAPS_FILE} {taps.shape} does not fit {len(feats)} videos x {visual_taps} taps")
         finite = np.ones(len(feats), dtype=bool)
         for start in range(0, len(feats), NAN_SCAN_ROWS):  # in chunks: the file may be far larger than memory
             finite[start : start + NAN_SCAN_ROWS] = np.isfinite(feats[start : start + NAN_SCAN_ROWS]).all(axis=(1, 2))
@@ -183,8 +226,12 @@ def attach_visual_cache(
     batch_size: int,
     num_workers: int,
     encoder_key: str | None = None,
+    visual_taps: int = 0,
 ) -> CacheReport:
     """Compute (or reuse) the frame features of every video of ``dataset`` and make it return them.
+
+    ``visual_taps`` (T2VLP 1, STOA 2; ``encoder.num_visual_taps``): also cache the ViT taps its trainable tube /
+    object module reads; the items then carry ``visual_taps [n, T, 1+P, W]`` (through ``dataset.video_extras``).
 
     ``encoder_key``: the encoder's :func:`encoder_fingerprint` when the caller already knows it (search remembers it
     per weights file); computed here otherwise.
@@ -192,26 +239,43 @@ def attach_visual_cache(
     ``dataset`` is a training set with ``pairs`` (``video_id``, ``start``, ``end``) and a ``read_video`` reader;
     afterwards its items carry ``frame_feats`` instead of ``video``.
     """
+    if visual_taps and settings.get("visual_taps") != visual_taps:
+        raise ValueError("attach_visual_cache: settings must name the cached visual_taps (they key the cache)")
     reader = dataset.read_video
     video_ids = list(dict.fromkeys(p.video_id for p in dataset.pairs))
     clips = {p.video_id: (None if p.start is None and p.end is None else (p.start, p.end)) for p in dataset.pairs}
     keys = {vid: reader.video_keys.get(vid, vid) for vid in video_ids}
     fingerprints = {vid: video_fingerprint(reader.source, vid, keys[vid]) for vid in video_ids}
-    directory = Path(cache_root) / _settings_key(encoder_key or encoder_fingerprint(encoder), settings)
+    skip = TRAINABLE_VIDEO_TOKEN_PREFIXES if visual_taps else ()
+    directory = Path(cache_root) / _settings_key(encoder_key or encoder_fingerprint(encoder, skip), settings)
 
-    old = read_cache_index(directory)
+    def attach() -> None:
+        reader = CachedFrameReader(directory)
+        dataset.read_video = reader
+        if visual_taps:
+            dataset.video_extras = CachedTaps(reader, dataset.video_extras)
+
+    old = read_cache_index(directory, visual_taps)
     reuse = {vid: old[vid][0] for vid in video_ids if vid in old and old[vid][1] == fingerprints[vid]}
     todo = [vid for vid in video_ids if vid not in reuse]
     logger.info("visual feature cache %s: %d videos cached, %d to compute", directory, len(reuse), len(todo))
     if not todo and len(reuse) == len(old):
-        dataset.read_video = CachedFrameReader(directory)
+        attach()
         return CacheReport(directory, len(reuse), 0)
 
-    feats = masks = ok = None
+    feats = masks = ok = taps = None
     if todo:
         videos = _UniqueVideos(reader, todo, clips)
         videos = TolerantVideos(videos, first_readable(videos, "the videos to cache"), "visual feature cache")
-        feats, masks, ok = encode_video_set(encoder, videos, batch_size, num_workers, dist, "caching visual features")
+        if visual_taps:
+            feats, masks, ok, taps = encode_video_set(
+                encoder, videos, batch_size, num_workers, dist, "caching visual features and ViT taps", visual_taps=True
+            )
+            taps = taps.cpu().numpy()
+        else:
+            feats, masks, ok = encode_video_set(
+                encoder, videos, batch_size, num_workers, dist, "caching visual features"
+            )
         feats, masks, ok = feats.cpu().numpy(), masks.cpu().numpy().astype(np.int8), ok.cpu().numpy().astype(bool)
         if not ok.all():
             logger.warning(
@@ -220,9 +284,9 @@ def attach_visual_cache(
             )  # fmt: skip
 
     if dist.rank == 0:
-        _write_cache(directory, video_ids, reuse, todo, feats, masks, ok, fingerprints, settings)
+        _write_cache(directory, video_ids, reuse, todo, feats, masks, ok, fingerprints, settings, taps)
     barrier()
-    dataset.read_video = CachedFrameReader(directory)
+    attach()
     return CacheReport(directory, len(reuse), len(todo))
 
 
@@ -236,11 +300,15 @@ def _write_cache(
     ok: np.ndarray | None,
     fingerprints: dict[str, str],
     settings: dict,
+    taps: np.ndarray | None = None,
 ) -> None:
     """Merge reused rows and new rows into a fresh directory, then swap it in atomically. Unreadable videos get no
     row (``UNREADABLE_ROW`` in the index), so they are not decoded again while their fingerprint stays the same."""
     old_feats = np.load(directory / FEATURES_FILE, mmap_mode="r") if reuse else None
     old_masks = np.load(directory / MASKS_FILE, mmap_mode="r") if reuse else None
+    with_taps = bool(settings.get("visual_taps"))
+    old_taps = np.load(directory / TAPS_FILE, mmap_mode="r") if reuse and with_taps else None
+    sample_taps = taps if taps is not None and len(taps) else old_taps
     sample_feats = feats if feats is not None and len(feats) else old_feats
     sample_masks = masks if masks is not None and len(masks) else old_masks
     new_row = {vid: i for i, vid in enumerate(todo)}
@@ -251,16 +319,22 @@ def _write_cache(
     tmp.mkdir(parents=True)
     out_f = np.lib.format.open_memmap(tmp / FEATURES_FILE, "w+", np.float32, (n, *sample_feats.shape[1:]))
     out_m = np.lib.format.open_memmap(tmp / MASKS_FILE, "w+", np.int8, (n, *sample_masks.shape[1:]))
+    out_t = None
+    if with_taps:
+        out_t = np.lib.format.open_memmap(tmp / TAPS_FILE, "w+", np.float32, (n, *sample_taps.shape[1:]))
     index = {vid: [UNREADABLE_ROW, fingerprints[vid]] for vid in video_ids}
     for row, vid in enumerate(readable):
         if vid in reuse:
             out_f[row], out_m[row] = old_feats[reuse[vid]], old_masks[reuse[vid]]
         else:
             out_f[row], out_m[row] = feats[new_row[vid]], masks[new_row[vid]]
+        if out_t is not None:
+            out_t[row] = old_taps[reuse[vid]] if vid in reuse else taps[new_row[vid]]
         index[vid] = [row, fingerprints[vid]]
-    out_f.flush()
-    out_m.flush()
-    del out_f, out_m, old_feats, old_masks
+    for out in (out_f, out_m, out_t):
+        if out is not None:
+            out.flush()
+    del out_f, out_m, out_t, old_feats, old_masks, old_taps
     (tmp / INDEX_FILE).write_text(json.dumps({"format": CACHE_FORMAT, "settings": settings, "videos": index}))
     if directory.exists():
         trash = directory.with_name(f".{directory.name}.old-{os.getpid()}")

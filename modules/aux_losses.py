@@ -57,13 +57,15 @@ def object_action_matching(
     verb_mask: torch.Tensor,
     eot_in_sets: bool = False,
     skip_actions_without_objects: bool = False,
-) -> torch.Tensor:
+    reduction: str = "mean",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """STOA's matching loss: per sample the valid trajectory tokens ``[2O, E]`` are Hungarian-matched to the noun
     token features and the action tokens ``[N_act, E]`` to the verb token features of ``text_tokens [B, L, E]``
     (detached by the caller); all matched pairs of the batch are stacked and the loss is their plain MSE (mean over
     elements, no normalisation). ``eot_in_sets`` (quirk S6) adds the EOT position to both word sets;
     ``skip_actions_without_objects`` (S7) skips a sample's actions when it has no valid trajectory or no noun.
-    A batch without any pair gives a zero loss that keeps the graph."""
+    A batch without any pair gives a zero loss that keeps the graph. ``reduction="sum"`` returns ``(sum of the
+    squared errors, number of elements)`` instead of their mean (a mean over several ranks)."""
     video_side, text_side = [], []
     eot = text_mask.sum(1) - 1
     for i in range(trajectories.shape[0]):
@@ -82,5 +84,9 @@ def object_action_matching(
             video_side.append(v)
             text_side.append(t)
     if not video_side:
-        return (trajectories.sum() + actions.sum()) * 0.0
-    return F.mse_loss(torch.cat(video_side).float(), torch.cat(text_side).float())
+        zero = (trajectories.sum() + actions.sum()).float() * 0.0
+        return zero if reduction == "mean" else (zero, zero.detach())
+    video, text = torch.cat(video_side).float(), torch.cat(text_side).float()
+    if reduction == "sum":
+        return F.mse_loss(video, text, reduction="sum"), video.new_tensor(float(video.numel()))
+    return F.mse_loss(video, text)

@@ -200,8 +200,12 @@ def fusion_attention_mask(
     plm_prefix: int | torch.Tensor | None = None,
     attention: str = "bridge",
     vsep_first: bool = False,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention mask ``[B, 1, N, N]`` of the fusion sequence (0 visible, ``-inf`` hidden).
+
+    ``extra_mask [B, K]`` (nonzero = real token; None: all real) hides the empty extra tokens as key-padding columns
+    in every layout, like padded frames and text (STOA's ``[id_list != 0, 1, 1, 1, 1]``, spec B.6).
 
     ``attention == "joint"`` (T2VLP): every row sees every non-padded column; with ``causal_text`` the video and
     extra rows do not see text and the text x text block is causal (``plm_prefix`` is not used). ``vsep_first``:
@@ -222,6 +226,10 @@ def fusion_attention_mask(
     bridges = slice(t + 1, t + 1 + num_bridges)
     text = slice(t + 1 + num_bridges, n)
     ones = torch.ones(b, 1 + num_bridges, dtype=torch.bool, device=video_mask.device)
+    if extra_mask is not None:
+        if tuple(extra_mask.shape) != (b, num_bridges):
+            raise ValueError(f"extra_mask has shape {tuple(extra_mask.shape)}; expected {(b, num_bridges)}")
+        ones[:, 1:] = extra_mask.bool()
     if vsep_first:
         columns = torch.cat([ones[:, :1], video_mask.bool(), ones[:, 1:], text_mask.bool()], dim=1)
     else:
@@ -258,8 +266,10 @@ def mlm_mask(
     text_mask: torch.Tensor,
     generator: torch.Generator | None = None,
     prob: float = DEFAULT_MLM_PROB,
+    uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask inner tokens for MLM: ``(masked_ids, labels)``.
+    """Mask inner tokens for MLM: ``(masked_ids, labels)``. ``uniforms`` (two ``[B, L]`` draws in [0, 1), e.g. the
+    per-sample :data:`STAGE2_DRAWS_KEY` of the batch) replace the two draws from ``generator``.
 
     Each token strictly between SOT and EOT is masked with probability ``prob``; a text with no draw gets one
     inner token masked uniformly at random. Masked ids become ``MLM_MASK_ID`` (0); ``labels`` hold the original
@@ -268,8 +278,10 @@ def mlm_mask(
     b, length = text_ids.shape
     positions = torch.arange(length, device=text_ids.device).unsqueeze(0)
     inner = (positions >= 1) & (positions < eot_positions(text_mask).unsqueeze(1))
-    chosen = (_uniform((b, length), generator, text_ids.device) < prob) & inner
-    fallback_scores = _uniform((b, length), generator, text_ids.device).masked_fill(~inner, -1.0)
+    first, second = uniforms or (_uniform((b, length), generator, text_ids.device), None)
+    chosen = (first < prob) & inner
+    second = _uniform((b, length), generator, text_ids.device) if second is None else second
+    fallback_scores = second.masked_fill(~inner, -1.0)
     fallback = F.one_hot(fallback_scores.argmax(1), length).bool() & inner
     needs_one = ~chosen.any(1, keepdim=True)
     chosen = chosen | (fallback & needs_one)
@@ -278,12 +290,15 @@ def mlm_mask(
     return masked_ids, labels
 
 
-def draw_plm_starts(text_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per text, the first scored position of PLM, uniform in ``[1, eot]`` (``eot`` = index of EOT) ``[B]``."""
+def draw_plm_starts(
+    text_mask: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per text, the first scored position of PLM, uniform in ``[1, eot]`` (``eot`` = index of EOT) ``[B]``
+    (``uniform [B]``: given draws in [0, 1) instead of ``generator``'s)."""
     eot = eot_positions(text_mask)
     if bool((eot < 1).any()):
         raise ValueError("every text needs at least SOT and EOT (text_mask.sum() >= 2) for PLM")
-    draws = _uniform((text_mask.shape[0],), generator, text_mask.device)
+    draws = _uniform((text_mask.shape[0],), generator, text_mask.device) if uniform is None else uniform
     return (1 + (draws * eot).floor().long()).clamp(max=eot)
 
 
@@ -337,8 +352,15 @@ def sample_hard_negatives(
     local_offset: int,
     local_size: int,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One hard negative per local positive, in both directions, as global indices.
+
+    With ``uniforms [b, 2]`` (this rank's per-sample draws in [0, 1): text->video, video->text) and ``order [Bg]``
+    (a per-sample key of every pair of the global batch, distinct) the draw is an inverse-CDF lookup over the
+    candidates sorted by ``order``: the same distribution as ``multinomial``, and the same negative whatever the
+    split of the global batch over ranks and its row order (a 2-rank run equals a 1-process run).
 
     ``sim_global [Bg, Bg]`` holds text (rows) x video (columns) similarities of the gathered batch; this rank's
     pairs are rows/columns ``local_offset .. local_offset + local_size - 1``. Negatives are drawn by
@@ -352,12 +374,33 @@ def sample_hard_negatives(
     rows = torch.arange(local_offset, local_offset + local_size, device=sim_global.device)
     positive = F.one_hot(rows, total).bool()
     draws = []
-    for logits in (sim_global[rows], sim_global.t()[rows]):
+    for direction, logits in enumerate((sim_global[rows], sim_global.t()[rows])):
         probs = logits.float().masked_fill(positive, float("-inf")).softmax(-1)
+        if uniforms is not None:
+            if order is None:
+                raise ValueError("sample_hard_negatives: give the pairs' order keys with the uniforms")
+            canonical = order.argsort()
+            cdf = probs[:, canonical].double().cumsum(-1)
+            target = uniforms[:, direction].to(cdf).unsqueeze(1) * cdf[:, -1:]
+            pick = torch.searchsorted(cdf, target, right=True).clamp(max=total - 1).squeeze(1)
+            draws.append(canonical[pick].to(sim_global.device))
+            continue
         if generator is not None:
             probs = probs.to(generator.device)
         draws.append(torch.multinomial(probs, 1, generator=generator).squeeze(1).to(sim_global.device))
     return draws[0], draws[1]
+
+
+def cross_entropy_sum_and_correct(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(summed cross-entropy, number of correct argmaxes, number of targets)`` (float scalars; the sum keeps the
+    graph): the parts of a mean that is taken over several ranks."""
+    count = logits.new_tensor(float(targets.numel()), dtype=torch.float32)
+    if targets.numel() == 0:
+        return logits.sum().float() * 0.0, count * 0.0, count
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return total, (logits.argmax(-1) == targets).float().sum(), count
 
 
 def cross_entropy_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,9 +587,11 @@ class FusionInputs:
     - ``lm``: one teacher-forced causal pass (``plm_mode single_pass``, T2VLP): causal text, video and extra rows do
       not see text, text slot ``j`` predicts token ``j+1`` (joint attention only).
 
-    ``extra_tokens [B, K, D]``: the video-only tokens between video and text (T2VLP tubes, ``bridge_source tube``);
-    None for memory / learned bridges, which the fusion computes itself. Under ``positional == "all"`` every slot
-    gets its positional embedding (no exemption).
+    ``extra_tokens [B, K, D]``: the video-only tokens between video and text (T2VLP tubes, ``bridge_source tube``;
+    STOA trajectories + actions, ``object``); None for memory / learned bridges, which the fusion computes itself.
+    ``extra_mask [B, K]`` (nonzero = real; None = all real): the extra tokens to hide as key padding in every mode
+    (STOA's empty trajectory slots); it travels with the video like ``extra_tokens``. Under
+    ``positional == "all"`` every slot gets its positional embedding (no exemption).
     """
 
     frame_feats: torch.Tensor
@@ -557,6 +602,7 @@ class FusionInputs:
     mode: FusionMode = "vtm"
     plm_prefix: int | torch.Tensor | None = None
     extra_tokens: torch.Tensor | None = None
+    extra_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in FUSION_MODES:
@@ -572,6 +618,10 @@ class FusionInputs:
         }
         if self.extra_tokens is not None:
             expected["extra_tokens"] = (b,)
+        if self.extra_mask is not None:
+            if self.extra_tokens is None:
+                raise ValueError("FusionInputs.extra_mask is given without extra_tokens")
+            expected["extra_mask"] = tuple(self.extra_tokens.shape[:2])
         for name, lead in expected.items():
             shape = tuple(getattr(self, name).shape)
             if shape[: len(lead)] != lead:
@@ -587,6 +637,7 @@ class FusionInputs:
         prefix: torch.Tensor,
         probe: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> FusionInputs:
         """Rows of the prefix LM: text slots ``0 .. prefix[r]`` hold ``token_feats``, later slots only their
         positional embedding (zero features), ``probe [R, D]`` (the EOT feature of ``[SOT, w1 .. wi, EOT]``) is the
@@ -594,8 +645,9 @@ class FusionInputs:
         slots = torch.arange(token_feats.shape[1], device=token_feats.device).unsqueeze(0)
         text_in = token_feats.masked_fill((slots > prefix.unsqueeze(1)).unsqueeze(-1), 0.0)
         return cls(
-            frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix, extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, text_in, text_mask, probe, mode="plm", plm_prefix=prefix,
+            extra_tokens=extra_tokens, extra_mask=extra_mask,
+        )  # fmt: skip
 
     @classmethod
     def for_question(
@@ -606,10 +658,14 @@ class FusionInputs:
         question_mask: torch.Tensor,
         question_eot: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> FusionInputs:
         """The QA pass ``[frames | v_sep | bridges | question | answer slot]`` (:func:`with_answer_slot`)."""
         text_feats, text_mask, _ = with_answer_slot(question_feats, question_mask)
-        return cls(frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa", extra_tokens=extra_tokens)
+        return cls(
+            frame_feats, video_mask, text_feats, text_mask, question_eot, mode="qa", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -769,7 +825,7 @@ class MemBridgeFusion(nn.Module):
             x = torch.cat([x[:, : t + 1].detach(), x[:, t + 1 :]], dim=1)
         mask = fusion_attention_mask(
             inputs.video_mask, inputs.text_mask, self.num_bridges, inputs.mode in ("plm", "lm"), inputs.plm_prefix,
-            self.config.attention, self.config.vsep_first,
+            self.config.attention, self.config.vsep_first, inputs.extra_mask,
         ).to(x.dtype)  # fmt: skip
         details = {"fusion_inputs": x, "attention_mask": mask}
         if memory_attention is not None:
@@ -837,13 +893,15 @@ class MemBridgeFusion(nn.Module):
         intended_norm: bool = False,
         return_details: bool = False,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """VTM logits ``[R, 2]`` of ``R`` (video, text) pairs (the VTM / evaluation fusion path; ``group_size`` and
         ``intended_norm`` as in :meth:`vtm_logits`); ``return_details`` adds the details of :meth:`fuse`;
-        ``extra_tokens [R, K, D]``: the videos' own tokens (T2VLP tubes)."""
+        ``extra_tokens [R, K, D]`` / ``extra_mask [R, K]``: the videos' own tokens (T2VLP tubes, STOA objects)."""
         inputs = FusionInputs(
-            frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm", extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, text_feats, text_mask, t_eot, mode="vtm", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
         logits, details = self._match(inputs, group_size, intended_norm)
         return (logits, details) if return_details else logits
 
@@ -855,17 +913,20 @@ class MemBridgeFusion(nn.Module):
         text_mask: torch.Tensor,
         t_eot: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``match_prob(text_idx [Q, k], video_idx [Q, k]) -> p_match [Q, k]`` over cached features, for
         :func:`rerank` (videos: ``frame_feats [Nv, T, D]``, ``video_mask``, ``extra_tokens [Nv, K, D]`` for a
-        video-token source; texts: ``text_feats [Nt, L, D]``, ``text_mask``, ``t_eot [Nt, D]``)."""
+        video-token source, with ``extra_mask [Nv, K]`` when some are empty; texts: ``text_feats [Nt, L, D]``,
+        ``text_mask``, ``t_eot [Nt, D]``)."""
 
         def match_prob(text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
             ti, vi = text_idx.reshape(-1), video_idx.reshape(-1)
             extra = None if extra_tokens is None else extra_tokens[vi]
+            extra_visible = None if extra_mask is None else extra_mask[vi]
             logits = self.match_logits(
                 frame_feats[vi], video_mask[vi], text_feats[ti], text_mask[ti], t_eot[ti], group_size=text_idx.shape[1],
-                extra_tokens=extra,
+                extra_tokens=extra, extra_mask=extra_visible,
             )  # fmt: skip
             return logits.float().softmax(-1)[:, 1].reshape(text_idx.shape)
 
@@ -919,6 +980,7 @@ class MemBridgeFusion(nn.Module):
         neg_video: torch.Tensor,
         neg_text: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Video-text matching over ``3b`` pairs: positives, text->video and video->text hard negatives.
 
@@ -929,10 +991,11 @@ class MemBridgeFusion(nn.Module):
         """
         video_idx = torch.cat([local_index, neg_video, local_index])
         text_idx = torch.cat([local_index, local_index, neg_text])
-        extra = None if extra_tokens is None else extra_tokens[video_idx]  # video-only tokens travel with the video
+        extra = None if extra_tokens is None else extra_tokens[video_idx]  # video-only tokens travel with the video,
+        extra_visible = None if extra_mask is None else extra_mask[video_idx]  # and so does their mask
         inputs = FusionInputs(
             frame_feats[video_idx], video_mask[video_idx], text_feats[text_idx], text_mask[text_idx], t_eot[text_idx],
-            extra_tokens=extra,
+            extra_tokens=extra, extra_mask=extra_visible,
         )  # fmt: skip
         logits, details = self._match(inputs, group_size=None, intended_norm=False)
         targets = torch.zeros(video_idx.shape[0], dtype=torch.long, device=logits.device)
@@ -953,6 +1016,7 @@ class MemBridgeFusion(nn.Module):
         labels: torch.Tensor,
         token_embedding: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Masked language modelling; ``masked_text_feats`` / ``masked_t_eot`` encode the masked ids.
 
@@ -962,8 +1026,9 @@ class MemBridgeFusion(nn.Module):
         masked = labels != IGNORE_INDEX
         text_in = masked_text_feats.masked_fill(masked.unsqueeze(-1), 0.0)
         inputs = FusionInputs(
-            frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm", extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, text_in, text_mask, masked_t_eot, mode="mlm", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
         hidden, details = self._fuse(inputs)
         h_text = hidden[:, self.text_offset(frame_feats.shape[1]) :]
         return ObjectiveOutput(self.vocab_logits(h_text[masked], token_embedding), labels[masked], details)
@@ -984,6 +1049,7 @@ class MemBridgeFusion(nn.Module):
         prefixes: torch.Tensor,
         token_embedding: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Prefix LM in one batched fusion pass over the ``R`` (sample, prefix) rows that carry loss.
 
@@ -997,8 +1063,9 @@ class MemBridgeFusion(nn.Module):
         rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
         t_eot = probe_feats[rows, torch.searchsorted(prefixes, prefix)]
         extra = None if extra_tokens is None else extra_tokens[rows]
+        extra_visible = None if extra_mask is None else extra_mask[rows]
         inputs = FusionInputs.prefix_lm(
-            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot, extra
+            frame_feats[rows], video_mask[rows], token_feats[rows], text_mask[rows], prefix, t_eot, extra, extra_visible
         )
         logits, details = self.next_token_logits(inputs, self.vocab_weight(token_embedding))
         return ObjectiveOutput(logits, targets, {**details, "rows": rows, "prefix": prefix})
@@ -1014,6 +1081,7 @@ class MemBridgeFusion(nn.Module):
         t_eot: torch.Tensor,
         token_embedding: torch.Tensor,
         extra_tokens: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Prefix LM as one teacher-forced causal pass per text (``plm_mode single_pass``, T2VLP's PLM).
 
@@ -1023,8 +1091,9 @@ class MemBridgeFusion(nn.Module):
         """
         rows, prefix, targets = plm_targets(text_ids, text_mask, starts)
         inputs = FusionInputs(
-            frame_feats, video_mask, token_feats, text_mask, t_eot, mode="lm", extra_tokens=extra_tokens
-        )
+            frame_feats, video_mask, token_feats, text_mask, t_eot, mode="lm", extra_tokens=extra_tokens,
+            extra_mask=extra_mask,
+        )  # fmt: skip
         hidden, details = self._fuse(inputs)
         out = hidden[rows, self.text_offset(frame_feats.shape[1]) + prefix]
         logits = self.vocab_logits(out, weight=self.vocab_weight(token_embedding))

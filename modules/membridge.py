@@ -19,6 +19,7 @@ from modules.fusion import (
     MemBridgeFusion,
     ObjectiveOutput,
     check_fusion_matches_clip,
+    cross_entropy_sum_and_correct,
     draw_plm_starts,
     encode_text_with_probes,
     eot_positions,
@@ -32,7 +33,36 @@ logger = logging.getLogger(__name__)
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
 CACHED_FRAME_FEATURES_KEY = "frame_feats"  # optional batch key [B, T, D] (--cache_visual_features)
-CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed T2VLP tubes (evaluation only)
+# optional batch key [B, n, T, 1+P, W]: the cached ViT taps of T2VLP / STOA (VideoCLIP.visual_taps), with frame_feats
+CACHED_VISUAL_TAPS_KEY = "visual_taps"
+CACHED_VIDEO_TOKENS_KEY = "video_tokens"  # optional batch key [B, K, D]: precomputed tubes / STOA objects
+CACHED_VIDEO_TOKEN_MASK_KEY = "video_token_mask"  # optional batch key [B, K]: their key mask (STOA's empty slots)
+# optional batch key [B, 2L + 4] float64: per-sample uniform draws of stage 2 (see stage2_draw_columns)
+STAGE2_DRAWS_KEY = "stage2_draws"
+
+
+def stage2_draw_columns(max_words: int) -> dict[str, slice]:
+    """Columns of the per-sample :data:`STAGE2_DRAWS_KEY` row of a text of ``max_words`` slots: ``mlm`` and
+    ``mlm_fallback`` (``[L]`` each, :func:`modules.fusion.mlm_mask`), ``plm_start`` (:func:`draw_plm_starts`),
+    ``neg_video`` / ``neg_text`` (the VTM negatives of the pair, inverse-CDF draws) and ``order`` (the pair's key
+    that fixes the candidates' order for those draws)."""
+    length = max_words
+    names = ("plm_start", "neg_video", "neg_text", "order")
+    columns = {"mlm": slice(0, length), "mlm_fallback": slice(length, 2 * length)}
+    columns.update({name: slice(2 * length + i, 2 * length + i + 1) for i, name in enumerate(names)})
+    return columns
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor, gather: GatherFn | None) -> torch.Tensor:
+    """``total / count`` over all ranks: the value is the global mean (the same on every rank, and the same as one
+    process holding the whole batch); the gradient is this rank's share ``W / count_global * d total``, so that
+    the data-parallel average of the ranks' gradients is the global mean's gradient."""
+    if gather is None:
+        return total / count.clamp(min=1.0)
+    parts = gather(torch.stack([total.detach().float(), count.float()]).unsqueeze(0))  # [W, 2]
+    total_all, count_all = parts.sum(0).unbind()
+    share = total * (parts.shape[0] / count_all.clamp(min=1.0))
+    return share - share.detach() + total_all / count_all.clamp(min=1.0)
 
 
 @dataclass(frozen=True)
@@ -102,7 +132,8 @@ class _PairPool:
     text_feats: torch.Tensor  # [Bg, L, D]
     text_mask: torch.Tensor  # [Bg, L]
     t_eot: torch.Tensor  # [Bg, D]
-    extra_tokens: torch.Tensor | None = None  # [Bg, K, D] video-only tokens (T2VLP tubes)
+    extra_tokens: torch.Tensor | None = None  # [Bg, K, D] video-only tokens (T2VLP tubes, STOA objects)
+    extra_mask: torch.Tensor | None = None  # [Bg, K] their key mask (None: all real)
 
 
 class MemBridgeModel(nn.Module):
@@ -125,29 +156,39 @@ class MemBridgeModel(nn.Module):
 
     def object_tokens(self, batch: Mapping[str, torch.Tensor]):
         """STOA: frame features ``[B, T, D]`` (no gradient) and the :class:`ObjectActionOutput` of the batch's boxes
-        (the object module trains; the ViT gives it its inputs without gradient when frozen)."""
+        (the object module trains; the ViT gives it its inputs without gradient when frozen). Without the video the
+        batch must carry the cached ViT taps (``visual_taps``, ``--cache_visual_features``) and ``frame_feats``."""
         if "video" not in batch:
-            raise ValueError("object tokens need the video: no --cache_visual_features with --method stoa")
+            if CACHED_VISUAL_TAPS_KEY not in batch:
+                raise ValueError("object tokens need the video or the cached ViT taps ('visual_taps')")
+            out = self.encoder.tokens_from_taps(batch[CACHED_VISUAL_TAPS_KEY], batch["video_mask"], batch)
+            return self.frame_features(batch), out
         frames, out = self.encoder.encode_video_objects(batch["video"], batch["video_mask"], batch)
         return frames.detach(), out
 
-    def video_tokens(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Frame features ``[B, T, D]`` (no gradient) and the video-only extra tokens (T2VLP tubes ``[B, K, D]``,
-        trained on a detached ViT input; None without a tube module). Precomputed tubes come with the batch
-        (``video_tokens``, evaluation); cached frame features alone cannot give tubes."""
+    def video_tokens(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Frame features ``[B, T, D]`` (no gradient), the video-only extra tokens (T2VLP tubes ``[B, K, D]``, trained
+        on a detached ViT input; STOA trajectory + action tokens; None without such a module) and their key mask
+        ``[B, K]`` (None: all real; STOA: ``[id_list != 0, 1 .. 1]``). Precomputed tokens come with the batch
+        (``video_tokens`` and, when some are empty, ``video_token_mask``; evaluation, VTM in retrieval)."""
         tubes = self.encoder.tubes
         if CACHED_VIDEO_TOKENS_KEY in batch:
-            return self.frame_features(batch), batch[CACHED_VIDEO_TOKENS_KEY]
+            return self.frame_features(batch), batch[CACHED_VIDEO_TOKENS_KEY], batch.get(CACHED_VIDEO_TOKEN_MASK_KEY)
         if self.encoder.objects is not None:
             frames, out = self.object_tokens(batch)
-            return frames, out.tokens
+            return frames, out.tokens, out.token_mask
         if tubes is None:
-            return self.frame_features(batch), None
+            return self.frame_features(batch), None, None
         if "video" not in batch:
-            raise ValueError("tube tokens need the video (or precomputed 'video_tokens'): no --cache_visual_features")
+            if CACHED_VISUAL_TAPS_KEY not in batch:
+                raise ValueError("tube tokens need the video, the cached ViT taps ('visual_taps') or 'video_tokens'")
+            taps = batch[CACHED_VISUAL_TAPS_KEY]
+            return self.frame_features(batch), self.encoder.tokens_from_taps(taps, batch["video_mask"]), None
         with torch.no_grad():
             frames, tap = self.encoder.encode_video(batch["video"], batch["video_mask"], return_tap=True)
-        return frames, tubes(tap, batch["video_mask"])
+        return frames, tubes(tap, batch["video_mask"]), None
 
     def _require_fusion(self) -> MemBridgeFusion:
         if self.fusion is None:
@@ -210,23 +251,35 @@ class MemBridgeModel(nn.Module):
         objects = None
         if self.encoder.objects is not None and CACHED_VIDEO_TOKENS_KEY not in batch:
             frame_feats, objects = self.object_tokens(batch)
-            extra = objects.tokens
+            extra, extra_mask = objects.tokens, objects.token_mask
         else:
-            frame_feats, extra = self.video_tokens(batch)
+            frame_feats, extra, extra_mask = self.video_tokens(batch)
         zero = frame_feats.new_zeros(())
         out = {name: zero for name in ("vtm", "mlm", "plm", "vtm_acc", "mlm_acc", "plm_acc")}
         single_pass = fusion.config.plm_mode == "single_pass"
         details: dict[str, torch.Tensor] = {}
 
         def record(name: str, objective: ObjectiveOutput) -> None:
-            out[name], out[f"{name}_acc"] = objective.loss_and_accuracy()
+            if gather is None:
+                out[name], out[f"{name}_acc"] = objective.loss_and_accuracy()
+            else:  # means over the global batch (the MLM / PLM row counts differ between ranks)
+                total, correct, count = cross_entropy_sum_and_correct(objective.logits, objective.targets)
+                out[name], out[f"{name}_acc"] = global_mean(total, count, gather), global_mean(correct, count, gather)
+                out[f"{name}_acc"] = out[f"{name}_acc"].detach()
             if return_details:
                 details.update({f"{name}_{key}": value for key, value in objective.details.items()})
                 details.update({f"{name}_logits": objective.logits, f"{name}_targets": objective.targets})
 
+        uniform = batch.get(STAGE2_DRAWS_KEY)
+        columns = stage2_draw_columns(text_ids.shape[1])
+        if uniform is not None and tuple(uniform.shape) != (text_ids.shape[0], columns["order"].stop):
+            raise ValueError(f"batch[{STAGE2_DRAWS_KEY!r}] has shape {tuple(uniform.shape)}; expected "
+                             f"{(text_ids.shape[0], columns['order'].stop)}")  # fmt: skip
+        part = (lambda name: None) if uniform is None else (lambda name: uniform[:, columns[name]])  # noqa: E731
         if weights.mlm:
             if draws.mlm_labels is None:
-                masked_ids, labels = mlm_mask(text_ids, text_mask, generator, fusion.config.mlm_prob)
+                given = None if uniform is None else (part("mlm"), part("mlm_fallback"))
+                masked_ids, labels = mlm_mask(text_ids, text_mask, generator, fusion.config.mlm_prob, given)
             else:
                 masked_ids, labels = draws.mlm_masked_ids, draws.mlm_labels
             details.update(mlm_masked_ids=masked_ids, mlm_labels=labels)
@@ -234,11 +287,16 @@ class MemBridgeModel(nn.Module):
             record(
                 "mlm",
                 fusion.mlm_objective(
-                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding, extra
+                    frame_feats, video_mask, masked_feats, text_mask, masked_eot, labels, token_embedding, extra,
+                    extra_mask,
                 ),
-            )
+            )  # fmt: skip
 
-        starts = draw_plm_starts(text_mask, generator) if draws.plm_starts is None else draws.plm_starts
+        if draws.plm_starts is None:
+            start_draws = None if uniform is None else part("plm_start").squeeze(1)
+            starts = draw_plm_starts(text_mask, generator, start_draws)
+        else:
+            starts = draws.plm_starts
         with_probes = weights.plm and not single_pass
         prefixes = plm_targets(text_ids, text_mask, starts)[1].unique() if with_probes else starts.new_zeros(0)
         with torch.no_grad():
@@ -249,20 +307,22 @@ class MemBridgeModel(nn.Module):
             record(
                 "plm",
                 fusion.single_pass_lm_objective(
-                    frame_feats, video_mask, text_ids, text_mask, starts, text_feats, t_eot, token_embedding, extra
+                    frame_feats, video_mask, text_ids, text_mask, starts, text_feats, t_eot, token_embedding, extra,
+                    extra_mask,
                 ),
-            )
+            )  # fmt: skip
         elif weights.plm:
             record(
                 "plm",
                 fusion.plm_objective(
                     frame_feats, video_mask, text_ids, text_mask, starts, text_feats, probe_feats, prefixes,
-                    token_embedding, extra,
+                    token_embedding, extra, extra_mask,
                 ),
             )  # fmt: skip
 
         if weights.vtm:
-            pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot, extra)
+            mask_rows = None if extra_mask is None else extra_mask.long()  # long: every backend gathers it
+            pool = _PairPool(frame_feats, video_mask, text_feats, text_mask, t_eot, extra, mask_rows)
             if gather is not None:
                 pool = _PairPool(*(None if v is None else gather(v) for v in vars(pool).values()))
                 if extra is not None and gather_with_grad is not None:
@@ -275,9 +335,14 @@ class MemBridgeModel(nn.Module):
             if draws.neg_video is None:
                 with torch.no_grad():
                     sim = self.encoder.similarity_logits(pool.t_eot, pool.frame_feats, pool.video_mask)
+                    order = None
+                    if uniform is not None:
+                        order = part("order").squeeze(1)
+                        order = order if gather is None else gather(order)
                 neg_video, neg_text = sample_hard_negatives(
-                    sim * weights.vtm_negative_scale, local_offset, local_size, generator
-                )
+                    sim * weights.vtm_negative_scale, local_offset, local_size, generator,
+                    None if uniform is None else torch.cat([part("neg_video"), part("neg_text")], dim=1), order,
+                )  # fmt: skip
             else:
                 neg_video, neg_text = draws.neg_video, draws.neg_text
             details.update(neg_video=neg_video, neg_text=neg_text)
@@ -286,19 +351,23 @@ class MemBridgeModel(nn.Module):
                 "vtm",
                 fusion.vtm_objective(
                     pool.frame_feats, pool.video_mask, pool.text_feats, pool.text_mask, pool.t_eot, local_index,
-                    neg_video, neg_text, pool.extra_tokens,
+                    neg_video, neg_text, pool.extra_tokens, pool.extra_mask,
                 ),
             )  # fmt: skip
 
         out["loss"] = weights.vtm * out["vtm"] + weights.mlm * out["mlm"] + weights.plm * out["plm"]
         if extra is not None and self.encoder.tubes is not None:  # T2VLP: alignment on the detached text features
-            out["align"] = local_alignment(self.encoder.tubes.text_queries(), text_feats, text_mask, extra)
+            align = local_alignment(self.encoder.tubes.text_queries(), text_feats, text_mask, extra)
+            count = align.new_tensor(float(extra.numel()))
+            out["align"] = align if gather is None else global_mean(align * count, count, gather)
             out["loss"] = out["loss"] + weights.align * out["align"]
         if objects is not None and "noun_mask" in batch and weights.match:  # STOA: OTA + action set prediction
             quirks = fusion.config.official_quirks
-            out["match"] = object_action_matching(
+            total, count = object_action_matching(
                 objects.trajectories, objects.trajectory_valid, objects.actions, text_feats, text_mask,
                 batch["noun_mask"], batch["verb_mask"], eot_in_sets=quirks, skip_actions_without_objects=quirks,
+                reduction="sum",
             )  # fmt: skip
+            out["match"] = global_mean(total, count, gather)
             out["loss"] = out["loss"] + weights.match * out["match"]
         return (out, details) if return_details else out

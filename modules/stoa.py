@@ -122,6 +122,13 @@ class ObjectActionOutput:
         """``[B, 2O + N_act, E]``: what the fusion receives."""
         return torch.cat([self.trajectories, self.actions], dim=1)
 
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """``[B, 2O + N_act]`` bool, ``[id_list != 0, 1 .. 1]`` (spec B.6): the fusion hides the empty trajectory
+        slots as key padding (``FusionInputs.extra_mask``)."""
+        ones = torch.ones(self.actions.shape[:2], dtype=torch.bool, device=self.actions.device)
+        return torch.cat([self.trajectory_valid.bool(), ones], dim=1)
+
 
 def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill(hidden, float("-inf"))

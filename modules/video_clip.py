@@ -276,20 +276,66 @@ class VideoCLIP(nn.Module):
         )
         return frames, out
 
+    @property
+    def num_visual_taps(self) -> int:
+        """ViT taps the video-token module reads (``--cache_visual_features`` stores them): 1 for T2VLP tubes (the
+        block N-2 input), 2 for STOA objects (the block N-2 and N-1 inputs), 0 otherwise."""
+        return 2 if self.objects is not None else 1 if self.tubes is not None else 0
+
+    @torch.no_grad()
+    def visual_taps(self, video: torch.Tensor, video_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the frozen ViT gives the trainable video-token module: frame features ``[B, T, D]`` and the taps
+        ``[B, num_visual_taps, T, 1+P, W]`` (T2VLP: the tokens entering block N-2; STOA: those entering blocks N-2
+        and N-1), without gradient. :meth:`tokens_from_taps` turns them into the tokens."""
+        if self.objects is not None:
+            frames, layers = self.encode_video(video, video_mask, return_layer_tokens=True)
+            return frames, torch.stack([layers[-TUBE_BLOCKS], layers[-1]], dim=1)
+        if self.tubes is not None:
+            frames, tap = self.encode_video(video, video_mask, return_tap=True)
+            return frames, tap.unsqueeze(1)
+        raise ValueError("visual_taps: this encoder has no tube or object module")
+
+    def tokens_from_taps(
+        self, taps: torch.Tensor, video_mask: torch.Tensor, batch: dict | None = None
+    ) -> torch.Tensor | ObjectActionOutput:
+        """The video-only tokens from cached :meth:`visual_taps`: tubes ``[B, K, D]``, or STOA's
+        :class:`ObjectActionOutput` (boxes from ``batch``)."""
+        if taps.shape[1] != self.num_visual_taps:
+            raise ValueError(f"{taps.shape[1]} cached ViT taps; this encoder reads {self.num_visual_taps}")
+        if self.objects is not None:
+            batch = batch or {}
+            missing = [k for k in ("object_boxes", "object_classes", "trajectory_ids") if k not in batch]
+            if missing:
+                raise ValueError(f"--method stoa needs the batch keys {missing} (DetectionReader, --objects_dir)")
+            return self.objects(
+                taps[:, 0], taps[:, 1], batch["object_boxes"], batch["object_classes"], batch["trajectory_ids"],
+                video_mask,
+            )  # fmt: skip
+        return self.tubes(taps[:, 0], video_mask)
+
     def encode_video_tokens(
-        self, video: torch.Tensor, video_mask: torch.Tensor, detach_tap: bool = False, batch: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        detach_tap: bool = False,
+        batch: dict | None = None,
+        return_mask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Frame features ``[B, T, D]`` and the video-only extra tokens of the method (T2VLP tube tokens
         ``[B, K, D]``, STOA trajectory + action tokens ``[B, 2O + 4, D]`` from ``batch``'s boxes; None without).
         ``detach_tap``: the tubes' ViT input carries no gradient (stage 2 and downstream, as published; stage 1
-        keeps it)."""
+        keeps it). ``return_mask`` adds the tokens' key mask ``[B, K]`` (STOA: empty trajectory slots are False;
+        None for tubes, which are all real)."""
+        mask = None
         if self.objects is not None:
             frames, out = self.encode_video_objects(video, video_mask, batch or {})
-            return frames, out.tokens
-        if self.tubes is None:
-            return self.encode_video(video, video_mask), None
-        frames, tap = self.encode_video(video, video_mask, return_tap=True)
-        return frames, self.tubes(tap.detach() if detach_tap else tap, video_mask)
+            frames, tokens, mask = frames, out.tokens, out.token_mask
+        elif self.tubes is None:
+            frames, tokens = self.encode_video(video, video_mask), None
+        else:
+            frames, tap = self.encode_video(video, video_mask, return_tap=True)
+            tokens = self.tubes(tap.detach() if detach_tap else tap, video_mask)
+        return (frames, tokens, mask) if return_mask else (frames, tokens)
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` -> unnormalised EOT features ``[B, D]`` (with ``text_hf``: its pooled feature)."""

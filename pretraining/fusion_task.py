@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,18 +18,48 @@ from engine.distributed import (
     shard_indices,
 )
 from modules.fusion import eot_positions
-from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Draws, Stage2Weights
+from modules.membridge import (
+    CACHED_VIDEO_TOKEN_MASK_KEY,
+    CACHED_VIDEO_TOKENS_KEY,
+    STAGE2_DRAWS_KEY,
+    MemBridgeModel,
+    Stage2Draws,
+    Stage2Weights,
+    stage2_draw_columns,
+)
 
 HELD_OUT_BATCH = 32  # pairs per held-out VTM/MLM/PLM batch (hard negatives are drawn within it)
 HELD_OUT_SEED = 1234  # fixed draws (masks, suffixes, negatives) so held-out accuracies are comparable across runs
 ACCURACY_KEYS = ("vtm_acc", "mlm_acc", "plm_acc")
 
 
+def attach_stage2_draws(dataset: Any, max_words: int) -> None:
+    """Make every training item carry its stage-2 random draws (``stage2_draws`` float64 ``[2 L + 4]``, columns in
+    :func:`modules.membridge.stage2_draw_columns`): MLM masks, the PLM suffix start, the VTM negatives and the pair's
+    order key. They come from a child of the item's own generator (seeded by run seed, epoch and sample index;
+    ``Generator.spawn`` does not depend on what the frame sampling drew), so they are the same whatever the number of
+    ranks or the feature cache, and a resumed run draws what an uninterrupted one would. Composes with a
+    per-caption hook already set (e.g. ``--tag_file``)."""
+    previous = dataset.extra_items
+    width = stage2_draw_columns(max_words)["order"].stop
+
+    def items(video_id: str, caption: str, rng: np.random.Generator) -> dict:
+        item = dict(previous(video_id, caption, rng)) if previous is not None else {}
+        item[STAGE2_DRAWS_KEY] = torch.from_numpy(rng.spawn(1)[0].random(width))
+        return item
+
+    dataset.extra_items = items
+
+
 class FusionPretrainTask(nn.Module):
     """``loss = w_vtm * VTM + w_mlm * MLM + w_plm * PLM`` on frozen, detached CLIP features (DESIGN 2.6).
 
-    Random draws (MLM masks, PLM suffix starts, hard negatives) use the global torch RNG, which checkpoints save,
-    so a resumed run draws what an uninterrupted one would.
+    Random draws (MLM masks, PLM suffix starts, hard negatives) come with the batch (:func:`attach_stage2_draws`,
+    per sample: the same with any number of ranks); without them the global torch RNG draws them, which checkpoints
+    save, so a resumed run draws what an uninterrupted one would. Means (losses, accuracies) are over the global
+    batch (:func:`modules.membridge.global_mean`). Dropout masks of the heads are drawn per rank: a multi-rank run
+    equals a one-process run exactly only with ``--head_dropout 0`` (and without ``--official_quirks``, whose Q2
+    normalisation runs over each rank's rows), otherwise in distribution.
     """
 
     def __init__(self, model: MemBridgeModel, weights: Stage2Weights):
@@ -73,12 +106,13 @@ def held_out_accuracies(
     text_to_video: list[int],
     dist: DistInfo,
     video_tokens: torch.Tensor | None = None,
+    video_token_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """VTM / MLM / PLM accuracy (%) on held-out (caption, video) pairs, batches sharded across ranks.
 
     ``text_tokens [Nt, L, D]`` are the captions' per-position CLIP features, already computed by the retrieval
     evaluation (``encode_eval_set``); they are reused, not recomputed, as are ``video_tokens [Nv, K, D]`` (T2VLP
-    tubes, with the videos).
+    tubes, STOA objects, with the videos) and their key mask ``video_token_mask [Nv, K]``.
 
     ``heldout_vtm_acc``: the training task's accuracy (1 positive + 2 hard negatives per pair, so always answering
     "no match" scores 66.7%). ``heldout_vtm_pair_acc``: how often a caption's match score with its own video exceeds
@@ -116,12 +150,14 @@ def held_out_accuracies(
             }
             if video_tokens is not None:
                 batch[CACHED_VIDEO_TOKENS_KEY] = video_tokens[vid]
+            if video_token_mask is not None:
+                batch[CACHED_VIDEO_TOKEN_MASK_KEY] = video_token_mask[vid]
             out = model.stage2_losses(batch, weights=Stage2Weights())
             for key in ACCURACY_KEYS:
                 sums[key] += float(out[key]) * len(idx)
             pair_wins, random_correct = _pair_decisions(
                 model, frame_feats, video_mask, vid, random_video[idx.cpu()].to(vid.device),
-                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx], video_tokens,
+                text_tokens[idx], text_mask[idx], t_eot[idx], sim[idx], video_tokens, video_token_mask,
             )  # fmt: skip
             sums["vtm_pair_acc"] += pair_wins
             sums["vtm_random_acc"] += random_correct
@@ -144,6 +180,7 @@ def _pair_decisions(
     t_eot: torch.Tensor,
     sim: torch.Tensor,
     video_tokens: torch.Tensor | None = None,
+    video_token_mask: torch.Tensor | None = None,
 ) -> tuple[int, float]:
     """For captions whose own videos are ``vid``: how many match their own video better than their hardest other
     video (the most similar under the dual-encoder similarity ``sim [b, Nv]``), and how many of the 2b balanced
@@ -154,9 +191,10 @@ def _pair_decisions(
     margins = []  # match - unmatch logit: finer than the probability, which saturates to exactly 0 or 1
     for videos in (vid, hardest, random_vid):
         extra = None if video_tokens is None else video_tokens[videos]
+        extra_mask = None if video_token_mask is None else video_token_mask[videos]
         logits = model.fusion.match_logits(
             frame_feats[videos], video_mask[videos], text_tokens, text_mask, t_eot, intended_norm=True,
-            extra_tokens=extra,
+            extra_tokens=extra, extra_mask=extra_mask,
         ).float()  # fmt: skip
         margins.append(logits[:, 1] - logits[:, 0])
     own, hard, rand = margins
@@ -170,4 +208,5 @@ def held_out_metrics(model: MemBridgeModel, enc, eval_set, dist: DistInfo) -> di
     return held_out_accuracies(
         model, enc.frame_feats, enc.video_mask, enc.text_ids[readable], enc.text_mask[readable],
         enc.text_tokens[readable], [eval_set.text_to_video[i] for i in readable], dist, enc.video_tokens,
+        enc.video_token_mask,
     )  # fmt: skip

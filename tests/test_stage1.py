@@ -58,11 +58,11 @@ def latest_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "ckpt" / latest / "model.safetensors"))
 
 
-def kill_after_first_checkpoint(argv: list[str], out: Path) -> int:
-    """Run stage 1 with ``argv`` in a fresh process, SIGKILL it as soon as ``out`` holds a checkpoint, and return
-    the step of that checkpoint (the exact-resume tests of every stage-1 objective and method)."""
+def kill_after_first_checkpoint(argv: list[str], out: Path, script: str = "main_task_clip.py") -> int:
+    """Run ``script`` (stage 1 by default) with ``argv`` in a fresh process, SIGKILL it as soon as ``out`` holds a
+    checkpoint, and return the step of that checkpoint (the exact-resume tests of every objective and method)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "main_task_clip.py"), *argv]
+    cmd = [sys.executable, str(REPO / script), *argv]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + KILL_DEADLINE_S
     while not (out / "ckpt" / "latest").exists():

@@ -320,7 +320,7 @@ def test_matching_loss_equals_a_brute_force_reference_and_trains_only_the_video_
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stoa_model(object_count: int = 2):
+def _stoa_model(object_count: int = 2, quirks: bool = False):
     from modules.clip_model import CLIPConfig
     from modules.fusion import FusionConfig
     from modules.methods import fusion_overrides
@@ -329,7 +329,7 @@ def _stoa_model(object_count: int = 2):
     clip = CLIPConfig(**json.loads((REPO / "CLIP-modules" / "tiny.json").read_text()))
     fusion = FusionConfig.from_json(
         REPO / "CLIP-modules" / "fusion-tiny.json", num_bridge_tokens=2 * object_count + 4, max_frames=3, max_words=8,
-        **fusion_overrides("stoa"),
+        official_quirks=quirks, **fusion_overrides("stoa"),
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_membridge(
@@ -378,6 +378,96 @@ def test_stage2_gradients_reach_exactly_the_fusion_and_the_object_module():
     assert trained and all(n.startswith("encoder.objects.") for n in trained)
 
 
+def _stage2_with_details(model, batch: dict) -> tuple[dict, dict]:
+    from modules.membridge import Stage2Weights
+
+    torch.manual_seed(7)  # the heads' dropout masks: the same in every call
+    return model.stage2_losses(batch, torch.Generator().manual_seed(1), Stage2Weights(), return_details=True)
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_empty_trajectory_slots_are_key_masked_in_every_fusion_pass(quirks: bool):
+    """B.6: the object part comes with the mask ``[id_list != 0, 1, 1, 1, 1]``. Video 0 has one trajectory (slots
+    1..3 empty), video 1 two (slots 2, 3 empty), video 2 none: the padding boxes (class 0) feed only the empty
+    trajectory slots, so moving them must leave every fusion pass bit-identical (VTM with its hard negatives, MLM,
+    PLM; the matching loss already skips empty slots), while moving a real box changes the losses."""
+    model = _stoa_model(quirks=quirks)
+    batch = _stoa_batch(model)
+    batch["trajectory_ids"] = torch.tensor([[1, 0, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0]])
+    classes = torch.tensor([[1, 0], [2, 1], [0, 0]])  # per video, the same classes in each of the 3 frames
+    batch["object_classes"] = classes[:, None].expand(3, 3, 2).clone()
+    batch["object_boxes"][batch["object_classes"] == 0] = -1.0
+    with torch.no_grad():
+        out, details = _stage2_with_details(model, batch)
+        draws = {k: details[k] for k in ("neg_video", "neg_text", "mlm_masked_ids", "mlm_labels", "plm_starts")}
+        from modules.membridge import Stage2Draws
+
+        moved = {**batch, "object_boxes": batch["object_boxes"].clone()}
+        moved["object_boxes"][moved["object_classes"] == 0] = torch.tensor([0.2, 0.3, 0.7, 0.8])
+        # the empty trajectory tokens really change ...
+        frames, tokens, mask = model.video_tokens(batch)
+        _, tokens_moved, _ = model.video_tokens(moved)
+        valid = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()
+        assert torch.equal(mask, torch.cat([valid, torch.ones(3, 4, dtype=torch.bool)], dim=1))
+        assert not torch.equal(tokens[:, :4][~valid], tokens_moved[:, :4][~valid])
+        assert torch.equal(tokens[:, :4][valid], tokens_moved[:, :4][valid])
+        # ... yet no fusion output sees them (same draws, incl. hard negatives carrying other videos' masks)
+        torch.manual_seed(7)
+        same, same_details = model.stage2_losses(moved, weights=None, draws=Stage2Draws(**draws), return_details=True)
+        real = {**batch, "object_boxes": batch["object_boxes"].clone()}
+        real["object_boxes"][0, :, 0] = torch.tensor([0.3, 0.2, 0.8, 0.7])  # video 0's one real box
+        torch.manual_seed(7)
+        other = model.stage2_losses(real, weights=None, draws=Stage2Draws(**draws))
+    for key in ("vtm", "mlm", "plm", "loss"):
+        assert torch.equal(out[key], same[key]), key
+        assert not torch.equal(out[key], other[key]), key
+    assert int(details["neg_video"].eq(0).sum() + details["vtm_video_index"].eq(0).sum()) > 0
+    for name in ("vtm", "mlm", "plm"):
+        assert torch.equal(details[f"{name}_logits"], same_details[f"{name}_logits"]), name
+        # the additive mask has -inf in exactly the empty slots' columns (plus the usual padding/causal entries)
+        attention = details[f"{name}_attention_mask"][:, 0]  # [R, N, N]
+        video_of_row = {"vtm": details["vtm_video_index"], "plm": details["plm_rows"]}.get(name, torch.arange(3))
+        extra_cols = attention[:, :, 3 + 1 : 3 + 1 + 8]  # T = 3 frames, then v_sep, then the 2O + 4 extra tokens
+        hidden = torch.isinf(extra_cols)
+        assert bool((extra_cols[~hidden] == 0).all())
+        expected = ~mask[video_of_row].unsqueeze(1).expand_as(hidden).clone()
+        assert torch.equal(hidden, expected), name  # every row (video, extra, text; PLM's causal text too)
+    # without the object module (cached tokens + their mask): the mask still travels with the tokens
+    cached = {"frame_feats": frames, "video_mask": batch["video_mask"], "text_ids": batch["text_ids"],
+              "text_mask": batch["text_mask"], "video_tokens": tokens, "video_token_mask": mask}  # fmt: skip
+    noisy = {**cached, "video_tokens": torch.where(mask.unsqueeze(-1), tokens, torch.randn_like(tokens) * 50)}
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a = model.stage2_losses(cached, draws=Stage2Draws(**draws))
+        torch.manual_seed(7)
+        b = model.stage2_losses(noisy, draws=Stage2Draws(**draws))
+        torch.manual_seed(7)
+        c = model.stage2_losses({**cached, "video_token_mask": None} | {"video_tokens": noisy["video_tokens"]},
+                                draws=Stage2Draws(**draws))  # fmt: skip
+    for key in ("vtm", "mlm", "plm"):
+        assert torch.equal(a[key], b[key]) and torch.equal(a[key], out[key]), key
+        assert not torch.equal(a[key], c[key]), key  # the same noise without the mask does change the losses
+
+
+def test_extra_mask_hides_exactly_its_columns_in_the_fusion_attention_mask():
+    from modules.fusion import fusion_attention_mask
+
+    video_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    text_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    extra = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    for attention, causal in (("joint", False), ("joint", True), ("bridge", False), ("bridge", True)):
+        plain = fusion_attention_mask(video_mask, text_mask, 3, causal, attention=attention)
+        masked = fusion_attention_mask(video_mask, text_mask, 3, causal, attention=attention, extra_mask=extra)
+        expected = plain.clone()
+        for b in range(2):
+            for k in range(3):
+                if not extra[b, k]:
+                    expected[b, 0, :, 3 + 1 + k] = float("-inf")
+        assert torch.equal(masked, expected), (attention, causal)
+    with pytest.raises(ValueError, match="extra_mask has shape"):
+        fusion_attention_mask(video_mask, text_mask, 3, False, extra_mask=extra[:, :2])
+
+
 def _run(script: str, args: list[str], timeout: int = 240) -> None:
     import os
     import subprocess
@@ -408,6 +498,67 @@ def _stoa_flags(data: Path) -> list[str]:
 
 def _latest(run: Path) -> Path:
     return run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
+
+
+def _stage2_stoa_flags(data: Path, out: Path, *extra: str) -> list[str]:
+    from tests.test_stage2 import fusion_flags
+
+    tags = str(data / "webvid" / synthetic.TAG_FILE_NAME)
+    return fusion_flags(data, out, *_stoa_flags(data)[:-2], "--tag_file", tags, "--head_dropout", "0",
+                        "--torch_threads", "1", *extra)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_stage2_two_gloo_ranks_equal_one_process(synthetic_small: Path, tmp_path: Path):
+    """Same global batch (4), 3 steps: per-sample draws (MLM masks, PLM starts, VTM negatives over the canonically
+    ordered global batch) and global-batch means make 2 ranks x 2 samples train exactly like 1 process x 4; the
+    object tokens of the hard negatives travel with their masks. Head dropout off (its masks are drawn per rank)."""
+    from tests.test_stage1 import latest_weights
+    from tests.test_stage2 import losses, run
+
+    flags = ("--max_steps", "3", "--epochs", "1")
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, tmp_path / "one", *flags))
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        for key in ("train/vtm", "train/mlm", "train/plm", "train/match", "train/loss", "train/vtm_acc"):
+            assert one[step][key] == pytest.approx(two[step][key], rel=1e-5, abs=1e-6), (step, key)
+    w1, w2 = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-6, msg=name)
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, tmp_path / "init", "--max_steps", "1", "--epochs",
+                                                  "1", "--fusion_lr", "0", "--lr", "0"))  # fmt: skip
+    initial = latest_weights(tmp_path / "init")
+    moved = {n.split(".")[1] for n in w1 if not torch.equal(w1[n], initial[n])}
+    assert {"objects", "transformer", "match_matrix"} <= moved and "clip" not in moved, moved  # trained, CLIP frozen
+
+
+@pytest.mark.slow
+def test_stage2_resume_after_sigkill_continues_exactly(synthetic_small: Path, tmp_path: Path):
+    from tests.test_stage1 import kill_after_first_checkpoint, latest_weights
+    from tests.test_stage2 import losses, run
+
+    flags = ("--epochs", "1", "--save_steps", "2")
+    full = tmp_path / "full"
+    run("main_task_fusion.py", _stage2_stoa_flags(synthetic_small, full, *flags))
+    reference = losses(full)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]  # 24 videos / batch 4
+    killed = tmp_path / "killed"
+    argv = _stage2_stoa_flags(synthetic_small, killed, *flags)
+    interrupted_at = kill_after_first_checkpoint(argv, killed, script="main_task_fusion.py")
+    assert interrupted_at < 6
+    run("main_task_fusion.py", [*argv, "--resume"])
+    resumed = losses(killed)
+    assert sorted(resumed) == sorted(reference)
+    for step in range(interrupted_at + 1, 7):
+        for key in ("train/loss", "train/match"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-7), (step, key)
+    final, expected = latest_weights(killed), latest_weights(full)
+    assert final.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.slow

@@ -495,20 +495,29 @@ def test_stage1_two_gloo_ranks_equal_one_process(synthetic_small: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_stage2_two_gloo_ranks_one_sample_each(synthetic_small: Path, tmp_path: Path):
+def test_stage2_two_gloo_ranks_one_sample_each_equal_one_process(synthetic_small: Path, tmp_path: Path):
+    """Global batch 2 as 1 process x 2 and 2 ranks x 1 (hard negatives come from the other rank): the same losses
+    and weights (per-sample draws, global-batch means, tubes gathered with their gradient; head dropout off)."""
     from tests.test_stage1 import latest_weights
     from tests.test_stage2 import fusion_flags, losses, run
 
-    flags = ("--method", "t2vlp", "--num_tubes", "3", "--batch_size", "2", "--max_steps", "2", "--epochs", "1")
+    flags = ("--method", "t2vlp", "--num_tubes", "3", "--batch_size", "2", "--max_steps", "2", "--epochs", "1",
+             "--head_dropout", "0", "--torch_threads", "1")  # fmt: skip
+    run("main_task_fusion.py", fusion_flags(synthetic_small, tmp_path / "one", *flags))
     run("main_task_fusion.py", fusion_flags(synthetic_small, tmp_path / "two", *flags), nproc=2)
-    rows = losses(tmp_path / "two")
-    assert sorted(rows) == [1, 2]
-    for row in rows.values():
-        assert all(math.isfinite(row[k]) for k in ("train/vtm", "train/mlm", "train/plm", "train/align"))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step, row in two.items():
         assert row["train/vtm"] > 0
+        for key in ("train/vtm", "train/mlm", "train/plm", "train/align", "train/loss"):
+            assert math.isfinite(row[key])
+            assert one[step][key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (step, key)
+    trained, single = latest_weights(tmp_path / "two"), latest_weights(tmp_path / "one")
+    for name in trained:
+        torch.testing.assert_close(trained[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
     run("main_task_fusion.py", fusion_flags(synthetic_small, tmp_path / "init", *flags[:4], "--max_steps", "1",
                                             "--epochs", "1", "--fusion_lr", "1e-12", "--lr", "1e-12"))  # fmt: skip
-    trained, initial = latest_weights(tmp_path / "two"), latest_weights(tmp_path / "init")
+    initial = latest_weights(tmp_path / "init")
     tubes = [n for n in trained if n.startswith("encoder.tubes.")]
     assert tubes and any(not torch.equal(trained[n], initial[n]) for n in tubes)
     clip = [n for n in trained if n.startswith("encoder.clip.")]

@@ -50,7 +50,7 @@ from modules.aux_losses import local_alignment
 from modules.fusion import DEFAULT_RERANK_QUERY_CHUNK, check_rerank_range, rerank_queries
 from modules.hmmc import frame_topk_similarity
 from modules.losses import contrastive_loss
-from modules.membridge import CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Weights
+from modules.membridge import CACHED_VIDEO_TOKEN_MASK_KEY, CACHED_VIDEO_TOKENS_KEY, MemBridgeModel, Stage2Weights
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,10 @@ class ContrastiveTask(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         encoder = self.model.encoder
-        frames, tubes = encoder.encode_video_tokens(
-            batch["video"], batch["video_mask"], detach_tap=self.model.fusion is not None, batch=batch
-        )  # [b, T, D], tubes [b, K, D] or None
+        frames, tubes, tube_mask = encoder.encode_video_tokens(
+            batch["video"], batch["video_mask"], detach_tap=self.model.fusion is not None, batch=batch,
+            return_mask=True,
+        )  # [b, T, D], tubes [b, K, D] or None, their key mask [b, K] or None  # fmt: skip
         if tubes is None or encoder.tubes is None:
             text = encoder.text_features(batch["text_ids"])  # [b, D]
         else:
@@ -129,6 +130,8 @@ class ContrastiveTask(nn.Module):
             vtm_batch = {**batch, "frame_feats": frames.detach()}
             if tubes is not None:  # the tubes travel with their video into the VTM pairs (and learn from them)
                 vtm_batch[CACHED_VIDEO_TOKENS_KEY] = tubes
+                if tube_mask is not None:  # STOA: the empty trajectory slots stay hidden
+                    vtm_batch[CACHED_VIDEO_TOKEN_MASK_KEY] = tube_mask
             vtm = self.model.stage2_losses(
                 vtm_batch,
                 weights=VTM_ONLY,
@@ -176,7 +179,8 @@ class EncodedEvalSet:
     text_ids: torch.Tensor  # [Nt, L]
     text_mask: torch.Tensor  # [Nt, L]
     video_ok: torch.Tensor  # [Nv] 1 = decoded
-    video_tokens: torch.Tensor | None = None  # [Nv, K, D] T2VLP tube tokens (None without)
+    video_tokens: torch.Tensor | None = None  # [Nv, K, D] T2VLP tube / STOA object tokens (None without)
+    video_token_mask: torch.Tensor | None = None  # [Nv, K] their key mask (STOA's empty trajectory slots hidden)
 
 
 @torch.no_grad()
@@ -222,7 +226,7 @@ def encode_eval_set(
     text_feats = gather_eval_rows(feat_rows, indices, n_t)  # CLIP: the EOT position's token feature
     return EncodedEvalSet(
         frame_feats, video_mask, text_tokens, text_feats, text_ids, text_mask, video_ok,
-        video_tokens[0] if video_tokens else None,
+        *(video_tokens if video_tokens else (None, None)),
     )  # fmt: skip
 
 
@@ -341,9 +345,11 @@ def rerank_similarity(
     device = dist.device
     kt, kv = keep_t.to(device), keep_v.to(device)
     extra = None if enc.video_tokens is None else enc.video_tokens[kv]
+    extra_mask = None if enc.video_token_mask is None else enc.video_token_mask[kv]
     match_prob = model.fusion.pair_match_fn(
-        enc.frame_feats[kv], enc.video_mask[kv], enc.text_tokens[kt], enc.text_mask[kt], enc.text_feats[kt], extra
-    )
+        enc.frame_feats[kv], enc.video_mask[kv], enc.text_tokens[kt], enc.text_mask[kt], enc.text_feats[kt], extra,
+        extra_mask,
+    )  # fmt: skip
     scores = sim.to(device)
     mine = shard_indices(scores.shape[0], dist.rank, dist.world_size)
     queries = torch.arange(mine.start, mine.stop, device=device)
