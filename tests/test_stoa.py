@@ -858,3 +858,38 @@ def test_stoa_qa_end_to_end(synthetic_small: Path, tmp_path: Path):
     assert 0.0 <= results["accuracy"] <= 100.0 and results["num_questions"] > 0
     config = read_model_config(out / "ckpt" / (out / "ckpt" / "latest").read_text().strip())
     assert config.method == "stoa" and config.object_count == 3
+
+
+def test_captioning_and_qa_hide_the_empty_trajectory_slots():
+    """Captioning (training loss, cached decoding) and QA read the object tokens with their mask: moving the
+    padding boxes, which feed only the empty trajectory slots (2 and 3 of ``_stoa_batch``), changes those tokens but
+    no output; moving a real box changes them."""
+    from video_captioning.captioner import generate_captions
+    from video_captioning.task import CaptionTask
+    from video_qa.model import MemBridgeQAModel
+
+    base = _stoa_model()
+    qa_model = MemBridgeQAModel(base.encoder, base.fusion, head="first_token").eval()
+    batch = _stoa_batch(base)
+    batch["question_ids"], batch["question_mask"] = batch["text_ids"], batch["text_mask"]
+    padding = batch["object_classes"] == 0
+    moved = {**batch, "object_boxes": batch["object_boxes"].clone()}
+    moved["object_boxes"][padding] = torch.tensor([0.2, 0.3, 0.7, 0.8])
+    real = {**batch, "object_boxes": batch["object_boxes"].clone()}
+    real["object_boxes"][:, 0, 0] = torch.tensor([0.3, 0.2, 0.8, 0.7])
+
+    def outputs(b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(3)
+        loss = CaptionTask(base).eval()(b)["loss"]
+        frames, tokens, mask = base.encoder.encode_video_tokens(b["video"], b["video_mask"], batch=b, return_mask=True)
+        captions = generate_captions(base, frames, b["video_mask"], 5, bos=49406, video_tokens=tokens,
+                                     video_token_mask=mask)  # fmt: skip
+        return loss, captions, qa_model.answer_logits(b)[0], tokens
+
+    with torch.no_grad():
+        loss, captions, answers, tokens = outputs(batch)
+        loss_m, captions_m, answers_m, tokens_m = outputs(moved)
+        loss_r, _, answers_r, _ = outputs(real)
+    assert not torch.equal(tokens[:, 2:4], tokens_m[:, 2:4])  # the empty slots' tokens did change
+    assert torch.equal(loss, loss_m) and torch.equal(captions, captions_m) and torch.equal(answers, answers_m)
+    assert not torch.equal(loss, loss_r) and not torch.equal(answers, answers_r)

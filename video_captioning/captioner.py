@@ -77,6 +77,7 @@ class FusionCaptioner:
         video_mask: torch.Tensor,
         use_cache: bool = True,
         video_tokens: torch.Tensor | None = None,
+        video_token_mask: torch.Tensor | None = None,
     ) -> None:
         if model.fusion is None:
             raise ValueError("captioning needs a MemBridgeModel with a fusion encoder")
@@ -85,6 +86,7 @@ class FusionCaptioner:
         self.frame_feats = frame_feats
         self.video_mask = video_mask
         self.video_tokens = video_tokens  # [B, K, D] T2VLP tubes / STOA objects, None otherwise
+        self.video_token_mask = video_token_mask  # [B, K] STOA: False at empty trajectory slots; None: all real
         self.use_cache = use_cache
         self.eot_id = self.fusion.config.eot_token_id
         # The plain path reads out as training does (P @ E_tok^T [D, V], once per decode); the cached path never
@@ -130,10 +132,13 @@ class FusionCaptioner:
         one causal ``lm`` pass and its last slot predicts the next token, as in the single-pass training."""
         rows, prefix_len, d = token_feats.shape
         extra = None if self.video_tokens is None else self.video_tokens[video_rows]
+        extra_mask = None if self.video_token_mask is None else self.video_token_mask[video_rows]
         if self.fusion.config.plm_mode == "single_pass":
             frames, vmask = self.frame_feats[video_rows], self.video_mask[video_rows]
             text_mask = torch.ones(rows, prefix_len, dtype=torch.long, device=token_feats.device)
-            inputs = FusionInputs(frames, vmask, token_feats, text_mask, eot_probe, mode="lm", extra_tokens=extra)
+            inputs = FusionInputs(
+                frames, vmask, token_feats, text_mask, eot_probe, mode="lm", extra_tokens=extra, extra_mask=extra_mask
+            )
             hidden = self.fusion.fuse(inputs)
             out = hidden[:, self.fusion.text_offset(frames.shape[1]) + prefix_len - 1]
             if self.vocab_weight is None:  # the cached path never forms P @ E_tok^T
@@ -144,7 +149,7 @@ class FusionCaptioner:
         prefix = torch.full((rows,), prefix_len - 1, dtype=torch.long, device=token_feats.device)
         frames = self.frame_feats[video_rows]
         inputs = FusionInputs.prefix_lm(
-            frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe, extra
+            frames, self.video_mask[video_rows], text_in, text_mask, prefix, eot_probe, extra, extra_mask
         )
         if pruned:
             return self.fusion.next_token_logits_pruned(inputs, self.clip.token_embedding.weight)
@@ -165,13 +170,17 @@ def generate_captions(
     bos: int = SOT_ID,
     use_cache: bool = True,
     video_tokens: torch.Tensor | None = None,
+    video_token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Caption tokens ``[B, <= max_len]`` (EOT included where produced, padded with 0) of ``B`` videos
-    (``video_tokens [B, K, D]``: their T2VLP tubes or STOA trajectory + action tokens, computed once per video).
+    (``video_tokens [B, K, D]``: their T2VLP tubes or STOA trajectory + action tokens, computed once per video;
+    ``video_token_mask [B, K]``: False at STOA's empty trajectory slots, hidden from the fusion).
 
     ``beam_size == 1`` is greedy search (the family default), otherwise beam search with ``length_penalty``.
     """
-    captioner = FusionCaptioner(model, frame_feats, video_mask, use_cache=use_cache, video_tokens=video_tokens)
+    captioner = FusionCaptioner(
+        model, frame_feats, video_mask, use_cache, video_tokens=video_tokens, video_token_mask=video_token_mask
+    )
     common = {
         "batch_size": captioner.batch_size,
         "bos": bos,

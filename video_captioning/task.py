@@ -125,8 +125,11 @@ class CaptionTask(nn.Module):
         clip = encoder.clip
         text_ids, text_mask, video_mask = batch["text_ids"], batch["text_mask"], batch["video_mask"]
         if encoder.objects is not None:  # STOA: the object module trains; the ViT where it trains (B.3, B.7)
-            frames, tubes = encoder.encode_video_tokens(batch["video"], video_mask, batch=batch)
+            frames, tubes, token_mask = encoder.encode_video_tokens(
+                batch["video"], video_mask, batch=batch, return_mask=True
+            )
         else:
+            token_mask = None
             train_video = self.training and any(p.requires_grad for p in clip.visual.parameters())
             with torch.set_grad_enabled(train_video and torch.is_grad_enabled()):
                 frames, tap = encoder.encode_video(batch["video"], video_mask, return_tap=True)
@@ -141,7 +144,7 @@ class CaptionTask(nn.Module):
             t_eot = token_feats[torch.arange(len(text_ids), device=text_ids.device), eot_positions(text_mask)]
             loss, accuracy = fusion.single_pass_lm_objective(
                 frames, video_mask, text_ids, text_mask, starts, token_feats, t_eot, clip.token_embedding.weight,
-                tubes,
+                tubes, token_mask,
             ).loss_and_accuracy()  # fmt: skip
             out = {"plm_acc": accuracy, "frame_feats": frames}
             if tubes is not None:
@@ -153,7 +156,7 @@ class CaptionTask(nn.Module):
             token_feats, probe_feats = encode_text_with_probes(clip, text_ids, prefixes, fusion.config.eot_token_id)
         loss, accuracy = fusion.plm_loss(
             frames, video_mask, text_ids, text_mask, starts, token_feats, probe_feats, prefixes,
-            clip.token_embedding.weight, tubes,
+            clip.token_embedding.weight, tubes, token_mask,
         )  # fmt: skip
         return {"loss": loss, "plm_acc": accuracy, "frame_feats": frames}
 
@@ -198,7 +201,9 @@ def caption_videos(
         batch = {key: value.to(device) for key, value in batch.items()}  # STOA's boxes too
         video, video_mask = batch["video"], batch["video_mask"]
         # the method's video-only tokens (T2VLP tubes, STOA objects): once per video, reused by every step and beam
-        frames, tubes = model.encoder.encode_video_tokens(video, video_mask, detach_tap=True, batch=batch)
+        frames, tubes, token_mask = model.encoder.encode_video_tokens(
+            video, video_mask, detach_tap=True, batch=batch, return_mask=True
+        )
         tokens = generate_captions(
             model,
             frames,
@@ -209,6 +214,7 @@ def caption_videos(
             bos=settings.bos,
             use_cache=settings.use_cache,
             video_tokens=tubes,
+            video_token_mask=token_mask,
         )
         local.extend(
             (index, tokenizer.decode(row))

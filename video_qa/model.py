@@ -104,11 +104,13 @@ class MemBridgeQAModel(MemBridgeModel):
         question_mask: torch.Tensor,
         question_eot: torch.Tensor,
         video_tokens: torch.Tensor | None = None,
+        video_token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused state of the answer slot ``[B, D]``: the ``qa`` pass of the fusion (see the module docstring);
-        ``video_tokens [B, K, D]``: the videos' T2VLP tubes or STOA object tokens (``--method t2vlp|stoa``)."""
+        ``video_tokens [B, K, D]``: the videos' T2VLP tubes or STOA object tokens (``--method t2vlp|stoa``), with
+        ``video_token_mask [B, K]`` (False at STOA's empty trajectory slots; None: all real)."""
         inputs = FusionInputs.for_question(
-            frame_feats, video_mask, question_feats, question_mask, question_eot, video_tokens
+            frame_feats, video_mask, question_feats, question_mask, question_eot, video_tokens, video_token_mask
         )
         hidden = self.fusion.fuse(inputs)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -118,9 +120,13 @@ class MemBridgeQAModel(MemBridgeModel):
         """Logits ``[B, A]`` (classifier) or ``[B, V]`` (first_token) of a QA batch, and the encoder outputs
         (``frame_feats [B, T, D]``, ``question_eot [B, D]``) for auxiliary losses."""
         video_mask, question_mask = batch["video_mask"], batch["question_mask"]
-        frame_feats, tubes = self.encoder.encode_video_tokens(batch["video"], video_mask, detach_tap=True, batch=batch)
+        frame_feats, tubes, token_mask = self.encoder.encode_video_tokens(
+            batch["video"], video_mask, detach_tap=True, batch=batch, return_mask=True
+        )
         question_feats, question_eot = self.encode_question(batch["question_ids"], question_mask)
-        state = self.answer_state(frame_feats, video_mask, question_feats, question_mask, question_eot, tubes)
+        state = self.answer_state(
+            frame_feats, video_mask, question_feats, question_mask, question_eot, tubes, token_mask
+        )
         if self.qa_head is not None:
             logits = self.qa_head(state)
         else:
