@@ -26,8 +26,8 @@ retrieval (``--val_csv``) and every method by the same retrieval fine-tuning and
 uses the recipe of its clip/membridge counterpart (epochs, batch, learning rates) except: stage2_t2vlp and
 stage2_stoa train 8 epochs in the full run, not 15, because they cannot use ``--cache_visual_features`` (the frozen
 CLIP re-encodes every frame each step) and the whole demo must stay under 25 minutes; in ``--quick`` every comparison
-stage trains one epoch (the test suite runs the quick demo). The report and results.json hold two side-by-side
-tables: stage-1 objectives and methods.
+stage trains one epoch of at most 10 steps (the test suite runs the quick demo). The report and results.json hold two
+side-by-side tables: stage-1 objectives and methods.
 
 Outputs in ``--output_dir`` (default ``demo_output/``): one run folder per stage (``config.json``, ``log.txt``,
 ``scalars.jsonl``, ``eval_results.json``, ``ckpt/``), ``results.json`` (every stage's metrics, the chance and majority
@@ -100,6 +100,7 @@ class StageRecipe:
     coef_lr: float = 1.0
     batch_size: int = 32
     warmup_proportion: float = 0.05
+    max_steps: int = 0  # stop after this many optimizer steps (0: the whole epochs)
 
 
 # ---- recipes: epochs and learning rates per stage (the tiny model, trained from scratch) ---------------------------
@@ -128,8 +129,10 @@ FULL_RECIPE |= {
     "retrieval_stoa": FULL_RECIPE["retrieval"],
 }
 QUICK_COMPARISON_EPOCHS = 1  # the quick demo runs in the test suite: the comparison adds at most ~1 minute
+QUICK_COMPARISON_MAX_STEPS = 10  # a quick retrieval epoch is 40 steps (the stage-1/2 epochs are 3)
 QUICK_RECIPE |= {
-    name: StageRecipe(**{**asdict(QUICK_RECIPE[counterpart]), "epochs": QUICK_COMPARISON_EPOCHS})
+    name: StageRecipe(**{**asdict(QUICK_RECIPE[counterpart]), "epochs": QUICK_COMPARISON_EPOCHS,
+                         "max_steps": QUICK_COMPARISON_MAX_STEPS})
     for name, counterpart in (
         ("stage1_mcq", "stage1"), ("stage1_hmmc", "stage1"), ("stage1_t2vlp", "stage1"), ("stage2_t2vlp", "stage2"),
         ("retrieval_t2vlp", "retrieval"), ("stage2_stoa", "stage2"), ("retrieval_stoa", "retrieval"),
@@ -276,6 +279,8 @@ class Pipeline:
             flags += ["--lr", str(r.lr)]
         if r.fusion_lr is not None:
             flags += ["--fusion_lr", str(r.fusion_lr)]
+        if r.max_steps:
+            flags += ["--max_steps", str(r.max_steps)]
         return flags
 
     def run_dir(self, name: str) -> Path:

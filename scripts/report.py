@@ -77,9 +77,9 @@ OBJECTIVE_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
     ("t2v_MdR", "t2v_MdR", "retrieval_MdR"),
 )
 METHOD_STAGE2_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
-    ("stage2_heldout_vtm_acc", "heldout_vtm_acc", "stage2_vtm_majority"),
-    ("stage2_heldout_vtm_pair_acc", "heldout_vtm_pair_acc", "vtm_pair_chance"),
-    ("stage2_rerank_t2v_R1", "rerank_t2v_R1", "retrieval_R1"),
+    ("stage2_vtm_acc", "heldout_vtm_acc", "stage2_vtm_majority"),
+    ("stage2_pair_acc", "heldout_vtm_pair_acc", "vtm_pair_chance"),
+    ("stage2_rerank_R1", "rerank_t2v_R1", "retrieval_R1"),
 )
 METHOD_RETRIEVAL_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
     ("rerank_t2v_R1", "rerank_t2v_R1", "retrieval_R1"),
@@ -287,11 +287,12 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         if not rows:
             continue
         columns = comparison_columns(table)
-        width = max(len(c) for c in columns) + 1
-        lines += ["", title, f"{'':<10}" + "".join(f"{c:>{width}}" for c in columns)]
+        widths = [max(len(c), 7) + 1 for c in columns]
+        lines += ["", title, f"{'':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))]
         chance = comparison.get("chance", {}).get(table, {})
         for name, row in [*rows.items(), ("chance", chance)]:
-            lines.append(f"{name:<10}" + "".join(f"{format_value(row.get(c), c):>{width}}" for c in columns))
+            cells = (f"{format_value(row.get(c), c):>{w}}" for c, w in zip(columns, widths, strict=True))
+            lines.append(f"{name:<10}" + "".join(cells))
     return "\n".join(lines)
 
 
