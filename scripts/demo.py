@@ -10,7 +10,24 @@ Stages, each entry script in its own process (a crash stays contained, its memor
     captioning  video_captioning/main_task_caption.py       prefix-LM fine-tuning, greedy decoding, COCO metrics
     captioning_untrained  the same script, --do_eval of an untrained model (the captioning baseline)
     qa          video_qa/main_task_qa.py                    MSRVTT-QA answer classifier
+    stage1_mcq       main_task_clip.py --stage1_objective mcq   MCQ's BridgeFormer (the generator's noun/verb phrases)
+    stage1_hmmc      main_task_clip.py --stage1_objective hmmc  HMMC's momentum queues (queue = 2 batches)
+    stage1_t2vlp     main_task_clip.py --method t2vlp           T2VLP's own stage 1 (tube tokens + alignment)
+    stage2_t2vlp     main_task_fusion.py --method t2vlp         from stage1_t2vlp
+    retrieval_t2vlp  retrieval fine-tuning of stage2_t2vlp, re-ranked with its fusion
+    stage2_stoa      main_task_fusion.py --method stoa          from the membridge/clip stage1 (STOA has no stage 1)
+    retrieval_stoa   retrieval fine-tuning of stage2_stoa, re-ranked with its fusion
     report      scripts/report.py                           OUTPUT_DIR/report.html, one self-contained page
+
+The seven comparison stages run on the same generated data as the main ones, after them; ``--stage1_objectives``
+(clip,mcq,hmmc) and ``--methods`` (membridge,t2vlp,stoa) choose which (default: all; clip and membridge are the main
+stages, which ``--stages`` selects as before). Every stage-1 objective is scored by the same zero-shot MSR-VTT-layout
+retrieval (``--val_csv``) and every method by the same retrieval fine-tuning and re-ranking. Each comparison stage
+uses the recipe of its clip/membridge counterpart (epochs, batch, learning rates) except: stage2_t2vlp and
+stage2_stoa train 8 epochs in the full run, not 15, because they cannot use ``--cache_visual_features`` (the frozen
+CLIP re-encodes every frame each step) and the whole demo must stay under 25 minutes; in ``--quick`` every comparison
+stage trains one epoch of at most 10 steps (the test suite runs the quick demo). The report and results.json hold two
+side-by-side tables: stage-1 objectives and methods.
 
 Outputs in ``--output_dir`` (default ``demo_output/``): one run folder per stage (``config.json``, ``log.txt``,
 ``scalars.jsonl``, ``eval_results.json``, ``ckpt/``), ``results.json`` (every stage's metrics, the chance and majority
@@ -20,9 +37,10 @@ saying so; a failed stage is reported and the stages that do not depend on it st
 
 Command lines::
 
-    python scripts/demo.py                                  # full run (about 15 min on 2 busy CPU cores)
+    python scripts/demo.py                                  # full run (about 25 min on 2 CPU cores, 38 when busy)
     python scripts/demo.py --quick --output_dir /tmp/demo   # reduced: the --small synthetic set, few epochs
     python scripts/demo.py --reuse --stages captioning,qa   # re-run two stages, keep the other finished ones
+    python scripts/demo.py --methods membridge --stage1_objectives clip   # the main stages only, no comparison
     bash scripts/demo.sh [FLAGS]                            # pip install -r requirements.txt, then this script
 
 Real data and weights: ``--data_dir DIR`` holding the same layout (``webvid/frozen_train_labels.json``,
@@ -56,8 +74,11 @@ if str(REPO) not in sys.path:  # run as a file: the repository root and this fol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import (  # noqa: E402
+    METHOD_STAGES,
+    OBJECTIVE_STAGES,
     REPORT_FILE,
     RESULTS_FILE,
+    comparison_tables,
     compute_baselines,
     format_table,
     latest_checkpoint,
@@ -79,6 +100,7 @@ class StageRecipe:
     coef_lr: float = 1.0
     batch_size: int = 32
     warmup_proportion: float = 0.05
+    max_steps: int = 0  # stop after this many optimizer steps (0: the whole epochs)
 
 
 # ---- recipes: epochs and learning rates per stage (the tiny model, trained from scratch) ---------------------------
@@ -96,6 +118,26 @@ QUICK_RECIPE: dict[str, StageRecipe] = {
     "captioning": StageRecipe(epochs=1, lr=3e-3, batch_size=16),
     "qa": StageRecipe(epochs=4, lr=2e-3, fusion_lr=2e-3, batch_size=8),
 }
+# the comparison stages: the recipe of their clip/membridge counterpart (see the module docstring for the exceptions)
+FULL_RECIPE |= {
+    "stage1_mcq": FULL_RECIPE["stage1"],
+    "stage1_hmmc": FULL_RECIPE["stage1"],
+    "stage1_t2vlp": FULL_RECIPE["stage1"],
+    "stage2_t2vlp": StageRecipe(epochs=8, fusion_lr=5e-3),  # no visual-feature cache: 8 epochs, not 15 (time)
+    "retrieval_t2vlp": FULL_RECIPE["retrieval"],
+    "stage2_stoa": StageRecipe(epochs=8, fusion_lr=5e-3),
+    "retrieval_stoa": FULL_RECIPE["retrieval"],
+}
+QUICK_COMPARISON_EPOCHS = 1  # the quick demo runs in the test suite: the comparison adds at most ~1 minute
+QUICK_COMPARISON_MAX_STEPS = 10  # a quick retrieval epoch is 40 steps (the stage-1/2 epochs are 3)
+QUICK_RECIPE |= {
+    name: StageRecipe(**{**asdict(QUICK_RECIPE[counterpart]), "epochs": QUICK_COMPARISON_EPOCHS,
+                         "max_steps": QUICK_COMPARISON_MAX_STEPS})
+    for name, counterpart in (
+        ("stage1_mcq", "stage1"), ("stage1_hmmc", "stage1"), ("stage1_t2vlp", "stage1"), ("stage2_t2vlp", "stage2"),
+        ("retrieval_t2vlp", "retrieval"), ("stage2_stoa", "stage2"), ("retrieval_stoa", "retrieval"),
+    )
+}  # fmt: skip
 FULL_RERANK_TOPK = 32  # candidates re-ranked per query (the published default)
 QUICK_RERANK_TOPK = 8  # the --small test set has 12 videos
 MAX_FRAMES = 6
@@ -107,8 +149,27 @@ N_DISPLAY = 10
 DEFAULT_OUTPUT_DIR = "demo_output"
 TINY_CLIP_CONFIG = "CLIP-modules/tiny.json"
 TINY_FUSION_CONFIG = "CLIP-modules/fusion-tiny.json"
-STAGE_DIRS = ("stage1", "stage2", "retrieval", "captioning", "captioning_untrained", "qa")
-EVAL_STAGES = ("stage1", "stage2", "retrieval", "captioning", "qa")  # results.json keys holding eval_results.json
+# the generator's files for the comparison stages (dataloaders.synthetic's names; not imported: it loads torch)
+PHRASE_FILE_NAME = "noun_verb.tsv"  # under webvid/: MCQ's --phrase_file
+TAG_FILE_NAME = "noun_verb_tags.json"  # under webvid/: STOA's --tag_file
+LABEL_MAP_FILE_NAME = "object_label_map.json"  # STOA's --labelmap_path; the detections under objects/
+NUM_TUBES = 4  # T2VLP tube tokens of the tiny model (tests/test_t2vlp.py's setting)
+STOA_OBJECT_COUNT = 3  # STOA boxes per frame (the synthetic detections: tests/test_stoa.py's setting)
+HMMC_QUEUE_BATCHES = 2  # HMMC feature-queue size in global batches (the set has 340 training videos, HMMC's 1024 would
+HMMC_PROJ_DIMS = 256  # repeat each one); projector width for the 64-wide tiny model (HMMC: 4096 for ViT-B)
+HMMC_MOMENTUM = 0.9  # momentum-encoder EMA for a few hundred steps (tests/test_hmmc.py's setting)
+OBJECTIVES = ("clip", "mcq", "hmmc")  # --stage1_objectives choices; clip is the main stage1
+METHODS = ("membridge", "t2vlp", "stoa")  # --methods choices; membridge is the main stage2 -> retrieval
+# comparison stage -> (the --methods or --stage1_objectives entry that selects it)
+COMPARISON_OF: dict[str, str] = {stage: name for name, stage in OBJECTIVE_STAGES.items() if name != "clip"}
+for _method, _stages in METHOD_STAGES.items():
+    if _method != "membridge":
+        COMPARISON_OF |= {stage: _method for stage in _stages if stage != "stage1"}
+MAIN_STAGE_DIRS = ("stage1", "stage2", "retrieval", "captioning", "captioning_untrained", "qa")
+COMPARISON_STAGES = ("stage1_mcq", "stage1_hmmc", "stage1_t2vlp", "stage2_t2vlp", "retrieval_t2vlp", "stage2_stoa",
+                     "retrieval_stoa")  # fmt: skip
+STAGE_DIRS = (*MAIN_STAGE_DIRS, *COMPARISON_STAGES)
+EVAL_STAGES = ("stage1", "stage2", "retrieval", "captioning", "qa", *COMPARISON_STAGES)  # hold eval_results.json
 ALL_STAGES = ("generate", "shards", *STAGE_DIRS, "report")
 BANNER_WIDTH = 100
 
@@ -205,16 +266,21 @@ class Pipeline:
             flags += ["--cross_config_path", self.args.cross_config_path]
         return flags
 
+    def batch_size(self, name: str) -> int:
+        return self.args.batch_size or self.recipe[name].batch_size
+
     def recipe_flags(self, name: str) -> list[str]:
         r = self.recipe[name]
-        flags = ["--epochs", str(r.epochs), "--batch_size", str(self.args.batch_size or r.batch_size)]
+        flags = ["--epochs", str(r.epochs), "--batch_size", str(self.batch_size(name))]
         flags += ["--warmup_proportion", str(r.warmup_proportion)]
-        if name != "stage2":  # stage 2 freezes CLIP: --coef_lr has no effect there (and warns)
+        if not name.startswith("stage2"):  # stage 2 freezes CLIP: --coef_lr has no effect there (and warns)
             flags += ["--coef_lr", str(r.coef_lr)]
         if r.lr is not None:
             flags += ["--lr", str(r.lr)]
         if r.fusion_lr is not None:
             flags += ["--fusion_lr", str(r.fusion_lr)]
+        if r.max_steps:
+            flags += ["--max_steps", str(r.max_steps)]
         return flags
 
     def run_dir(self, name: str) -> Path:
@@ -245,6 +311,72 @@ class Pipeline:
             "--msrvtt_qa_train_json", str(qa / "train.jsonl"), "--msrvtt_qa_val_json", str(qa / "val.jsonl"),
             "--msrvtt_qa_test_json", str(qa / "test.jsonl"), "--msrvtt_qa_anslabel_json",
             str(qa / "train_ans2label.json"), "--msrvtt_features_path", str(self.layout.videos),
+        ]  # fmt: skip
+
+    def stoa_flags(self, with_tags: bool) -> list[str]:
+        """STOA's detections and label map from the synthetic set (stage 2 also reads the noun/verb tag file)."""
+        root = self.layout.root
+        flags = ["--method", "stoa", "--object_count", str(STOA_OBJECT_COUNT), "--objects_dir", str(root / "objects"),
+                 "--labelmap_path", str(root / LABEL_MAP_FILE_NAME)]  # fmt: skip
+        return flags + (["--tag_file", str(self.layout.webvid_json.parent / TAG_FILE_NAME)] if with_tags else [])
+
+    def objective_flags(self, objective: str) -> list[str]:
+        """The flags a stage-1 objective needs on the synthetic set."""
+        if objective == "mcq":
+            phrases = self.layout.webvid_json.parent / PHRASE_FILE_NAME
+            return ["--stage1_objective", "mcq", "--phrase_file", str(phrases)]
+        queue = HMMC_QUEUE_BATCHES * self.batch_size("stage1_hmmc")
+        return ["--stage1_objective", "hmmc", "--contrast_num_negative", str(queue), "--hmmc_proj_dims",
+                str(HMMC_PROJ_DIMS), "--contrast_momentum", str(HMMC_MOMENTUM)]  # fmt: skip
+
+    def comparison_stages(self, rerank: int) -> list[Stage]:
+        """The stage-1 objectives (mcq, hmmc) and methods (t2vlp, stoa) beside clip / membridge, same data."""
+        out = self.out
+        t2vlp = ["--method", "t2vlp", "--num_tubes", str(NUM_TUBES)]
+
+        def stage1_objective(objective: str) -> Callable[[], list[str]]:
+            name = f"stage1_{objective}"
+            return lambda: ["--do_train", "--output_dir", str(out / name), *self.pretrain_data_flags(),
+                            *self.objective_flags(objective), *self.model_flags(fusion=False),
+                            *self.recipe_flags(name)]  # fmt: skip
+
+        def stage1_t2vlp() -> list[str]:
+            return ["--do_train", "--output_dir", str(out / "stage1_t2vlp"), *self.pretrain_data_flags(), *t2vlp,
+                    *self.model_flags(fusion=False), *self.recipe_flags("stage1_t2vlp")]  # fmt: skip
+
+        def stage2(name: str, init: str, method_flags: Callable[[], list[str]]) -> Callable[[], list[str]]:
+            return lambda: ["--do_train", "--output_dir", str(out / name), "--init_model", self.init_model(init),
+                            "--rerank_topk", str(rerank), *method_flags(), *self.pretrain_data_flags(),
+                            *self.model_flags(fusion=True), *self.recipe_flags(name)]  # fmt: skip
+
+        def retrieval(name: str, init: str, method_flags: Callable[[], list[str]]) -> Callable[[], list[str]]:
+            msrvtt = self.layout.msrvtt
+            return lambda: ["--do_train", "--output_dir", str(out / name), "--init_model", self.init_model(init),
+                            "--train_csv", str(msrvtt / "MSRVTT_train.9k.csv"),
+                            "--val_csv", str(msrvtt / "MSRVTT_JSFUSION_test.csv"), "--expand_msrvtt_sentences",
+                            "--rerank_topk", str(rerank), *method_flags(), *self.msrvtt_flags(),
+                            *self.model_flags(fusion=True), *self.recipe_flags(name)]  # fmt: skip
+
+        clip_script, fusion_script = REPO / "main_task_clip.py", REPO / "main_task_fusion.py"
+        retrieval_script, retrieval_module = (REPO / "video_text_retrieval" / "main_task_retrieval.py",
+                                              "video_text_retrieval.main_task_retrieval")  # fmt: skip
+        return [
+            Stage("stage1_mcq", "stage-1 objective mcq: MCQ's BridgeFormer + contrastive", clip_script,
+                  stage1_objective("mcq")),
+            Stage("stage1_hmmc", "stage-1 objective hmmc: HMMC's momentum queues", clip_script,
+                  stage1_objective("hmmc")),
+            Stage("stage1_t2vlp", "method t2vlp: its stage 1 (tube tokens)", clip_script, stage1_t2vlp),
+            Stage("stage2_t2vlp", "method t2vlp: stage 2", fusion_script, stage2("stage2_t2vlp", "stage1_t2vlp",
+                  lambda: t2vlp), needs_checkpoint_of="stage1_t2vlp"),
+            Stage("retrieval_t2vlp", "method t2vlp: retrieval fine-tuning + re-ranking", retrieval_script,
+                  retrieval("retrieval_t2vlp", "stage2_t2vlp", lambda: t2vlp), needs_checkpoint_of="stage2_t2vlp",
+                  module=retrieval_module),
+            Stage("stage2_stoa", "method stoa: stage 2 from the clip stage-1 checkpoint", fusion_script,
+                  stage2("stage2_stoa", "stage1", lambda: self.stoa_flags(with_tags=True)),
+                  needs_checkpoint_of="stage1"),
+            Stage("retrieval_stoa", "method stoa: retrieval fine-tuning + re-ranking", retrieval_script,
+                  retrieval("retrieval_stoa", "stage2_stoa", lambda: self.stoa_flags(with_tags=False)),
+                  needs_checkpoint_of="stage2_stoa", module=retrieval_module),
         ]  # fmt: skip
 
     # ---- the stages ---------------------------------------------------------------------------------------------
@@ -306,6 +438,7 @@ class Pipeline:
                   captioning_untrained, module=caption_module),
             Stage("qa", "video question answering fine-tuning", REPO / "video_qa" / "main_task_qa.py", qa,
                   needs_checkpoint_of="stage2", module="video_qa.main_task_qa"),
+            *self.comparison_stages(rerank),
             Stage("report", "report.html", REPO / "scripts" / "report.py", report, run_dir=False),
         ]  # fmt: skip
 
@@ -383,7 +516,9 @@ class Pipeline:
         unknown = wanted - set(ALL_STAGES)
         if unknown:
             raise ConfigError(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(ALL_STAGES)}")
-        return [s for s in self.stages() if s.name in wanted]
+        chosen = set(parse_choices(self.args.methods, METHODS, "--methods"))
+        chosen |= set(parse_choices(self.args.stage1_objectives, OBJECTIVES, "--stage1_objectives"))
+        return [s for s in self.stages() if s.name in wanted and COMPARISON_OF.get(s.name, "main") in chosen | {"main"}]
 
     def run(self) -> dict[str, Any]:
         for stage in self.selected():
@@ -423,6 +558,7 @@ class Pipeline:
             results[key] = {name: r[field_name] for name, r in timed.items()}
             results[key]["total"] = round(sum(results[key].values()), 2)
         results["stages"] = records
+        results["comparison"] = comparison_tables(results)
         results["config"] = {
             "quick": self.args.quick,
             "data_dir": str(self.layout.root),
@@ -435,6 +571,15 @@ class Pipeline:
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(self.out / RESULTS_FILE)
         return results
+
+
+def parse_choices(value: str, choices: Sequence[str], flag: str) -> list[str]:
+    """A comma list of ``choices`` (empty entries ignored); anything else stops with the valid names."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(choices))
+    if unknown:
+        raise ConfigError(f"{flag}: unknown {unknown}; choose from {','.join(choices)}")
+    return names
 
 
 def children_cpu_seconds() -> float:
@@ -462,6 +607,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reuse", action="store_true", help="keep stages whose eval_results.json already exists")
     parser.add_argument(
         "--stages", default=None, help=f"comma list of stages to run; None: all of {','.join(ALL_STAGES)}"
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma list of the methods compared on the same data (membridge is the main pipeline; t2vlp and stoa "
+        "add their stages)",
+    )
+    parser.add_argument(
+        "--stage1_objectives",
+        default=",".join(OBJECTIVES),
+        help="comma list of the stage-1 objectives compared on the same data (clip is the main stage1; mcq and hmmc "
+        "add a stage-1 run each)",
     )
     g = parser.add_argument_group("model and data (passed to every stage)")
     g.add_argument(

@@ -1,7 +1,10 @@
 """The demo's results: baselines, the metric table, and ``report.html`` built from the run folders.
 
 ``report.html`` is one self-contained page (inline CSS and SVG, images as ``data:`` URIs, nothing fetched): the metric
-table with every metric beside its chance / majority / untrained baseline, the training-loss curves of every stage
+table with every metric beside its chance / majority / untrained baseline, two side-by-side comparison tables on the
+same data (stage-1 objectives clip / mcq / hmmc by zero-shot retrieval; methods membridge / t2vlp / stoa by stage-2
+held-out metrics and re-ranked fine-tuned retrieval; both with wall seconds and the chance row; ``results.json``
+holds them as ``comparison``), the training-loss curves of every stage
 (from each run's ``scalars.jsonl``), retrieval examples (a test caption and its top-5 videos under the fine-tuned
 model, re-ranked when the model has a fusion; the correct video marked), generated captions beside their references,
 and QA answers. Thumbnails are frames decoded with ``dataloaders.video_io``.
@@ -58,6 +61,33 @@ CHART_WIDTH, CHART_HEIGHT = 580, 250
 CHART_MARGIN = {"left": 56, "right": 116, "top": 14, "bottom": 34}  # the legend sits in the right margin
 CHART_TICKS = 5
 CHART_MARKER_MAX_POINTS = 40  # draw point markers when a series has at most this many points
+# the comparison tables: which run folders (results.json keys) hold each stage-1 objective and each method
+OBJECTIVE_STAGES: dict[str, str] = {"clip": "stage1", "mcq": "stage1_mcq", "hmmc": "stage1_hmmc"}
+METHOD_STAGES: dict[str, tuple[str, str, str]] = {  # method -> (its stage-1 run, stage-2 run, retrieval run)
+    "membridge": ("stage1", "stage2", "retrieval"),
+    "t2vlp": ("stage1_t2vlp", "stage2_t2vlp", "retrieval_t2vlp"),
+    "stoa": ("stage1", "stage2_stoa", "retrieval_stoa"),  # STOA has no stage 1: the clip stage-1 checkpoint
+}
+# (column key, results key in the run's eval_results.json, chance key in results["baselines"])
+OBJECTIVE_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("t2v_R1", "t2v_R1", "retrieval_R1"),
+    ("t2v_R5", "t2v_R5", "retrieval_R5"),
+    ("t2v_R10", "t2v_R10", "retrieval_R10"),
+    ("v2t_R1", "v2t_R1", "retrieval_R1"),
+    ("t2v_MdR", "t2v_MdR", "retrieval_MdR"),
+)
+METHOD_STAGE2_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("stage2_vtm_acc", "heldout_vtm_acc", "stage2_vtm_majority"),
+    ("stage2_pair_acc", "heldout_vtm_pair_acc", "vtm_pair_chance"),
+    ("stage2_rerank_R1", "rerank_t2v_R1", "retrieval_R1"),
+)
+METHOD_RETRIEVAL_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
+    ("rerank_t2v_R1", "rerank_t2v_R1", "retrieval_R1"),
+    ("rerank_t2v_R5", "rerank_t2v_R5", "retrieval_R5"),
+    ("rerank_t2v_R10", "rerank_t2v_R10", "retrieval_R10"),
+    ("rerank_v2t_R1", "rerank_v2t_R1", "retrieval_R1"),
+    ("t2v_R1", "t2v_R1", "retrieval_R1"),
+)
 SERIES_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 
 
@@ -191,6 +221,81 @@ def metric_rows(results: dict[str, Any]) -> list[MetricRow]:
     return rows
 
 
+def _number(metrics: Any, key: str) -> float | None:
+    value = metrics.get(key) if isinstance(metrics, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def comparison_tables(results: dict[str, Any]) -> dict[str, Any]:
+    """The two side-by-side tables of the demo (results.json ``comparison``), from the runs' eval_results.
+
+    ``stage1_objectives``: per objective that ran, the zero-shot MSR-VTT-layout retrieval of its stage-1 run and its
+    wall seconds. ``methods``: per method whose retrieval or stage 2 ran, the stage-2 held-out metrics, the fine-tuned
+    retrieval (re-ranked with the method's fusion; ``t2v_R1`` is the dual encoder alone) and the wall seconds of its
+    stage 1 and of its stage 2 + retrieval. ``chance``: the baseline of each column (None: none).
+    """
+    timings = results.get("timings_s", {})
+    baselines = results.get("baselines", {})
+    objectives: dict[str, dict[str, Any]] = {}
+    for objective, stage in OBJECTIVE_STAGES.items():
+        metrics = results.get(stage)
+        if not isinstance(metrics, dict):
+            continue
+        row: dict[str, Any] = {"stage": stage}
+        row |= {column: _number(metrics, key) for column, key, _ in OBJECTIVE_COLUMNS}
+        row["wall_s"] = _number(timings, stage)
+        objectives[objective] = row
+    methods: dict[str, dict[str, Any]] = {}
+    for method, (stage1, stage2, retrieval) in METHOD_STAGES.items():
+        s2, ret = results.get(stage2), results.get(retrieval)
+        if not isinstance(s2, dict) and not isinstance(ret, dict):
+            continue
+        row = {"stages": [stage1, stage2, retrieval]}
+        row |= {column: _number(s2, key) for column, key, _ in METHOD_STAGE2_COLUMNS}
+        row |= {column: _number(ret, key) for column, key, _ in METHOD_RETRIEVAL_COLUMNS}
+        row["stage1_wall_s"] = _number(timings, stage1)
+        s2_s, ret_s = _number(timings, stage2), _number(timings, retrieval)
+        row["wall_s"] = None if s2_s is None or ret_s is None else round(s2_s + ret_s, 2)
+        methods[method] = row
+    chance = {
+        "stage1_objectives": {column: _baseline(baselines, base) for column, _, base in OBJECTIVE_COLUMNS},
+        "methods": {
+            column: _baseline(baselines, base)
+            for column, _, base in (*METHOD_STAGE2_COLUMNS, *METHOD_RETRIEVAL_COLUMNS)
+        },
+    }
+    return {"stage1_objectives": objectives, "methods": methods, "chance": chance}
+
+
+COMPARISON_TITLES = {
+    "stage1_objectives": "stage-1 objectives (zero-shot retrieval of the stage-1 run, same data)",
+    "methods": "methods (stage 2, then retrieval fine-tuning re-ranked with the fusion, same data)",
+}
+
+
+def comparison_columns(table: str) -> list[str]:
+    if table == "stage1_objectives":
+        return [column for column, _, _ in OBJECTIVE_COLUMNS] + ["wall_s"]
+    return [c for c, _, _ in (*METHOD_STAGE2_COLUMNS, *METHOD_RETRIEVAL_COLUMNS)] + ["stage1_wall_s", "wall_s"]
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """The two comparison tables as plain text (one row per objective / method, then the chance row)."""
+    lines = []
+    for table, title in COMPARISON_TITLES.items():
+        rows = comparison.get(table) or {}
+        if not rows:
+            continue
+        columns = comparison_columns(table)
+        widths = [max(len(c), 7) + 1 for c in columns]
+        lines += ["", title, f"{'':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))]
+        chance = comparison.get("chance", {}).get(table, {})
+        for name, row in [*rows.items(), ("chance", chance)]:
+            cells = (f"{format_value(row.get(c), c):>{w}}" for c, w in zip(columns, widths, strict=True))
+            lines.append(f"{name:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def format_value(value: float | None, metric: str) -> str:
     if value is None or math.isnan(value):
         return "-"
@@ -209,7 +314,8 @@ def format_table(results: dict[str, Any]) -> str:
     for name, outcome in results.get("stages", {}).items():
         if outcome["status"] in ("skipped", "failed") and name != "generate":
             lines.append(f"{name}: {outcome['status'].upper()} ({outcome['note']})")
-    return "\n".join(lines)
+    comparison = format_comparison(results.get("comparison") or comparison_tables(results))
+    return "\n".join(lines) + (f"\n{comparison}" if comparison else "")
 
 
 # ---- loss curves (inline SVG) -------------------------------------------------------------------------------------
@@ -453,6 +559,53 @@ def section_metrics(results: dict[str, Any]) -> str:
     return "<h2>Metrics</h2>" + legend + "\n".join(rows) + (f"<ul>{''.join(notes)}</ul>" if notes else "")
 
 
+COMPARISON_LOWER_BETTER = ("MdR", "wall_s")
+
+
+def comparison_table_html(table: str, comparison: dict[str, Any]) -> str:
+    """One comparison table: a row per objective / method that ran, then the chance row; the best value of each
+    metric column in bold."""
+    rows = comparison.get(table) or {}
+    columns = comparison_columns(table)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    parts = [f'<div class="chart"><h3>{html.escape(COMPARISON_TITLES[table])}</h3>']
+    if not rows:
+        return parts[0] + "<p>None of these stages ran.</p></div>"
+    best: dict[str, float] = {}
+    for column in columns:
+        values = [v for r in rows.values() if (v := r.get(column)) is not None and math.isfinite(v)]
+        if values and not column.endswith("wall_s"):
+            best[column] = min(values) if column.endswith(COMPARISON_LOWER_BETTER) else max(values)
+    parts.append(f'<table class="comparison" id="{table}"><tr><th></th>{head}</tr>')
+    for name, row in rows.items():
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            text = format_value(value, column)
+            cells.append(
+                f'<td class="num">{f"<b>{text}</b>" if value is not None and value == best.get(column) else text}</td>'
+            )
+        parts.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    chance = comparison.get("chance", {}).get(table, {})
+    cells = "".join(f'<td class="num">{format_value(chance.get(c), c)}</td>' for c in columns)
+    parts.append(f'<tr class="muted"><th>chance</th>{cells}</tr></table></div>')
+    return "".join(parts)
+
+
+def section_comparison(results: dict[str, Any]) -> str:
+    comparison = results.get("comparison") or comparison_tables(results)
+    legend = (
+        '<p class="muted">The same generated data for every row. Stage-1 objectives: the zero-shot MSR-VTT-layout '
+        "retrieval each stage-1 run reports on the test split (R@k in %, MdR median rank). Methods: stage-2 held-out "
+        "VTM accuracy (1 positive + 2 hard negatives; majority 66.67) and pair accuracy, then retrieval fine-tuning "
+        "re-ranked with the method's fusion (rerank_*; t2v_R1: the dual encoder alone); wall_s: stage 2 + retrieval "
+        "seconds (stage1_wall_s: the stage-1 run it starts from; STOA has no stage 1 and starts from clip's). Best "
+        "value per column in bold.</p>"
+    )
+    tables = "".join(comparison_table_html(table, comparison) for table in COMPARISON_TITLES)
+    return "<h2>Comparison: stage-1 objectives and methods</h2>" + legend + f'<div class="charts">{tables}</div>'
+
+
 def section_summary(results: dict[str, Any], out: Path) -> str:
     cfg = results.get("config", {})
     commit = "unknown"
@@ -613,6 +766,7 @@ def build_report(output_dir: str | Path, data_dir: str | Path) -> Path:
     body = [
         section_summary(results, out),
         section_metrics(results),
+        section_comparison(results),
         section_losses(out),
         section_retrieval(out, videos, cache),
         section_captions(out, data, videos, cache),
