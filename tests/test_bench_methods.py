@@ -18,7 +18,7 @@ SPEC = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
 bench_methods = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench_methods)
 
-SMOKE_VARIANTS = ["clip", "t2vlp_s1", "membridge", "stoa"]  # both stages, both baselines (all seven: ~40 s alone)
+SMOKE_VARIANTS = ["clip", "membridge", "stoa"]  # both stages' baselines and one method (each is its own process)
 
 
 def test_tiny_run_reports_every_requested_variant_with_a_positive_time():
@@ -38,7 +38,7 @@ def test_tiny_run_reports_every_requested_variant_with_a_positive_time():
         base = by_variant["clip" if r["stage"] == "stage1" else "membridge"]
         assert r["ratio_vs_baseline"] == round(r["step_s_median"] / base["step_s_median"], 3)
     assert by_variant["clip"]["ratio_vs_baseline"] == by_variant["membridge"]["ratio_vs_baseline"] == 1.0
-    assert by_variant["stoa"]["stage"] == "stage2" and by_variant["t2vlp_s1"]["stage"] == "stage1"
+    assert by_variant["stoa"]["stage"] == "stage2" and by_variant["clip"]["stage"] == "stage1"
 
 
 def test_every_variant_parses_with_its_entry_script_flags_and_shares_one_batch(tmp_path):
