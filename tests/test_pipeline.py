@@ -23,7 +23,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGE1_EPOCHS, STAGE2_EPOCHS = 20, 15
+STAGE1_EPOCHS, STAGE2_EPOCHS = 14, 10
 
 
 def _run(script: str, args: list[str]) -> dict:
