@@ -37,7 +37,7 @@ saying so; a failed stage is reported and the stages that do not depend on it st
 
 Command lines::
 
-    python scripts/demo.py                                  # full run (about 25 min on 2 CPU cores, 38 when busy)
+    python scripts/demo.py                                  # full run (about 18 min on 2 idle CPU cores, 38 when busy)
     python scripts/demo.py --quick --output_dir /tmp/demo   # reduced: the --small synthetic set, few epochs
     python scripts/demo.py --reuse --stages captioning,qa   # re-run two stages, keep the other finished ones
     python scripts/demo.py --methods membridge --stage1_objectives clip   # the main stages only, no comparison
