@@ -469,14 +469,10 @@ def test_extra_mask_hides_exactly_its_columns_in_the_fusion_attention_mask():
 
 
 def _run(script: str, args: list[str], timeout: int = 240) -> None:
-    import os
-    import subprocess
-    import sys
+    """One entry script or module in a subprocess (tests/test_t2vlp.py's runner)."""
+    from tests.test_t2vlp import _run as run_entry
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *([str(REPO / script)] if script.endswith(".py") else ["-m", script]), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_entry(script, args, timeout)
 
 
 def _common(data: Path, out: Path) -> list[str]:
