@@ -99,7 +99,8 @@ def amdahl_bound(flops: float, peak: float, breakdown: dict, optimizer_s: float)
     }
 
 
-def run_child(model: str, precision: str, steps: int, videos: int, frames: int, words: int) -> dict:
+def run_child(model: str, precision: str, steps: int, videos: int, frames: int, words: int, malloc: str) -> dict:
+    from engine.host_malloc import configure_host_malloc
     from engine.optim import build_optimizer
     from engine.trainer import autocast_context
     from modules.clip_model import load_clip
@@ -107,6 +108,7 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
     from modules.video_clip import VideoCLIP
     from video_text_retrieval.task import ContrastiveTask
 
+    malloc_applied = configure_host_malloc(malloc, cuda=False)  # as the training CLIs do on CPU (--host_malloc)
     torch.manual_seed(0)
     clip = load_clip(config=str(REPO / MODELS[model]))
     task = ContrastiveTask(MemBridgeModel(VideoCLIP(clip, joint_layers=2, max_frames=frames), None))
@@ -160,6 +162,8 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
     return {
         "model": model,
         "precision": precision,
+        "host_malloc": malloc,
+        "host_malloc_applied": malloc_applied,
         "videos": videos,
         "frames": frames,
         "words": words,
@@ -189,7 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--videos", type=int, default=2, help="videos per step")
     p.add_argument("--frames", type=int, default=12, help="frames per video")
     p.add_argument("--words", type=int, default=32, help="tokens per caption")
-    p.add_argument("--child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--host_malloc",
+        default="keep",
+        help="comma list of keep, system: the training CLIs' --host_malloc (auto = keep on CPU); both side by side "
+        "show what glibc's page-faulting large allocations cost",
+    )
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "PRECISION", "MALLOC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(*args.child, args.steps, args.videos, args.frames, args.words)))
@@ -198,10 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for model in args.models.split(","):
         for precision in args.precisions.split(","):
-            cmd = [sys.executable, __file__, "--child", model, precision, "--steps", str(args.steps)]
-            cmd += ["--videos", str(args.videos), "--frames", str(args.frames), "--words", str(args.words)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            results.append(json.loads(out))
+            for malloc in args.host_malloc.split(","):
+                cmd = [sys.executable, __file__, "--child", model, precision, malloc, "--steps", str(args.steps)]
+                cmd += ["--videos", str(args.videos), "--frames", str(args.frames), "--words", str(args.words)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                results.append(json.loads(out))
     report = {
         "bench": "train_stage1",
         "cpu_count": os.cpu_count(),

@@ -430,11 +430,16 @@ class ShardReader:
             raise self._record_error(video_id, err) from err
 
     def decode(
-        self, video_id: str, record: VideoRecord, indices: Sequence[int] | np.ndarray | None = None
+        self,
+        video_id: str,
+        record: VideoRecord,
+        indices: Sequence[int] | np.ndarray | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``record.decode(indices)`` for the record of ``video_id``, a bad frame raising DataError naming its file."""
+        """``record.decode(indices, out)`` for the record of ``video_id``, a bad frame raising DataError naming its
+        file."""
         try:
-            return record.decode(indices)
+            return record.decode(indices, out)
         except RecordError as err:
             raise self._record_error(video_id, err) from err
 
@@ -546,7 +551,8 @@ class ShardVideoSource:
         end: float | None = None,
         rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Frames uint8 [T, H, W, 3] RGB and mask int64 [T] of an indexed video (T = max_frames).
+        """Frames uint8 [T, H, W, 3] RGB and mask int64 [T] of an indexed video (T = max_frames); for JPEG shards
+        the array is a view of channel-planar memory (any numpy consumer sees the same values).
 
         ``rng`` is only used by ``frame_order='shuffle'`` (a fresh unseeded generator when None).
         """
@@ -564,6 +570,13 @@ class ShardVideoSource:
             self.pad_mode,
             rng if rng is not None else np.random.default_rng(),
         )
-        frames = np.zeros((self.max_frames, record.height, record.width, 3), dtype=np.uint8)
-        frames[: len(wanted)] = self.reader.decode(video_id, record, wanted)  # only the planned frames are decoded
+        # only the planned frames are decoded, straight into the clip buffer; the padding rows are zeroed. Raw frames
+        # are stored interleaved (BGR) and land interleaved (RGB); JPEG frames keep the decoder's channel planes
+        # under a [T, H, W, 3] view, which ClipTransform reads without a copy when no resize is needed (224 px shards)
+        if record.encoding == "raw":
+            frames = np.empty((self.max_frames, record.height, record.width, 3), dtype=np.uint8)
+        else:
+            frames = np.empty((self.max_frames, 3, record.height, record.width), dtype=np.uint8).transpose(0, 2, 3, 1)
+        frames[len(wanted) :] = 0
+        self.reader.decode(video_id, record, wanted, out=frames[: len(wanted)])
         return frames, mask

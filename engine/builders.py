@@ -26,6 +26,7 @@ from engine import checkpoint as ckpt
 from engine.checkpoint import load_weights
 from engine.feature_cache import attach_visual_cache
 from engine.flags import DEFAULT_CLIP_CONFIG_PATH, check_text_length, resolve_clip_config
+from engine.host_malloc import configure_host_malloc
 from engine.run_logging import claim_output_dir, setup_logging, write_config
 from modules.clip_blocks import MultiheadSelfAttention
 from modules.clip_model import CLIP, CLIPConfig, check_clip_config, clip_state_dict, infer_config, load_clip
@@ -391,7 +392,9 @@ def start_run(args: argparse.Namespace, rank: int, world_size: int) -> None:
 
 
 def setup_runtime(args: argparse.Namespace) -> None:
-    """Process-wide settings from the flags: torch CPU threads (--torch_threads) and the seeds (--seed)."""
+    """Process-wide settings from the flags: the host allocator (--host_malloc), torch CPU threads
+    (--torch_threads) and the seeds (--seed)."""
+    configure_host_malloc(getattr(args, "host_malloc", "auto"), cuda=torch.cuda.is_available())
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)

@@ -272,6 +272,13 @@ def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
         default=0,
         help="CPU threads per process for torch ops (0: torch's default); 1 is fastest for tiny models on few cores",
     )
+    g.add_argument(
+        "--host_malloc",
+        choices=("auto", "keep", "system"),
+        default="auto",
+        help="keep: glibc keeps freed memory for reuse instead of returning it to the kernel (CPU training ~1.8x "
+        "faster at ViT-B/16, +7%% peak RSS); auto: keep when no CUDA device is visible; system: glibc's defaults",
+    )
     g.add_argument("--n_display", type=int, default=100, help="log every N optimizer steps")
     g.add_argument("--save_steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")

@@ -29,7 +29,9 @@ def test_rows_judge_each_target_from_wall_and_cpu_ratios(tmp_path):
             {"model": "tiny", "precision": "fp32", "fraction_of_peak": 0.9, "fwd_bwd_fraction_of_peak": 0.9,
              "step_s_median": 0.1},
             {"model": "vitb16", "precision": "fp32", "fraction_of_peak": 0.5, "fwd_bwd_fraction_of_peak": 0.6,
-             "step_s_median": 16.0},
+             "step_s_median": 16.0, "host_malloc": "keep"},
+            {"model": "vitb16", "precision": "fp32", "fraction_of_peak": 0.3, "fwd_bwd_fraction_of_peak": 0.31,
+             "step_s_median": 27.0, "host_malloc": "system"},
             {"model": "vitb16", "precision": "amp_bf16", "fraction_of_peak": 0.39, "fwd_bwd_fraction_of_peak": 0.5,
              "step_s_median": 5.0},
         ],
@@ -42,6 +44,7 @@ def test_rows_judge_each_target_from_wall_and_cpu_ratios(tmp_path):
     assert len(rows) == 4  # raw, jpeg, fp32, bf16; tiny is not a target and the caption JSON is absent
     assert rows[0].startswith("| 12-frame clip tensor, raw") and "25.0x wall, 22.0x CPU" in rows[0]
     assert [row.split(" | ")[-2] for row in rows] == ["yes", "no", "yes", "no"]  # jpeg: 19.9x CPU is below 20x
-    assert "50% (60% without the optimizer step; 16.0 s/step)" in rows[2]
+    assert "50% (60% without the optimizer step; 16.0 s/step; glibc's default malloc: 30%, 27.0 s/step)" in rows[2]
+    assert "5.0 s/step)" in rows[3]  # no system-malloc run of bf16: nothing quoted beside it
     readme = f"before\n{readme_table.BEGIN}\nold\n{readme_table.END}\nafter"
     assert readme_table.replace_table(readme, "NEW") == "before\nNEW\nafter"

@@ -50,3 +50,23 @@ def test_jpeg_decode_rejects_a_corrupt_body(shard_frames):
     record = VideoRecord("jpeg", good.height, good.width, (memoryview(broken),))
     with pytest.raises(RecordError, match="frame 0"):
         record.decode()
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_decode_into_a_clip_buffer_of_either_layout_equals_plain_decode(shard_frames, encoding):
+    record = parse_video_example(encode_video_example(shard_frames, encoding))
+    k, h, w = record.n_frames, record.height, record.width
+    for indices in (None, [5, 0, 5, 1], [0, 2, 3]):  # all in order, shuffled with a repeat, a subset in order
+        expected = record.decode(indices)
+        count = len(expected)
+        interleaved = np.full((count + 2, h, w, 3), 7, dtype=np.uint8)  # a padded clip buffer
+        planar = np.full((count + 2, 3, h, w), 7, dtype=np.uint8).transpose(0, 2, 3, 1)
+        for buffer in (interleaved, planar):
+            returned = record.decode(indices, out=buffer[:count])
+            assert np.shares_memory(returned, buffer)
+            np.testing.assert_array_equal(buffer[:count], expected)
+            assert (buffer[count:] == 7).all()  # rows past the frames are not touched
+    with pytest.raises(ValueError, match=r"shape \(6, 256, 256, 3\)"):
+        record.decode(out=np.empty((5, h, w, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="writable uint8"):
+        record.decode(out=np.empty((k, h, w, 3), dtype=np.float32))

@@ -273,6 +273,15 @@ def test_round_trip_raw_and_jpeg(tmp_path: Path) -> None:
     # a wrongly ordered channel would be off by far more than JPEG error on these colourful frames
     assert np.abs(out_jpeg[..., ::-1].astype(int) - jpeg).mean() > 10
     np.testing.assert_array_equal(reader.read("third"), raw[:1])
+    # ShardVideoSource's clips: raw frames interleaved, JPEG frames on the decoder's planes, same values, zero padding
+    source = ShardVideoSource(tmp_path / "path.index", max_frames=5, pad_mode="zero")
+    clip_raw, mask_raw = source.load("raw")
+    clip_jpeg, mask_jpeg = source.load("jpeg")
+    assert clip_raw.flags.c_contiguous and not clip_jpeg.flags.c_contiguous and clip_jpeg.base.shape == (5, 3, 96, 128)
+    np.testing.assert_array_equal(clip_raw[:4], raw)
+    np.testing.assert_array_equal(clip_jpeg[:3], out_jpeg)
+    assert mask_raw.tolist() == [1, 1, 1, 1, 0] and mask_jpeg.tolist() == [1, 1, 1, 0, 0]
+    assert not clip_raw[4:].any() and not clip_jpeg[3:].any()
     with pytest.raises(ValueError, match="256x256"):
         encode_video_example(jpeg, "raw")
 

@@ -103,3 +103,19 @@ def test_bad_backend_and_frames():
         ClipTransform(32, backend="cv2")
     with pytest.raises(ValueError, match="uint8"):
         ClipTransform(32)(np.zeros((2, 8, 8, 3), dtype=np.float32))
+
+
+@pytest.mark.parametrize("backend", ["tensor", "pil"])
+@pytest.mark.parametrize("size", [32, 24])  # 32: no resize (short side already 32); 24: resized
+def test_any_memory_layout_of_the_frames_gives_the_same_clip(backend, size):
+    frames = np.random.default_rng(4).integers(0, 256, (3, 32, 40, 3), dtype=np.uint8)
+    mask = np.array([1, 0, 1])
+    transform = ClipTransform(size, backend)
+    expected = transform(frames, mask)
+    planar = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)  # JPEG shards' layout
+    reversed_view = np.ascontiguousarray(frames[..., ::-1])[..., ::-1]  # negative channel stride
+    read_only = frames.copy()
+    read_only.flags.writeable = False
+    for layout in (planar, reversed_view, read_only):
+        np.testing.assert_array_equal(layout, frames)
+        assert torch.equal(transform(layout, mask), expected)
