@@ -395,9 +395,8 @@ class VideoRecord:
         Repeats are allowed; only the requested frames are decoded, each distinct one once. With ``out`` (uint8
         ``[K, H, W, 3]`` of any memory layout, e.g. the first K rows of a padded clip buffer) the frames are written
         into it and it is returned: raw frames then go from the record's bytes to their slot in one pass (the
-        BGR -> RGB copy) instead of through two intermediate arrays, and JPEG frames, which the decoder writes as
-        channel planes, copy plane by plane when ``out`` is a ``[K, H, W, 3]`` view of planar ``[K, 3, H, W]``
-        memory. Raises RecordError when a requested JPEG is unreadable or not of the recorded size.
+        BGR -> RGB copy) instead of through two intermediate arrays. Raises RecordError when a requested JPEG is
+        unreadable or not of the recorded size.
         """
         wanted = frame_indices(indices, self.n_frames)
         shape = (len(wanted), self.height, self.width, 3)

@@ -551,8 +551,7 @@ class ShardVideoSource:
         end: float | None = None,
         rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Frames uint8 [T, H, W, 3] RGB and mask int64 [T] of an indexed video (T = max_frames); for JPEG shards
-        the array is a view of channel-planar memory (any numpy consumer sees the same values).
+        """Frames uint8 [T, H, W, 3] RGB and mask int64 [T] of an indexed video (T = max_frames).
 
         ``rng`` is only used by ``frame_order='shuffle'`` (a fresh unseeded generator when None).
         """
@@ -570,13 +569,9 @@ class ShardVideoSource:
             self.pad_mode,
             rng if rng is not None else np.random.default_rng(),
         )
-        # only the planned frames are decoded, straight into the clip buffer; the padding rows are zeroed. Raw frames
-        # are stored interleaved (BGR) and land interleaved (RGB); JPEG frames keep the decoder's channel planes
-        # under a [T, H, W, 3] view, which ClipTransform reads without a copy when no resize is needed (224 px shards)
-        if record.encoding == "raw":
-            frames = np.empty((self.max_frames, record.height, record.width, 3), dtype=np.uint8)
-        else:
-            frames = np.empty((self.max_frames, 3, record.height, record.width), dtype=np.uint8).transpose(0, 2, 3, 1)
+        # only the planned frames are decoded, straight into the clip buffer (the BGR -> RGB copy of raw frames, the
+        # one copy out of the JPEG decoder's HWC output); the padding rows are zeroed
+        frames = np.empty((self.max_frames, record.height, record.width, 3), dtype=np.uint8)
         frames[len(wanted) :] = 0
         self.reader.decode(video_id, record, wanted, out=frames[: len(wanted)])
         return frames, mask

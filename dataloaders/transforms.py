@@ -87,12 +87,9 @@ class ClipTransform:
         size = self.image_size
         if any(stride < 0 for stride in frames.strides) or not frames.flags.writeable:
             frames = np.ascontiguousarray(frames) if frames.flags.writeable else frames.copy()
-        # NCHW view: channels-last for interleaved frames, contiguous for planar ones (JPEG shards)
-        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # NCHW view (of NHWC memory for decoded frames)
         height, width = short_side_size(clip.shape[-2], clip.shape[-1], size)
         if (height, width) != tuple(clip.shape[-2:]):
-            # torchvision's fast uint8 bicubic kernel works on channels-last memory (planar input: 1.8x slower)
-            clip = clip.contiguous(memory_format=torch.channels_last)
             clip = TF.resize(clip, [height, width], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         top, left = centre_crop_box(height, width, size)
         return clip[..., top : top + size, left : left + size]

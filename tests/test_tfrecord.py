@@ -273,11 +273,10 @@ def test_round_trip_raw_and_jpeg(tmp_path: Path) -> None:
     # a wrongly ordered channel would be off by far more than JPEG error on these colourful frames
     assert np.abs(out_jpeg[..., ::-1].astype(int) - jpeg).mean() > 10
     np.testing.assert_array_equal(reader.read("third"), raw[:1])
-    # ShardVideoSource's clips: raw frames interleaved, JPEG frames on the decoder's planes, same values, zero padding
+    # ShardVideoSource's clips: decoded into the padded clip buffer, zero padding
     source = ShardVideoSource(tmp_path / "path.index", max_frames=5, pad_mode="zero")
     clip_raw, mask_raw = source.load("raw")
     clip_jpeg, mask_jpeg = source.load("jpeg")
-    assert clip_raw.flags.c_contiguous and not clip_jpeg.flags.c_contiguous and clip_jpeg.base.shape == (5, 3, 96, 128)
     np.testing.assert_array_equal(clip_raw[:4], raw)
     np.testing.assert_array_equal(clip_jpeg[:3], out_jpeg)
     assert mask_raw.tolist() == [1, 1, 1, 1, 0] and mask_jpeg.tolist() == [1, 1, 1, 0, 0]

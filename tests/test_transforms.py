@@ -112,7 +112,7 @@ def test_any_memory_layout_of_the_frames_gives_the_same_clip(backend, size):
     mask = np.array([1, 0, 1])
     transform = ClipTransform(size, backend)
     expected = transform(frames, mask)
-    planar = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)  # JPEG shards' layout
+    planar = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)  # channel planes
     reversed_view = np.ascontiguousarray(frames[..., ::-1])[..., ::-1]  # negative channel stride
     read_only = frames.copy()
     read_only.flags.writeable = False
