@@ -46,17 +46,24 @@ MATMUL_SIZE = 2048
 PEAK_REPEATS = 5
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
-    """Measured FLOP/s of a square matmul on this machine (best of ``repeats``)."""
-    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * MATMUL_SIZE**3 / best
+class MatmulPeak:
+    """Measured FLOP/s of a square matmul on this machine (best of ``repeats``), on operands and an output allocated
+    once: a measurement between two training steps must not change the heap the steps reuse (with freed memory kept,
+    ``--host_malloc keep``, fresh 2048^2 matrices between steps cost the next step ~60k page faults)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.a = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+        self.b = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+        self.out = torch.empty(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
+        torch.matmul(self.a, self.b, out=self.out)
+
+    def __call__(self, repeats: int = 10) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(self.a, self.b, out=self.out)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * MATMUL_SIZE**3 / best
 
 
 # aten ops whose time counts as matrix-unit work (the matmul peak applies to them); everything else is "other"
@@ -99,7 +106,9 @@ def amdahl_bound(flops: float, peak: float, breakdown: dict, optimizer_s: float)
     }
 
 
-def run_child(model: str, precision: str, steps: int, videos: int, frames: int, words: int, malloc: str) -> dict:
+def run_child(
+    model: str, precision: str, malloc: str, steps: int, videos: int, frames: int, words: int, warmup: int
+) -> dict:
     from engine.host_malloc import configure_host_malloc
     from engine.optim import build_optimizer
     from engine.trainer import autocast_context
@@ -109,6 +118,7 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
     from video_text_retrieval.task import ContrastiveTask
 
     malloc_applied = configure_host_malloc(malloc, cuda=False)  # as the training CLIs do on CPU (--host_malloc)
+    matmul_peak = MatmulPeak(torch.bfloat16 if "bf16" in precision else torch.float32)
     torch.manual_seed(0)
     clip = load_clip(config=str(REPO / MODELS[model]))
     task = ContrastiveTask(MemBridgeModel(VideoCLIP(clip, joint_layers=2, max_frames=frames), None))
@@ -143,18 +153,21 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
 
     counter = FlopCounterMode(display=False)
     with counter:
-        step()  # also the warm-up step
+        step()  # also the first warm-up step
+    for _ in range(warmup - 1):  # kept freed memory reaches its steady state (no new pages) after a few steps
+        step()
     flops = counter.get_total_flops()
-    peak_dtype = torch.bfloat16 if "bf16" in precision else torch.float32
-    times, fwd_bwd_times, peaks = [], [], []
+    times, fwd_bwd_times, peaks, faults = [], [], [], []
     for _ in range(steps):
-        peaks.append(matmul_peak(peak_dtype, repeats=PEAK_REPEATS))
+        peaks.append(matmul_peak(repeats=PEAK_REPEATS))
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         forward_backward()
         t1 = time.perf_counter()
         update()
         times.append(time.perf_counter() - t0)
         fwd_bwd_times.append(t1 - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     breakdown = time_breakdown(forward_backward)
     step_s = min(times)
     fraction = statistics.median(flops / t / peak for t, peak in zip(times, peaks, strict=True))
@@ -170,6 +183,9 @@ def run_child(model: str, precision: str, steps: int, videos: int, frames: int, 
         "params_M": round(sum(p.numel() for p in task.parameters()) / 1e6, 2),
         "step_s_min": round(step_s, 4),
         "step_s_mean": round(sum(times) / len(times), 4),
+        "step_s_all": [round(t, 3) for t in times],
+        "warmup_steps": warmup,
+        "page_faults_per_step": faults,
         "flops_per_step_G": round(flops / 1e9, 2),
         "achieved_GFLOPs": round(flops / step_s / 1e9, 2),
         "step_s_median": round(statistics.median(times), 4),
@@ -189,7 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,vitb16", help="comma list of tiny, vitb16")
     p.add_argument("--precisions", default="fp32,amp_bf16", help="comma list of fp32, amp_bf16")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up steps")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps first (the first also counts the FLOPs); a training run's steady state is what is timed",
+    )
     p.add_argument("--videos", type=int, default=2, help="videos per step")
     p.add_argument("--frames", type=int, default=12, help="frames per video")
     p.add_argument("--words", type=int, default=32, help="tokens per caption")
@@ -202,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", nargs=3, metavar=("MODEL", "PRECISION", "MALLOC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(*args.child, args.steps, args.videos, args.frames, args.words)))
+        print(json.dumps(run_child(*args.child, args.steps, args.videos, args.frames, args.words, args.warmup)))
         return
     load_at_start = os.getloadavg()
     results = []
@@ -211,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             for malloc in args.host_malloc.split(","):
                 cmd = [sys.executable, __file__, "--child", model, precision, malloc, "--steps", str(args.steps)]
                 cmd += ["--videos", str(args.videos), "--frames", str(args.frames), "--words", str(args.words)]
+                cmd += ["--warmup", str(args.warmup)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 results.append(json.loads(out))
     report = {
