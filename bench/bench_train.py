@@ -12,6 +12,12 @@ median over steps of (FLOPs / step time) / (adjacent peak); ``fwd_bwd_fraction_o
 step (timed on its own: a memory-bound pass over ~150M parameters that no matmul unit speeds up). The JSON records
 the core count, torch version and the load average at start and end.
 
+The host allocator is set as the training entry scripts set it (``--host_malloc``, default ``keep``: on a CPU run
+glibc keeps freed memory, engine/host_malloc.py); ``--host_malloc keep,system`` times both side by side. With memory
+kept, the first steps still grow the heap (each fresh page faults in), so ``--warmup`` untimed steps come first and
+``page_faults_per_step`` shows that the timed steps reuse memory (0 in the steady state); with glibc's default every
+step faults in ~2 GB of activations again (ViT-B/16: ~0.5M faults per step).
+
 What bounds the fractions here (2 cores shared with other jobs): the bf16 peak is an AMX matmul ~4-7x the fp32 one,
 but the step's other work does not speed up with it -- LayerNorm (fp32 by design), the autocast casts of weights and
 activations, GELU, softmax, residual adds, and the fp32 BertAdam pass over 150M parameters -- so by Amdahl the bf16

@@ -23,7 +23,7 @@ def step():  # one 64 MB activation: allocate, write (as an elementwise op's out
     x = torch.empty(16 << 20)
     x.fill_(1.0)
     del x
-for _ in range(8):  # the heap first grows through its 256 MB top pad, then reuses the freed block
+for _ in range(16):  # the heap first grows through its 256 MB top pad, then reuses the freed blocks
     step()
 before = faults()
 for _ in range(4):
