@@ -9,7 +9,8 @@ Measured on the 2-core dev CPU (ViT-B/16 stage-1 training step, 2 videos x 12 fr
 GB; freed blocks are reused, not returned).
 
 :func:`keep_freed_memory` sets ``M_MMAP_MAX = 0`` (large blocks come from the heap and are reused),
-``M_TRIM_THRESHOLD`` to its maximum (free memory is not handed back) and ``M_TOP_PAD`` to 256 MB (the heap grows in
+``M_TRIM_THRESHOLD`` to -1 (free memory is never handed back; the int maximum, 2 GB, is not enough: a bf16 ViT-B/16
+step frees more than that at the heap top) and ``M_TOP_PAD`` to 256 MB (the heap grows in
 large steps). It is what ``--host_malloc keep`` does; ``auto`` (the default) does it when no CUDA device is
 visible, where the host allocator carries the model's activations. The settings hold for the process and the
 DataLoader workers it forks. Other C libraries (musl, macOS) have no ``mallopt``: the call is a no-op there.
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
-TRIM_THRESHOLD_MAX = 2**31 - 1  # an int; glibc treats it as "never trim" in practice (2 GB of free heap top)
+NEVER_TRIM = -1  # mallopt(3): "the value -1 disables trimming completely"
 TOP_PAD = 256 << 20
 CHOICES = ("auto", "keep", "system")
 
@@ -50,7 +51,7 @@ def keep_freed_memory() -> bool:
         return False
     applied = all(
         libc.mallopt(param, value) == 1
-        for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX), (M_TOP_PAD, TOP_PAD))
+        for param, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM), (M_TOP_PAD, TOP_PAD))
     )
     logger.info("host malloc: freed memory kept in the process (mmap off, no trim): %s", applied)
     return applied
