@@ -5,7 +5,7 @@ kernel on free, and trims the heap top whenever more than the trim threshold is 
 frees activations of 30-60 MB hundreds of times, so each one comes back as untouched pages: every elementwise op
 that writes a fresh output (QuickGELU's ``mul``/``sigmoid``, ``copy_``, ``fill_``) then pays a page fault per 4 kB.
 Measured on the 2-core dev CPU (ViT-B/16 stage-1 training step, 2 videos x 12 frames, bench/bench_train.py): fp32
-~21.5 -> 11.0 s, amp_bf16 ~12 -> 4.0 s once the heap has grown (a few steps), for +10-20% peak RSS (fp32 6.6 -> 7.9
+25.0 -> 11.0 s, amp_bf16 15.9 -> 4.0 s once the heap has grown (a few steps), for +7-35% peak RSS (fp32 6.7 -> 9.0
 GB; freed blocks are reused, not returned).
 
 :func:`keep_freed_memory` sets ``M_MMAP_MAX = 0`` (large blocks come from the heap and are reused),
