@@ -297,7 +297,7 @@ def test_task_step_order_losses_and_queues():
     out = task(batch)
     w = task.settings.weights
     want = w.fam * out["fam"] + w.vtm * out["vtm"] + w.ftm * out["ftm"] + w.mlm * out["mlm"]
-    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-6) and float(out["mlm"]) > 0
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6) and out["mlm"].item() > 0
     enc, heads = model.encoder, model.stage1_aux.hmmc_heads
     with torch.no_grad():
         frames = enc.encode_video(batch["video"], batch["video_mask"])
@@ -307,8 +307,8 @@ def test_task_step_order_losses_and_queues():
     # step 1: the momentum copies equal the online modules, so the keys are the queries; losses on the old queues
     f = HMMCFeatures(video, title, frames, torch.zeros_like(frames), video, title, frames, proj, batch["video_mask"])
     ref = hmmc_contrastive_losses(f, {n: q for n, q in before.items() if n != "tag"}, w.temperature)
-    assert float(out["vtm"]) == pytest.approx(float(ref["vtm"]), rel=1e-5)
-    assert float(out["ftm"]) == pytest.approx(float(ref["ftm"]), rel=1e-5)
+    assert out["vtm"].item() == pytest.approx(float(ref["vtm"]), rel=1e-5)
+    assert out["ftm"].item() == pytest.approx(float(ref["ftm"]), rel=1e-5)
     # then the keys were enqueued: rows 0..3 (frame queues 0..11), the pointer at 4
     assert all(int(q.ptr) == 4 for q in queues.values())
     torch.testing.assert_close(queues["video"].queue[:4], F.normalize(video, dim=-1), rtol=1e-5, atol=1e-5)
