@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from dataloaders.errors import ConfigError
+from engine.host_malloc import CHOICES as HOST_MALLOC_CHOICES
 from modules.fusion import BRIDGE_SOURCES, FUSION_ATTENTIONS, FUSION_POSITIONALS, PLM_MODES
 from modules.methods import DEFAULT_METHOD, METHODS
 from modules.t2vlp import DEFAULT_NUM_TUBES
@@ -274,7 +275,7 @@ def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
     )
     g.add_argument(
         "--host_malloc",
-        choices=("auto", "keep", "system"),
+        choices=HOST_MALLOC_CHOICES,
         default="auto",
         help="keep: glibc keeps freed memory for reuse instead of returning it to the kernel (ViT-B/16 CPU training "
         "steps 2.3x (fp32) to 4x (bf16) faster, peak RSS +7-35%%; bench/bench_train.py); auto: keep when no CUDA "
