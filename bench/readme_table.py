@@ -1,7 +1,7 @@
 """The README's performance-target table, regenerated from the benches' JSON files in ``bench/results/``.
 
     python bench/bench_data.py --repeat 3 | tail -n 1 > bench/results/data.json
-    python bench/bench_train.py --models vitb16 --steps 2 --host_malloc keep,system \\
+    python bench/bench_train.py --models vitb16 --steps 3 --warmup 3 --host_malloc keep,system \\
         | tail -n 1 > bench/results/train.json
     python bench/bench_caption.py --models vitb16 --beams 5 --torch_threads 1 \\
         --out bench/results/caption_vitb16_beam5.json

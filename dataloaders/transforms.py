@@ -86,7 +86,7 @@ class ClipTransform:
         """Batched antialiased bicubic resize + centre crop -> uint8 ``[N, 3, S, S]`` (a view of the resized clip)."""
         size = self.image_size
         if any(stride < 0 for stride in frames.strides) or not frames.flags.writeable:
-            frames = np.ascontiguousarray(frames) if frames.flags.writeable else frames.copy()
+            frames = frames.copy()  # torch.from_numpy needs positive strides and (without a warning) writable memory
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # NCHW view (of NHWC memory for decoded frames)
         height, width = short_side_size(clip.shape[-2], clip.shape[-1], size)
         if (height, width) != tuple(clip.shape[-2:]):
